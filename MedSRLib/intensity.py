@@ -1,0 +1,69 @@
+"""Intensity normalisation to the networks' unit range, its exact inverse, and dtype casting.
+
+Every modality is handled the same way, so training and inference agree: a linear map sends the
+volume's 0.5th and 99.5th percentiles to 0 and 1. Values outside stay outside (no clipping), so
+the inverse is exact: CT in HU, MR in arbitrary units, 8/16-bit X-ray and already-normalised
+floats with negatives all round-trip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+#: At most this many voxels are looked at to estimate the percentiles (evenly strided sample).
+PERCENTILE_SAMPLE = 2_000_000
+
+
+@dataclass(frozen=True)
+class IntensityMapping:
+    """unit = (value - offset) / scale; value = unit * scale + offset."""
+
+    offset: float
+    scale: float
+
+    def to_unit(self, values: np.ndarray) -> np.ndarray:
+        """Values in the volume's units -> float32 network units."""
+        return ((np.asarray(values, dtype=np.float64) - self.offset) / self.scale).astype(np.float32)
+
+    def from_unit(self, units: np.ndarray) -> np.ndarray:
+        """Network units -> float64 values in the volume's units (the exact inverse of to_unit)."""
+        return np.asarray(units, dtype=np.float64) * self.scale + self.offset
+
+
+def check_finite(volume: np.ndarray, what: str = "volume") -> None:
+    """InputError if `volume` holds NaN or infinite voxels (counted in the message)."""
+    if np.issubdtype(volume.dtype, np.floating):
+        bad = np.count_nonzero(~np.isfinite(volume))
+        if bad:
+            raise InputError(f"{what} holds {bad} NaN or infinite voxel(s); clean the input first")
+
+
+def fit_mapping(volume: np.ndarray, low_percentile: float = 0.5,
+                high_percentile: float = 99.5) -> IntensityMapping:
+    """The mapping that sends the volume's low/high percentiles to 0 and 1.
+
+    A constant volume maps its value to 0 with scale 1.
+    """
+    check_finite(volume)
+    flat = np.asarray(volume).reshape(-1)
+    if flat.size == 0:
+        raise InputError("volume is empty")
+    step = max(1, flat.size // PERCENTILE_SAMPLE)
+    low, high = np.percentile(flat[::step].astype(np.float64), [low_percentile, high_percentile])
+    if not high > low:
+        low, high = float(flat.min()), float(flat.max())
+    scale = float(high - low) if high > low else 1.0
+    return IntensityMapping(offset=float(low), scale=scale)
+
+
+def cast_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast float `values` to `dtype`: integers are rounded and clipped to the dtype's range."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return np.asarray(values).astype(dtype)

@@ -1,0 +1,1 @@
+"""Network definitions: tensors in, tensors out. Nothing here knows about files or volumes."""

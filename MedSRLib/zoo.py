@@ -1,0 +1,329 @@
+"""One registry of model names: how to build each network, its metadata and its shipped weights.
+
+Weights live in `MedSRLib/weights/` as safetensors files, each with a JSON model card of the
+same stem: `<name>_x<scale>.safetensors` for single-scale models, `<name>.safetensors` for
+multi-scale ones. Nothing is ever unpickled.
+
+The entries themselves are declared in `model_catalog.py`; this module is the mechanism.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError, WeightsError
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+#: Ways a network consumes its input.
+KINDS = ("interpolation", "pre_upsampled", "post_upsampled", "multi_scale", "detector")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the registry knows about one model name.
+
+    kind:
+      - "interpolation": parameter-free baseline; `builder(scale=(sy, sx))`.
+      - "pre_upsampled": the network sees the bicubic-upsampled image (SRCNN, VDSR);
+        `builder(**config)`, same size in and out.
+      - "post_upsampled": the network upsamples itself; `builder(scale=s, **config)`.
+      - "multi_scale": one network for several scales; `builder(scales=..., **config)` and
+        `forward(x, scale)`.
+      - "detector": not an SR model (lesion detector).
+    """
+
+    name: str
+    title: str
+    builder: Callable[..., nn.Module]
+    kind: str
+    paper: str
+    scales: tuple[int, ...] = (2, 3, 4)
+    default_config: dict[str, Any] = field(default_factory=dict)
+    modalities: tuple[str, ...] = ("CT", "MR", "XR")
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+
+    @property
+    def pre_upsampled(self) -> bool:
+        return self.kind == "pre_upsampled"
+
+    @property
+    def multi_scale(self) -> bool:
+        return self.kind == "multi_scale"
+
+    @property
+    def needs_weights(self) -> bool:
+        return self.kind != "interpolation"
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add `spec` to the registry; a name may be registered once."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model name {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _ensure_catalog() -> None:
+    if not _REGISTRY:
+        from . import model_catalog  # noqa: F401  (registers the entries on import)
+
+
+def model_names() -> list[str]:
+    """All registered names, in registration order."""
+    _ensure_catalog()
+    return list(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec registered under `name`; InputError naming the known models otherwise."""
+    _ensure_catalog()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise InputError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)}") from None
+
+
+def check_scale(spec: ModelSpec, scale: int) -> None:
+    """InputError unless `spec` supports the integer 2-D `scale`."""
+    if scale not in spec.scales:
+        raise InputError(
+            f"model {spec.name!r} does not support scale x{scale}; supported: "
+            + ", ".join(f"x{s}" for s in spec.scales))
+
+
+def build_network(name: str, scale: int | None = None, **config_overrides: Any) -> nn.Module:
+    """Build the raw network `name` with its default config (plus overrides), random weights.
+
+    `scale` is required for post-upsampled and interpolation models and ignored otherwise.
+    """
+    spec = get_spec(name)
+    config = {**spec.default_config, **config_overrides}
+    if spec.kind in ("post_upsampled", "interpolation"):
+        if scale is None:
+            raise InputError(f"model {name!r} needs a scale")
+        check_scale(spec, scale)
+        return spec.builder(scale=scale, **config)
+    if spec.kind == "multi_scale":
+        config.setdefault("scales", spec.scales)
+    return spec.builder(**config)
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights and model cards
+
+
+def weights_stem(spec: ModelSpec, scale: int) -> str:
+    return spec.name if spec.multi_scale or spec.kind == "detector" else f"{spec.name}_x{scale}"
+
+
+def shipped_weights(spec: ModelSpec, scale: int, weights_dir: Path = WEIGHTS_DIR) -> Path | None:
+    """Path of the shipped safetensors file for (spec, scale), or None when none ships."""
+    path = weights_dir / f"{weights_stem(spec, scale)}.safetensors"
+    return path if path.is_file() else None
+
+
+def read_card(weights_path: Path) -> dict[str, Any]:
+    """The JSON model card beside `weights_path` (same stem, .json)."""
+    card_path = Path(weights_path).with_suffix(".json")
+    if not card_path.is_file():
+        raise WeightsError(f"{weights_path}: model card {card_path.name} is missing")
+    try:
+        return json.loads(card_path.read_text())
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{card_path}: model card is not valid JSON ({err})") from None
+
+
+def save_weights(module: nn.Module, weights_path: Path, card: dict[str, Any],
+                 dtype: torch.dtype | None = None) -> None:
+    """Write `module`'s state dict as safetensors (optionally cast, e.g. fp16) and its card."""
+    from safetensors.torch import save_file
+
+    weights_path = Path(weights_path)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+             for k, v in module.state_dict().items()}
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(weights_path))
+    card = {**card, "weights_file": weights_path.name,
+            "storage_dtype": str(dtype or next(iter(state.values())).dtype).replace("torch.", "")}
+    weights_path.with_suffix(".json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+
+
+def load_weights_into(module: nn.Module, spec: ModelSpec, weights_path: Path, scale: int,
+                      config: dict[str, Any]) -> dict[str, Any]:
+    """Load safetensors weights into `module` after checking the card against the architecture.
+
+    Returns the card. WeightsError when the card names another model or config, does not list
+    `scale`, or the tensors' names/shapes differ from the module's.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    card = read_card(weights_path)
+    if card.get("model") != spec.name:
+        raise WeightsError(f"{weights_path}: card is for model {card.get('model')!r}, not {spec.name!r}")
+    if scale not in card.get("scales", []):
+        raise WeightsError(f"{weights_path}: card lists scales {card.get('scales')}, not x{scale}")
+    card_config = card.get("config", {})
+    if {k: card_config.get(k) for k in config} != _jsonable(config):
+        raise WeightsError(f"{weights_path}: card config {card_config} does not match {config}")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"{weights_path}: not a readable safetensors file ({err})") from None
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong_shape:
+        raise WeightsError(
+            f"{weights_path}: weights do not match architecture {spec.name!r} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong_shape[:3]})")
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    return card
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ready-to-run SR models
+
+
+class SRModel(nn.Module):
+    """A registry model made uniform: `forward(lr)` maps (N, C, h, w) to (N, C, h*sy, w*sx).
+
+    Pre-upsampled networks get the bicubic image first; networks that upsample by a single
+    factor s = max(sy, sx) have their output area-averaged back along an axis whose factor is
+    smaller (e.g. a through-plane (3, 1) run uses the x3 network, then averages columns).
+    """
+
+    def __init__(self, spec: ModelSpec, network: nn.Module, factors: tuple[int, int],
+                 card: dict[str, Any] | None):
+        super().__init__()
+        self.spec = spec
+        self.network = network
+        self.factors = factors
+        self.network_scale = max(factors)
+        self.card = card
+
+    @property
+    def trained(self) -> bool:
+        return self.card is not None or not self.spec.needs_weights
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        sy, sx = self.factors
+        out_size = (lr.shape[-2] * sy, lr.shape[-1] * sx)
+        kind = self.spec.kind
+        if kind == "interpolation":
+            return self.network(lr)
+        if kind == "pre_upsampled":
+            upsampled = F.interpolate(lr, size=out_size, mode="bicubic", align_corners=False)
+            return self.network(upsampled)
+        if kind == "multi_scale":
+            hr = self.network(lr, scale=self.network_scale)
+        else:
+            hr = self.network(lr)
+        if hr.shape[-2:] != out_size:
+            hr = F.adaptive_avg_pool2d(hr, out_size)
+        return hr
+
+
+def load_model(name: str, factors: int | tuple[int, int], *, allow_untrained: bool = False,
+               weights_path: Path | None = None, weights_dir: Path = WEIGHTS_DIR) -> SRModel:
+    """The ready-to-run model `name` for 2-D factors (sy, sx), in eval mode, on CPU.
+
+    Learned models load their shipped weights (or `weights_path`); without any, InputError
+    unless `allow_untrained` (random weights, for tests and demos of the plumbing only).
+    """
+    spec = get_spec(name)
+    if spec.kind == "detector":
+        raise InputError(f"model {name!r} is a lesion detector, not a super-resolution model")
+    factors = (factors, factors) if isinstance(factors, int) else (int(factors[0]), int(factors[1]))
+    if min(factors) < 1 or max(factors) < 2:
+        raise InputError(f"scale factors must be integers >= 1 with one >= 2, got {factors}")
+    scale = max(factors)
+    check_scale(spec, scale)
+    if spec.kind == "interpolation":
+        return SRModel(spec, spec.builder(scale=factors), factors, None).eval()
+    config = dict(spec.default_config)
+    network = build_network(name, scale=scale)
+    path = weights_path or shipped_weights(spec, scale, weights_dir)
+    card = None
+    if path is not None:
+        card = load_weights_into(network, spec, Path(path), scale, config)
+    elif not allow_untrained:
+        raise InputError(
+            f"model {name!r} has no trained weights for x{scale}; pass weights, pick another "
+            f"model, or allow untrained weights explicitly (--allow-untrained) for testing")
+    return SRModel(spec, network, factors, card).eval()
+
+
+def describe(spec: ModelSpec, weights_dir: Path = WEIGHTS_DIR) -> dict[str, Any]:
+    """Registry metadata of `spec` as plain JSON-able data (for `medsr models` and the UI)."""
+    weights = {}
+    for scale in spec.scales:
+        path = shipped_weights(spec, scale, weights_dir)
+        if path is not None:
+            card = read_card(path)
+            weights[f"x{scale}"] = {"file": path.name, "modality": card.get("modality"),
+                                    "metrics": card.get("metrics", {}),
+                                    "licence": card.get("licence")}
+    try:
+        probe_scale = spec.scales[0]
+        n_params = parameter_count(build_network(spec.name, scale=probe_scale))
+    except Exception:  # a builder that cannot be probed still lists
+        n_params = None
+    return {
+        "name": spec.name, "title": spec.title, "kind": spec.kind, "paper": spec.paper,
+        "class": f"{spec.builder.__module__}.{getattr(spec.builder, '__qualname__', spec.builder)}",
+        "default_config": _jsonable(spec.default_config), "pre_upsampled": spec.pre_upsampled,
+        "multi_scale": spec.multi_scale, "scales": list(spec.scales),
+        "modalities": list(spec.modalities), "parameters": n_params, "weights": weights,
+        "description": spec.description,
+    }
+
+
+def describe_all(names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    return [describe(get_spec(n)) for n in (names or model_names())]
+
+
+#: Preference order for the default model; the first with shipped weights for the modality and
+#: scale wins, else bicubic.
+DEFAULT_PREFERENCE = ("edsr_baseline", "fmen", "srcnn")
+
+
+def default_model(modality: str | None, scale: int) -> str:
+    """Name of the default model for a modality ("CT", "MR", "XR" or None) and scale."""
+    for name in DEFAULT_PREFERENCE:
+        if name not in model_names():
+            continue
+        spec = get_spec(name)
+        if scale not in spec.scales:
+            continue
+        path = shipped_weights(spec, scale)
+        if path is None:
+            continue
+        card_modality = read_card(path).get("modality", [])
+        if modality is None or modality in card_modality:
+            return name
+    return "bicubic"
