@@ -1,31 +1,40 @@
-"""SRCNN (Dong et al., 2014): three convolutions on the pre-upsampled image.
+"""SRCNN (Dong et al., ECCV 2014 / TPAMI 2016), the baseline of paper 000 (Gao et al., Fig. 1).
 
-Placeholder-free minimal version; the networks issue refines it with MONAI blocks.
+Pre-upsampling: the input is the bicubic-interpolated (HR-sized) slice and the output has the
+same size. The 9-5-5 configuration with 64/32 filters is the paper's; convolutions are
+zero-padded ("same"), so no border is lost (the original trained without padding).
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+from monai.networks.blocks import Convolution
 from torch import nn
 
 
 class SRCNN(nn.Module):
-    """9-5-5 SRCNN with 64/32 filters; input is the interpolated (HR-sized) image.
+    """Patch extraction (9x9, 64) -> non-linear mapping (5x5, 32) -> reconstruction (5x5).
 
-    Convolutions are zero-padded ("same") so the output has the input's size.
+    Args:
+        spatial_dims: 2 for slices (3 works too: MONAI blocks are dimension-generic).
+        in_channels: image channels (1 = grayscale); the output has the same number.
+        features: filters of the first two layers (n1, n2) = (64, 32) in the paper.
+        kernel_sizes: (f1, f2, f3) = (9, 5, 5) in the paper (Dong et al. 2016, 9-5-5).
     """
 
-    def __init__(self, in_channels: int = 1, features: tuple[int, int] = (64, 32),
-                 kernel_sizes: tuple[int, int, int] = (9, 5, 5)):
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1,
+                 features: Sequence[int] = (64, 32), kernel_sizes: Sequence[int] = (9, 5, 5)):
         super().__init__()
         f1, f2 = features
         k1, k2, k3 = kernel_sizes
-        self.patch_extraction = nn.Conv2d(in_channels, f1, k1, padding=k1 // 2)
-        self.nonlinear_mapping = nn.Conv2d(f1, f2, k2, padding=k2 // 2)
-        self.reconstruction = nn.Conv2d(f2, in_channels, k3, padding=k3 // 2)
-        self.relu = nn.ReLU(inplace=True)
+        self.patch_extraction = Convolution(spatial_dims, in_channels, f1, kernel_size=k1,
+                                            act="relu", norm=None)
+        self.nonlinear_mapping = Convolution(spatial_dims, f1, f2, kernel_size=k2,
+                                             act="relu", norm=None)
+        self.reconstruction = Convolution(spatial_dims, f2, in_channels, kernel_size=k3,
+                                          conv_only=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.patch_extraction(x))
-        x = self.relu(self.nonlinear_mapping(x))
-        return self.reconstruction(x)
+        return self.reconstruction(self.nonlinear_mapping(self.patch_extraction(x)))
