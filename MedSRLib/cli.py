@@ -1,0 +1,236 @@
+"""`medsr` command line: upscale, models, info, demo, train, benchmark.
+
+Exit status: 0 success, 2 bad input or usage (the message names the file and the problem),
+1 internal error, 130 cancelled (Ctrl-C). Nothing is written unless the whole run succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import CancelledError, InputError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+def _parse_scale(text: str) -> int | tuple[int, ...]:
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"scale must be an integer or x,y,z integers, got {text!r}")
+    if len(values) == 1:
+        return values[0]
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"scale needs 1 or 3 integers, got {text!r}")
+    return values
+
+
+class _Progress:
+    """Progress reporter on stderr: a tqdm bar, JSON lines (for the Slicer module), or nothing."""
+
+    def __init__(self, style: str):
+        self.style = style
+        self._bar = None
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if self.style == "json":
+            print(json.dumps({"fraction": round(fraction, 4), "message": message}),
+                  file=sys.stderr, flush=True)
+        elif self.style == "bar":
+            if self._bar is None:
+                from tqdm import tqdm
+                self._bar = tqdm(total=1000, file=sys.stderr, unit="‰", leave=False,
+                                 bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+            self._bar.set_description_str(message)
+            self._bar.update(int(fraction * 1000) - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="registry name (see `medsr models`); default: the shipped default "
+                             "model for the modality and scale")
+    parser.add_argument("--scale", type=_parse_scale, default=2,
+                        help="in-plane factor 2-4, or per-axis x,y,z factors such as 1,1,3")
+    parser.add_argument("--axis", default="auto",
+                        help="slice axis: auto (largest spacing), x, y or z")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--tile", type=int, default=None,
+                        help="tile edge in input pixels (0 = whole slices; default automatic)")
+    parser.add_argument("--batch", type=int, default=4, help="slices per batch")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--modality", choices=("CT", "MR", "XR"), default=None,
+                        help="modality used to pick the default model (else from DICOM tags)")
+    parser.add_argument("--allow-untrained", action="store_true",
+                        help="run a learned model that has no trained weights (random weights: "
+                             "for testing the plumbing only)")
+    parser.add_argument("--weights", default=None, help="safetensors weights to use instead")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medsr", description="Super-resolution for medical volumes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("upscale", help="super-resolve a volume or 2-D image")
+    up.add_argument("input", help="NIfTI/NRRD/MHA file, DICOM series folder, or PNG")
+    up.add_argument("output", help="output file: .nii.gz, .nii, .nrrd, .mha (or .png for 2-D)")
+    _add_run_options(up)
+    up.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when a folder has several")
+    up.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    up.add_argument("--float", dest="output_float", action="store_true",
+                    help="write float32 voxels instead of the input's pixel type")
+    up.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    up.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                    help="progress on stderr: bar, JSON lines, or none")
+
+    models = sub.add_parser("models", help="list the registered models")
+    models.add_argument("--json", action="store_true", help="machine-readable JSON")
+
+    info = sub.add_parser("info", help="size, spacing, orientation and intensity range of a volume")
+    info.add_argument("input")
+    info.add_argument("--series", default=None)
+
+    demo = sub.add_parser("demo", help="upscale the bundled sample CT and write a comparison PNG")
+    demo.add_argument("--out", default="medsr-demo", help="output folder (default: medsr-demo)")
+    demo.add_argument("--model", default=None)
+    demo.add_argument("--scale", type=int, default=2)
+    demo.add_argument("--overwrite", action="store_true")
+
+    sub.add_parser("train", help="train a model from a recipe config (see `medsr train --help`)",
+                   add_help=False)
+    sub.add_parser("benchmark", help="benchmark models on a folder of HR volumes", add_help=False)
+    return parser
+
+
+def _cmd_upscale(args: argparse.Namespace) -> int:
+    from . import api, io
+
+    output = io.check_output_path(args.input, args.output, args.overwrite)
+    image = io.read_volume(args.input, series_uid=args.series)
+    progress = _Progress("none" if args.quiet else args.progress)
+    started = time.perf_counter()
+    try:
+        result = api.upscale(
+            image, model=args.model, scale=args.scale, axis=args.axis, device=args.device,
+            precision=args.precision, tile=args.tile, batch_size=args.batch, threads=args.threads,
+            modality=args.modality, allow_untrained=args.allow_untrained,
+            output_float=args.output_float, weights=args.weights, progress=progress)
+    finally:
+        progress.close()
+    io.write_volume(result, output, overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"wrote {output}: {result.GetSize()} voxels, spacing "
+              f"{tuple(round(s, 4) for s in result.GetSpacing())} mm, model "
+              f"{result.GetMetaData(api.MODEL_KEY)}, {time.perf_counter() - started:.1f} s",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from . import zoo
+
+    rows = zoo.describe_all()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    header = ("name", "kind", "scales", "params", "weights", "paper")
+    table = [header]
+    for row in rows:
+        weights = ", ".join(f"{k}:{v['modality']}" for k, v in row["weights"].items()) or (
+            "-" if row["kind"] == "interpolation" else "none (untrained)")
+        table.append((row["name"], row["kind"], ",".join(f"x{s}" for s in row["scales"]),
+                      f"{row['parameters']:,}" if row["parameters"] else "0",
+                      weights, row["paper"][:40]))
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    return EXIT_OK
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from . import io
+
+    image = io.read_volume(args.input, series_uid=args.series)
+    voxels = io.image_array(image)
+    finite = np.isfinite(voxels) if np.issubdtype(voxels.dtype, np.floating) else None
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    info = {
+        "file": str(args.input),
+        "size_xyz": list(image.GetSize()),
+        "spacing_mm_xyz": [round(s, 6) for s in image.GetSpacing()],
+        "origin_lps_mm": [round(o, 4) for o in image.GetOrigin()],
+        "direction_lps": [[round(v, 6) for v in row] for row in direction],
+        "orientation": _orientation_code(direction),
+        "pixel_type": image.GetPixelIDTypeAsString(),
+        "modality": io.modality_of(image),
+        "intensity_min": float(np.min(voxels if finite is None else voxels[finite])),
+        "intensity_max": float(np.max(voxels if finite is None else voxels[finite])),
+        "non_finite_voxels": int(0 if finite is None else finite.size - np.count_nonzero(finite)),
+    }
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key.ljust(width)}  {value}")
+    return EXIT_OK
+
+
+def _orientation_code(direction: np.ndarray) -> str:
+    """DICOM-style code of the axis each image axis points to most (LPS: e.g. "LPS", "RAS")."""
+    letters = (("L", "R"), ("P", "A"), ("S", "I"))
+    code = ""
+    for column in direction.T:
+        axis = int(np.argmax(np.abs(column)))
+        code += letters[axis][0 if column[axis] > 0 else 1]
+    return code
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    volume_path, figure_path = run_demo(Path(args.out), model=args.model, scale=args.scale,
+                                        overwrite=args.overwrite)
+    print(f"wrote {volume_path}\nwrote {figure_path}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from .training.__main__ import main as train_main
+        return _guarded(lambda: train_main(argv[1:]))
+    if argv and argv[0] == "benchmark":
+        from .benchmark import main as benchmark_main
+        return _guarded(lambda: benchmark_main(argv[1:]))
+    args = build_parser().parse_args(argv)
+    handler = {"upscale": _cmd_upscale, "models": _cmd_models, "info": _cmd_info,
+               "demo": _cmd_demo}[args.command]
+    return _guarded(lambda: handler(args))
+
+
+def _guarded(run) -> int:
+    try:
+        return int(run() or 0)
+    except InputError as err:
+        print(f"medsr: error: {err}", file=sys.stderr)
+        return EXIT_INPUT
+    except (CancelledError, KeyboardInterrupt):
+        print("medsr: cancelled; nothing was written", file=sys.stderr)
+        return EXIT_CANCELLED
+    except Exception as err:  # noqa: BLE001 - last-resort report for the CLI
+        print(f"medsr: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

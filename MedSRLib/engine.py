@@ -1,0 +1,286 @@
+"""Slice-wise super-resolution of a voxel array: arrays in, arrays out; no files, no geometry.
+
+A volume (K, J, I) is cut into 2-D slices along one array axis, the slices are batched, each
+batch is cut into tiles with a halo at least as wide as the network's receptive field, the
+network runs on each tile, and the halo is cropped away. Because every output pixel is computed
+from exactly the input the whole-slice pass would see, tiled and untiled outputs agree (up to
+float rounding): no blending weights are needed. A network with a global operation (receptive
+field wider than the probe) is run on whole slices.
+
+Peak memory is the input, the output, and one batch of tiles, whatever the number of slices.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CancelledError, InputError
+
+ProgressCallback = Callable[[float, str], None]
+
+
+class CancelToken:
+    """Thread-safe cancel flag; `cancel()` makes the running job raise CancelledError."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise CancelledError("super-resolution cancelled; nothing was written")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to run: device ("auto", "cpu", "cuda"), precision ("auto", "fp32", "bf16", "fp16"),
+    tile edge in input pixels (None = automatic, 0 = whole slices), slices per batch, CPU
+    threads (None = torch's default), channels_last memory format."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    tile: int | None = None
+    batch_size: int = 4
+    threads: int | None = None
+    channels_last: bool = True
+
+
+#: Automatic tile edge (input pixels) on CPU: 128-256 px tiles beat whole 512^2 slices here.
+AUTO_TILE_CPU = 192
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" picks CUDA when available, else CPU; "cuda" without a GPU is an InputError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but no CUDA GPU is available")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def _cpu_has_fast_bf16() -> bool:
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, c, lambda: False)() for c in checks)
+
+
+def resolve_precision(precision: str, device: torch.device, learned: bool) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32.
+
+    "auto": bf16 on CPUs with AMX/AVX512-BF16 and fp16 on CUDA for learned networks, fp32 for
+    interpolation baselines (nothing to gain).
+    """
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise InputError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "auto":
+        if not learned:
+            return None
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if _cpu_has_fast_bf16() else None
+    if precision == "fp16" and device.type == "cpu":
+        raise InputError("precision fp16 is for CUDA; use bf16 or fp32 on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def receptive_radius(model: nn.Module, factors: tuple[int, int], probe: int = 64,
+                     max_probe: int = 256) -> int | None:
+    """Input pixels each side that one output pixel depends on, measured by back-propagation.
+
+    Returns None when the dependence reaches the probe's border even at `max_probe` pixels
+    (a global operation): such a model must run on whole slices.
+    """
+    sy, sx = factors
+    generator = torch.Generator().manual_seed(0)
+    while probe <= max_probe:
+        x = torch.rand(1, 1, probe, probe, generator=generator, requires_grad=True)
+        with torch.enable_grad():
+            y = model(x)
+            y[0, 0, (probe // 2) * sy, (probe // 2) * sx].backward()
+        grad = x.grad[0, 0].abs()
+        rows = torch.nonzero(grad.sum(1)).flatten()
+        cols = torch.nonzero(grad.sum(0)).flatten()
+        if len(rows) == 0:
+            return 1
+        radius = int(max(probe // 2 - rows.min(), rows.max() - probe // 2,
+                         probe // 2 - cols.min(), cols.max() - probe // 2))
+        if radius < probe // 2 - 1:
+            return radius + 2
+        probe *= 2
+    return None
+
+
+class SliceUpscaler:
+    """Runs one ready model on batches of 2-D slices, tiled, on one device and precision."""
+
+    def __init__(self, model: nn.Module, factors: tuple[int, int], options: EngineOptions,
+                 learned: bool = True):
+        self.factors = factors
+        self.device = resolve_device(options.device)
+        self.autocast_dtype = resolve_precision(options.precision, self.device, learned)
+        self.channels_last = options.channels_last
+        self.model = model.eval()
+        tile = options.tile
+        if tile is None:
+            tile = AUTO_TILE_CPU if self.device.type == "cpu" else 0
+        self.halo = receptive_radius(self.model, factors) if tile else None
+        self.tile = tile if self.halo is not None else 0
+        self.model = self.model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.autocast_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                y = self.model(x)
+        else:
+            y = self.model(x)
+        return y.float().cpu()
+
+    def upscale(self, slices: np.ndarray) -> np.ndarray:
+        """(N, h, w) float32 in network units -> (N, h*sy, w*sx) float32."""
+        sy, sx = self.factors
+        batch = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]
+        n, _, h, w = batch.shape
+        with torch.inference_mode():
+            if not self.tile or (h <= self.tile and w <= self.tile):
+                return self._run(batch)[:, 0].numpy()
+            out = torch.empty(n, 1, h * sy, w * sx)
+            r, t = self.halo, self.tile
+            for y0 in range(0, h, t):
+                y1 = min(y0 + t, h)
+                py0, py1 = max(0, y0 - r), min(h, y1 + r)
+                for x0 in range(0, w, t):
+                    x1 = min(x0 + t, w)
+                    px0, px1 = max(0, x0 - r), min(w, x1 + r)
+                    tile_out = self._run(batch[:, :, py0:py1, px0:px1])
+                    oy, ox = (y0 - py0) * sy, (x0 - px0) * sx
+                    out[:, :, y0 * sy:y1 * sy, x0 * sx:x1 * sx] = \
+                        tile_out[:, :, oy:oy + (y1 - y0) * sy, ox:ox + (x1 - x0) * sx]
+            return out[:, 0].numpy()
+
+
+@dataclass(frozen=True)
+class SlicePass:
+    """One sweep over the volume: slices along `slice_axis`, 2-D factors on the other two axes
+    (in increasing array-axis order)."""
+
+    slice_axis: int
+    plane_factors: tuple[int, int]
+
+
+def plan_passes(factors_kji: Sequence[int], slice_axis: int) -> list[SlicePass]:
+    """In-plane pass for the two axes other than `slice_axis`, then, if `slice_axis` itself is
+    scaled, a through-plane pass on slices along the first other axis."""
+    fk = tuple(int(f) for f in factors_kji)
+    plane = [a for a in range(3) if a != slice_axis]
+    passes = []
+    if fk[plane[0]] > 1 or fk[plane[1]] > 1:
+        passes.append(SlicePass(slice_axis, (fk[plane[0]], fk[plane[1]])))
+    if fk[slice_axis] > 1:
+        second_axis = plane[0]
+        # Plane of the second pass: (slice_axis, plane[1]) in increasing array order.
+        plane2 = sorted((slice_axis, plane[1]))
+        factors2 = tuple(fk[slice_axis] if a == slice_axis else 1 for a in plane2)
+        passes.append(SlicePass(second_axis, factors2))  # type: ignore[arg-type]
+    return passes
+
+
+def _check_memory_error(err: BaseException) -> None:
+    text = str(err).lower()
+    if isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
+        raise InputError("out of memory during super-resolution; use a smaller --tile or "
+                         "--batch, or a lighter model") from None
+
+
+def super_resolve_volume(
+    volume: np.ndarray,
+    factors_kji: Sequence[int],
+    slice_axis: int,
+    model_for: Callable[[tuple[int, int]], tuple[nn.Module, bool]],
+    to_unit: Callable[[np.ndarray], np.ndarray],
+    from_unit: Callable[[np.ndarray], np.ndarray],
+    out_dtype: np.dtype,
+    options: EngineOptions = EngineOptions(),
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> np.ndarray:
+    """Super-resolve `volume` (K, J, I) by integer `factors_kji`, slice-wise along `slice_axis`.
+
+    `model_for((fy, fx))` returns (model, learned) mapping (N, 1, h, w) network units to
+    (N, 1, h*fy, w*fx). `to_unit` maps voxel values to network units, `from_unit` maps them back
+    and casts to `out_dtype`. Work is done batch by batch; `cancel` is checked between batches.
+    """
+    if volume.ndim != 3:
+        raise InputError(f"volume must be 3-D (K, J, I), got shape {volume.shape}")
+    passes = plan_passes(factors_kji, slice_axis)
+    if not passes:
+        raise InputError(f"scale factors {tuple(factors_kji)} leave the volume unchanged")
+    if options.threads:
+        torch.set_num_threads(int(options.threads))
+    cancel = cancel or CancelToken()
+    report = progress or (lambda fraction, message: None)
+    upscalers = []
+    for slice_pass in passes:
+        model, learned = model_for(slice_pass.plane_factors)
+        upscalers.append(SliceUpscaler(model, slice_pass.plane_factors, options, learned))
+    total = sum(_pass_cost(volume.shape, factors_kji, passes, i) for i in range(len(passes)))
+    done = 0.0
+    current: np.ndarray = volume
+    for pass_index, (slice_pass, upscaler) in enumerate(zip(passes, upscalers)):
+        last = pass_index == len(passes) - 1
+        axis = slice_pass.slice_axis
+        out_shape = list(current.shape)
+        plane = [a for a in range(3) if a != axis]
+        for a, f in zip(plane, slice_pass.plane_factors):
+            out_shape[a] *= f
+        result = np.empty(out_shape, dtype=out_dtype if last else np.float32)
+        n_slices = current.shape[axis]
+        cost_per_slice = _pass_cost(volume.shape, factors_kji, passes, pass_index) / n_slices
+        for start in range(0, n_slices, options.batch_size):
+            cancel.raise_if_cancelled()
+            stop = min(start + options.batch_size, n_slices)
+            index = [slice(None)] * 3
+            index[axis] = slice(start, stop)
+            block = np.moveaxis(current[tuple(index)], axis, 0)
+            if pass_index == 0:
+                block = to_unit(block)
+            try:
+                upscaled = upscaler.upscale(block)
+            except (RuntimeError, MemoryError) as err:
+                _check_memory_error(err)
+                raise
+            upscaled = np.moveaxis(upscaled, 0, axis)
+            result[tuple(index)] = from_unit(upscaled) if last else upscaled
+            done += cost_per_slice * (stop - start)
+            report(done / total, f"pass {pass_index + 1}/{len(passes)}: slice {stop}/{n_slices}")
+        current = result
+    cancel.raise_if_cancelled()
+    return current
+
+
+def _pass_cost(shape: Sequence[int], factors_kji: Sequence[int], passes: list[SlicePass],
+               index: int) -> float:
+    """Output voxels a pass produces (a proxy for its run time)."""
+    size = [float(s) for s in shape]
+    for p in passes[: index + 1]:
+        plane = [a for a in range(3) if a != p.slice_axis]
+        for a, f in zip(plane, p.plane_factors):
+            size[a] *= f
+    return size[0] * size[1] * size[2]

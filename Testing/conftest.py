@@ -1,0 +1,55 @@
+"""Shared fixtures: paths to the real data in ../shared/data and small synthetic volumes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MEDSR_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is not present")
+    return SHARED_DATA
+
+
+def make_volume(shape_kji=(6, 20, 24), dtype=np.int16, spacing=(0.8, 0.9, 3.0),
+                origin=(-10.0, 20.0, 5.5), direction=None, seed=0) -> sitk.Image:
+    """A smooth random volume with anatomy-like range, geometry set (x, y, z order)."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=shape_kji)
+    kernel = np.ones(3) / 3.0
+    for axis in (a for a in range(3) if shape_kji[a] >= 3):
+        base = np.apply_along_axis(lambda v: np.convolve(v, kernel, mode="same"), axis, base)
+    values = base / (np.abs(base).max() + 1e-9) * 800.0
+    if np.issubdtype(np.dtype(dtype), np.unsignedinteger):
+        values = values + 1000.0
+    image = sitk.GetImageFromArray(values.astype(dtype))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    if direction is not None:
+        image.SetDirection(tuple(np.asarray(direction, dtype=float).reshape(-1)))
+    return image
+
+
+def oblique_direction(angle_deg: float = 25.0, tilt_deg: float = 10.0) -> np.ndarray:
+    """A proper rotation matrix (det +1) that is not axis-aligned."""
+    a, t = np.radians(angle_deg), np.radians(tilt_deg)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    return rz @ rx
+
+
+@pytest.fixture
+def small_ct() -> sitk.Image:
+    return make_volume()
