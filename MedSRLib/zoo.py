@@ -275,6 +275,9 @@ def load_model(name: str, factors: int | tuple[int, int], *, allow_untrained: bo
         raise InputError(
             f"model {name!r} has no trained weights for x{scale}; pass weights, pick another "
             f"model, or allow untrained weights explicitly (--allow-untrained) for testing")
+    network.eval()
+    if hasattr(network, "reparameterize"):  # weights ship in training form; run the deploy form
+        network = network.reparameterize()
     return SRModel(spec, network, factors, card).eval()
 
 
