@@ -8,7 +8,14 @@ from __future__ import annotations
 from functools import partial
 
 from .networks.interpolation import Interpolation, Lanczos
+from .networks.edsr import EDSR, MultiScaleEDSR
+from .networks.fmen import FMEN
+from .networks.hybrid import HybridSRGANVDSR
+from .networks.improved_srcnn import ImprovedSRCNN
+from .networks.lesion_detector import LesionDetector
 from .networks.srcnn import SRCNN
+from .networks.srresnet import SRResNet
+from .networks.vdsr import VDSR
 from .zoo import ModelSpec, register
 
 # ---- interpolation baselines ------------------------------------------------------------------
@@ -30,3 +37,81 @@ register(ModelSpec(
     paper="Dong et al. 2014; paper 000 (Gao et al.) baseline", scales=(2, 3, 4),
     default_config={"in_channels": 1, "features": [64, 32], "kernel_sizes": [9, 5, 5]},
     description="Three-layer CNN on the bicubic-upsampled slice."))
+
+register(ModelSpec(
+    name="improved_srcnn", title="Improved medical SRCNN (Gao et al.)", builder=ImprovedSRCNN,
+    kind="pre_upsampled", paper="paper 000 (Gao et al.), Table I", scales=(2, 3, 4),
+    default_config={"in_channels": 1, "num_features": 32, "kernel_sizes": [9, 5, 11, 7, 5],
+                    "pool_size": 2},
+    modalities=("CT", "MR", "XR"),
+    description="SRCNN + second conv, two overlapping 2x2/1 max-pools and an 11x11 link layer "
+                "summed with the reconstruction; on the bicubic-upsampled slice."))
+
+register(ModelSpec(
+    name="vdsr", title="VDSR (20 layers)", builder=VDSR, kind="pre_upsampled",
+    paper="Kim et al. 2016; papers 001 (Table 2) and 002", scales=(2, 3, 4),
+    default_config={"in_channels": 1, "num_features": 64, "num_layers": 20, "bias": False},
+    description="20 3x3 convs with 64 filters and ReLU, global residual on the bicubic input."))
+
+register(ModelSpec(
+    name="fmen", title="FMEN (HFAB + ERB, re-parameterised)", builder=FMEN,
+    kind="post_upsampled", paper="Du et al. 2022; paper 001 (Fig. 2, Table 2)", scales=(2, 3, 4),
+    default_config={"in_channels": 1, "num_features": 50, "mid_features": 16,
+                    "num_down_blocks": 4, "num_erbs_per_hfab": [2, 1, 1, 1, 1],
+                    "backbone_expand_ratio": 2, "attention_expand_ratio": 2},
+    description="Fast and memory-efficient network; weights are stored in the training form "
+                "and the engine runs the re-parameterised deploy form."))
+
+_SRRESNET_CONFIG = {"in_channels": 1, "num_features": 64, "num_blocks": 16}
+register(ModelSpec(
+    name="srresnet", title="SRResNet (16 blocks, MSE)", builder=SRResNet, kind="post_upsampled",
+    paper="Ledig et al. 2017; papers 003 (LFSR generator) and 001", scales=(2, 3, 4),
+    default_config=dict(_SRRESNET_CONFIG),
+    description="16 residual blocks with BN and PReLU, sub-pixel upsampling; trained with a "
+                "pixel loss."))
+
+register(ModelSpec(
+    name="srgan", title="SRGAN generator (adversarial)", builder=SRResNet, kind="post_upsampled",
+    paper="Ledig et al. 2017; papers 001, 002, 003", scales=(2, 3, 4),
+    default_config=dict(_SRRESNET_CONFIG),
+    description="SRResNet architecture trained with perceptual + adversarial losses "
+                "(discriminator: networks.srresnet.SRGANDiscriminator); separate weights."))
+
+register(ModelSpec(
+    name="hybrid", title="SRGAN + VDSR hybrid generator", builder=HybridSRGANVDSR,
+    kind="post_upsampled", paper="paper 002 (Saeedi), section 2", scales=(2, 4),
+    default_config={"in_channels": 1, "num_features": 64, "num_res_blocks": 8,
+                    "num_vdsr_layers": 20, "refine_features": 16, "input_upsampling": 2,
+                    "output_activation": "tanh"},
+    modalities=("XR", "CT", "MR"),
+    description="9x9 head, 8 SRGAN blocks, 20-layer VDSR trunk, BN, sum, fixed sharpening, "
+                "upsampling block, 16-filter conv, 5x5 tanh output; bicubic x2 inside."))
+
+register(ModelSpec(
+    name="edsr_baseline", title="EDSR baseline (16x64, no BN)", builder=EDSR,
+    kind="post_upsampled", paper="Lim et al. 2017; paper 004", scales=(2, 3, 4),
+    default_config={"in_channels": 1, "num_features": 64, "num_blocks": 16, "res_scale": 1.0},
+    description="16 residual blocks without batch norm, 64 filters, sub-pixel upsampling."))
+
+register(ModelSpec(
+    name="mdrn", title="MDRN (multi-scale EDSR, 80x64)", builder=MultiScaleEDSR,
+    kind="multi_scale", paper="paper 004 (Ren et al.), sections 3.1 and 4.3", scales=(2, 3, 4),
+    default_config={"in_channels": 1, "num_features": 64, "num_blocks": 80, "res_scale": 1.0,
+                    "preprocess_blocks": 2, "preprocess_kernel_size": 5},
+    description="Shared 80-block trunk, per-scale 5x5 pre-processing blocks and parallel "
+                "x2/x3/x4 upsampling heads; scale chosen per call."))
+
+register(ModelSpec(
+    name="edsr_multiscale", title="Multi-scale EDSR (16x64)", builder=MultiScaleEDSR,
+    kind="multi_scale", paper="paper 004 (MDRN design, baseline depth)", scales=(2, 3, 4),
+    default_config={"in_channels": 1, "num_features": 64, "num_blocks": 16, "res_scale": 1.0,
+                    "preprocess_blocks": 2, "preprocess_kernel_size": 5},
+    description="The MDRN design with a 16-block trunk: the CPU-trainable multi-scale model."))
+
+register(ModelSpec(
+    name="lesion_detector", title="Lesion detector (LFSR LD)", builder=LesionDetector,
+    kind="detector", paper="paper 003 (Zhu et al.), section 2.1", scales=(1,),
+    default_config={"in_channels": 1, "stem_features": 32, "features": [32, 64, 128, 256]},
+    modalities=("MR",),
+    description="Max-pooling residual network, any input size; per slice a box (cx, cy, w, h "
+                "normalised to [0, 1]) and a score logit. Not an SR model (scale x1)."))
