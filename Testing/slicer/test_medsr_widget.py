@@ -1,0 +1,124 @@
+"""MedSRWidget with the module's real MedSR.ui (PySide6 offscreen, fake qMRML/CTK widgets)."""
+
+import time
+
+import numpy as np
+import pytest
+import slicer
+
+import MedSRLib
+from scene_state import scene_state
+
+
+@pytest.fixture
+def widget(scene, MedSR, qapp):
+    widget = MedSR.MedSRWidget()
+    widget.setup()
+    widget.parent.show()
+    yield widget
+    widget.cleanup()
+    widget.parent.close()
+
+
+def wait_until_idle(widget, qapp, timeout_s=120):
+    deadline = time.time() + timeout_s
+    while widget.run is not None:
+        qapp.processEvents()
+        assert time.time() < deadline, "run did not finish"
+        time.sleep(0.05)
+    qapp.processEvents()
+
+
+def select(combo, data):
+    index = combo.findData(data)
+    assert index >= 0, f"{data!r} not offered"
+    combo.setCurrentIndex(index)
+
+
+def test_model_list_comes_from_registry(widget):
+    offered = [widget.ui.modelComboBox.itemData(i) for i in range(widget.ui.modelComboBox.count())]
+    registry = [m["name"] for m in MedSRLib.list_models() if m["kind"] != "detector"]
+    assert offered == registry
+    assert "lesion_detector" not in offered
+    select(widget.ui.modelComboBox, "bicubic")
+    description = widget.ui.modelDescriptionLabel.text()
+    assert "interpolation baseline" in description and "Modality" in description
+
+
+def test_model_card_line_reports_scale_support_and_metrics(MedSR):
+    card = {"name": "fmen", "title": "FMEN", "kind": "post_upsampled", "scales": [2, 4],
+            "modalities": ["CT", "MR"], "description": "Fast and memory-efficient network.",
+            "weights": {"x2": {"modality": ["CT"], "metrics": {"psnr_db": 38.123, "ms_per_slice": 12.5}}}}
+    assert MedSR.describeModelCard(card, 2) == (
+        "Fast and memory-efficient network. Modality: CT. Measured: psnr_db 38.1, ms_per_slice 12.5.")
+    assert "does not support x3" in MedSR.describeModelCard(card, 3)
+    assert "no trained weights for x4" in MedSR.describeModelCard(card, 4)
+
+
+def test_apply_creates_output_node(widget, scene, MedSR, qapp):
+    node, _ = MedSR.MedSRTest.makeObliqueAnisotropicVolume("Knee MR")
+    qapp.processEvents()
+    widget.ui.inputSelector.setCurrentNode(node)
+    assert widget.ui.applyButton.isEnabled()
+    select(widget.ui.scaleComboBox, 3)
+    select(widget.ui.modelComboBox, "linear")
+    nodes_before = scene.GetNumberOfNodes()
+
+    widget.ui.applyButton.click()
+    assert widget.lastError is None
+    assert widget.ui.applyButton.text() == "Cancel"  # Apply turns into Cancel while running
+    assert widget.ui.progressBar.isVisible()
+    wait_until_idle(widget, qapp)
+
+    assert widget.lastError is None, widget.lastError
+    assert widget.ui.applyButton.text() == "Apply"
+    output = slicer.util.getFirstNodeByName("Knee MR_SRx3")
+    assert output is not None and scene.GetNumberOfNodes() > nodes_before
+    assert output.GetImageData().GetDimensions() == (72, 60, 6)
+    assert "Done" in widget.ui.statusLabel.text()
+
+
+def test_cancel_button_leaves_scene_unchanged(widget, scene, MedSR, qapp):
+    node, _ = MedSR.MedSRTest.makeObliqueAnisotropicVolume()
+    qapp.processEvents()
+    widget.ui.inputSelector.setCurrentNode(node)
+    select(widget.ui.modelComboBox, "linear")
+    before = scene_state(scene)
+
+    widget.ui.applyButton.click()
+    assert widget.run is not None
+    process = widget.run.process
+    widget.ui.applyButton.click()  # the Cancel button
+
+    assert widget.run is None and process.poll() is not None
+    assert widget.ui.applyButton.text() == "Apply"
+    assert "Cancelled" in widget.ui.statusLabel.text()
+    qapp.processEvents()
+    assert scene_state(scene) == before
+
+
+def test_error_is_shown_and_leaves_no_node(widget, scene, MedSR, qapp):
+    node, _ = MedSR.MedSRTest.makeObliqueAnisotropicVolume()
+    qapp.processEvents()
+    widget.ui.inputSelector.setCurrentNode(node)
+    widget.ui.lesionCheckBox.setChecked(True)  # lesion-focused without an ROI
+    before = scene_state(scene)
+    widget.ui.applyButton.click()
+    assert isinstance(widget.lastError, ValueError)
+    assert "ROI" in widget.ui.statusLabel.text()
+    assert widget.run is None
+    assert scene_state(scene) == before
+
+
+def test_apply_is_disabled_without_input(widget):
+    assert widget.ui.inputSelector.currentNode() is None
+    assert not widget.ui.applyButton.isEnabled()
+
+
+def test_module_self_test_runs_under_pytest(scene, MedSR):
+    """MedSRTest is the test Slicer runs with "Reload and Test"; here on slicer-core."""
+    import unittest
+
+    result = unittest.TextTestRunner(verbosity=0).run(MedSR.MedSRTest())
+    assert result.wasSuccessful(), result.failures + result.errors
+    assert slicer.util.getFirstNodeByName("MedSRTestInput_SRx2") is not None
