@@ -89,14 +89,17 @@ def ms_ssim(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 
             crop_border: int = 0) -> float:
     """Multi-scale SSIM (MONAI, 5 scales, Wang et al. 2003 weights).
 
-    Five scales need images of at least 161 px; smaller images use as many scales as fit
+    Five scales need images of at least 176 px; smaller images use as many scales as fit
     (at least 1), with the weights of those scales renormalised to sum to 1.
     """
     _check_pair(prediction, target)
     prediction, target = _crop(prediction, crop_border), _crop(target, crop_border)
     size = min(prediction.shape[-2:])
+
+    def fits(n: int) -> bool:  # the coarsest scale holds a window, and MONAI's own size check
+        return size // 2 ** (n - 1) >= SSIM_WINDOW and size // max(1, n - 1) ** 2 > SSIM_WINDOW - 1
     n_scales = 1
-    while n_scales < len(MS_SSIM_WEIGHTS) and size > (SSIM_WINDOW - 1) * 2 ** n_scales:
+    while n_scales < len(MS_SSIM_WEIGHTS) and fits(n_scales + 1):
         n_scales += 1
     if size < SSIM_WINDOW:
         raise ValueError(f"images of {size} px are smaller than the {SSIM_WINDOW} px SSIM window")
