@@ -659,6 +659,7 @@ class MedSRBackgroundRun:
         self.outputVolume = None
         self.fraction = 0.0
         self.message = "Starting"
+        self.progressUpdates = 0
         self.process = None
         self.cancelled = False
         self._lines = queue.Queue()
@@ -718,6 +719,7 @@ class MedSRBackgroundRun:
                 update = json.loads(line)
                 self.fraction = float(update.get("fraction", self.fraction))
                 self.message = str(update.get("message", self.message))
+                self.progressUpdates += 1
             except (ValueError, AttributeError):
                 if line.strip():
                     self._errorLines.append(line.rstrip())

@@ -118,13 +118,14 @@ def test_cancel_through_token_leaves_scene_unchanged(scene, MedSR):
     (dict(model="no_such_model"), "unknown model"),
     (dict(model="lesion_detector"), "not a super-resolution model"),
     (dict(model="srcnn"), "no trained weights"),
+    (dict(model="hybrid", scale=3), "does not support scale x3"),
 ])
 def test_failing_run_leaves_no_node(scene, MedSR, arguments, message, monkeypatch):
     node, _ = oblique_anisotropic_volume(MedSR)
     monkeypatch.setattr(MedSRLib.zoo, "shipped_weights", lambda *args, **kwargs: None)
     before = scene_state(scene)
     with pytest.raises(ValueError, match=message):
-        MedSR.MedSRLogic().process(node, scale=2, **arguments)
+        MedSR.MedSRLogic().process(node, **{"scale": 2, **arguments})
     assert scene_state(scene) == before
 
 
@@ -177,6 +178,7 @@ def test_background_run_creates_same_node_as_in_process(scene, MedSR):
     reference = MedSRLib.upscale(logic.volumeNodeToImage(node), model="linear", scale=2)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(output), sitk.GetArrayFromImage(reference))
     assert run.fraction == 1.0
+    assert run.progressUpdates >= 1  # JSON progress lines from the CLI were read
     assert run.tempDir is None  # temporary files removed
 
 
@@ -199,4 +201,18 @@ def test_background_failure_reports_message_and_leaves_no_node(scene, MedSR):
     run = MedSR.MedSRLogic().startProcessing(node, model="no_such_model", scale=2)
     with pytest.raises(ValueError, match="unknown model"):
         run_to_end(run)
+    assert scene_state(scene) == before
+
+
+def test_out_of_memory_becomes_a_clear_message(scene, MedSR, monkeypatch):
+    """Error path only: MedSRLib.upscale is replaced by one that runs out of memory."""
+    node, _ = oblique_anisotropic_volume(MedSR)
+    before = scene_state(scene)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(MedSRLib, "upscale", out_of_memory)
+    with pytest.raises(MemoryError, match="Out of memory while super-resolving.*CPU"):
+        MedSR.MedSRLogic().process(node, model="edsr_baseline", scale=2)
     assert scene_state(scene) == before

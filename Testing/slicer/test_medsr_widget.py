@@ -110,6 +110,29 @@ def test_error_is_shown_and_leaves_no_node(widget, scene, MedSR, qapp):
     assert scene_state(scene) == before
 
 
+def test_model_scale_mismatch_from_background_run_is_shown(widget, scene, MedSR, qapp):
+    node, _ = MedSR.MedSRTest.makeObliqueAnisotropicVolume()
+    qapp.processEvents()
+    widget.ui.inputSelector.setCurrentNode(node)
+    select(widget.ui.modelComboBox, "hybrid")
+    select(widget.ui.scaleComboBox, 3)
+    assert "does not support x3" in widget.ui.modelDescriptionLabel.text()
+    before = scene_state(scene)
+    widget.ui.applyButton.click()
+    wait_until_idle(widget, qapp)
+    assert isinstance(widget.lastError, ValueError)
+    assert "does not support scale x3" in widget.ui.statusLabel.text()
+    assert widget.ui.applyButton.text() == "Apply"
+    assert scene_state(scene) == before
+
+
+def test_panel_screenshot_renders(tmp_path, qapp):
+    import render_panel_screenshot
+
+    out = render_panel_screenshot.render(tmp_path / "panel.png")
+    assert out.stat().st_size > 5000
+
+
 def test_apply_is_disabled_without_input(widget):
     assert widget.ui.inputSelector.currentNode() is None
     assert not widget.ui.applyButton.isEnabled()
