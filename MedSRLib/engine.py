@@ -96,12 +96,13 @@ def resolve_precision(precision: str, device: torch.device, learned: bool) -> to
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def receptive_radius(model: nn.Module, factors: tuple[int, int], probe: int = 64,
-                     max_probe: int = 256) -> int | None:
+def receptive_radius(model: nn.Module, factors: tuple[int, int], probe: int = 48,
+                     max_probe: int = 96) -> int | None:
     """Input pixels each side that one output pixel depends on, measured by back-propagation.
 
     Returns None when the dependence reaches the probe's border even at `max_probe` pixels
-    (a global operation): such a model must run on whole slices.
+    (a global operation, or a field so wide that tiles would be mostly halo): such a model runs
+    on whole slices.
     """
     sy, sx = factors
     generator = torch.Generator().manual_seed(0)
@@ -123,6 +124,20 @@ def receptive_radius(model: nn.Module, factors: tuple[int, int], probe: int = 64
     return None
 
 
+_RADIUS_CACHE: dict[tuple, int | None] = {}
+
+
+def _cached_radius(model: nn.Module, factors: tuple[int, int]) -> int | None:
+    """receptive_radius, memoised per architecture (registry name + config) and factors."""
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        return receptive_radius(model, factors)
+    key = (spec.name, repr(sorted(spec.default_config.items())), tuple(factors))
+    if key not in _RADIUS_CACHE:
+        _RADIUS_CACHE[key] = receptive_radius(model, factors)
+    return _RADIUS_CACHE[key]
+
+
 class SliceUpscaler:
     """Runs one ready model on batches of 2-D slices, tiled, on one device and precision."""
 
@@ -136,7 +151,7 @@ class SliceUpscaler:
         tile = options.tile
         if tile is None:
             tile = AUTO_TILE_CPU if self.device.type == "cpu" else 0
-        self.halo = receptive_radius(self.model, factors) if tile else None
+        self.halo = _cached_radius(self.model, factors) if tile else None
         self.tile = tile if self.halo is not None else 0
         self.model = self.model.to(self.device)
         if self.channels_last:
