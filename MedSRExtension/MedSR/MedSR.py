@@ -150,6 +150,12 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(self.POLL_INTERVAL_MS)
         self.pollTimer.timeout.connect(self.onPollTimer)
+        self.restoreParametersFromNode()
+        for combo in self._parameterCombos().values():
+            combo.currentIndexChanged.connect(self.saveParametersToNode)
+        self.ui.lesionCheckBox.toggled.connect(self.saveParametersToNode)
+        for selector in (self.ui.inputSelector, self.ui.roiSelector):
+            selector.currentNodeChanged.connect(self.saveParametersToNode)
         self.updateApplyButton()
 
     def cleanup(self):
@@ -198,6 +204,46 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         scale = self._comboData(self.ui.scaleComboBox) or 2
         self.ui.modelDescriptionLabel.setText(describeModelCard(model, scale))
+
+    # -- parameter node (choices persist in the scene) -----------------------------------------
+
+    def _parameterCombos(self):
+        return {"Model": self.ui.modelComboBox, "Scale": self.ui.scaleComboBox,
+                "Direction": self.ui.directionComboBox, "SliceAxis": self.ui.sliceAxisComboBox,
+                "Device": self.ui.deviceComboBox, "Precision": self.ui.precisionComboBox}
+
+    def saveParametersToNode(self, *args):
+        if self._updatingGUI:
+            return
+        parameterNode = self.logic.getParameterNode()
+        wasModifying = parameterNode.StartModify()
+        for name, combo in self._parameterCombos().items():
+            data = self._comboData(combo)
+            if data is not None and data != "":
+                parameterNode.SetParameter(name, str(data))
+        parameterNode.SetParameter("LesionFocused", "true" if _widgetProperty(self.ui.lesionCheckBox, "checked") else "false")
+        for role, selector in (("InputVolume", self.ui.inputSelector), ("ROI", self.ui.roiSelector)):
+            node = selector.currentNode()
+            parameterNode.SetNodeReferenceID(role, node.GetID() if node is not None else None)
+        parameterNode.EndModify(wasModifying)
+
+    def restoreParametersFromNode(self):
+        parameterNode = self.logic.getParameterNode()
+        self._updatingGUI = True
+        try:
+            for name, combo in self._parameterCombos().items():
+                value = parameterNode.GetParameter(name)
+                for index in range(combo.count()):
+                    if value and str(combo.itemData(index)) == value:
+                        combo.setCurrentIndex(index)
+            self.ui.lesionCheckBox.setChecked(parameterNode.GetParameter("LesionFocused") == "true")
+            for role, selector in (("InputVolume", self.ui.inputSelector), ("ROI", self.ui.roiSelector)):
+                node = parameterNode.GetNodeReference(role)
+                if node is not None:
+                    selector.setCurrentNode(node)
+        finally:
+            self._updatingGUI = False
+        self.updateModelDescription()
 
     # -- GUI state ------------------------------------------------------------------------------
 

@@ -133,6 +133,26 @@ def test_panel_screenshot_renders(tmp_path, qapp):
     assert out.stat().st_size > 5000
 
 
+def test_choices_persist_in_parameter_node(widget, scene, MedSR, qapp):
+    node, _ = MedSR.MedSRTest.makeObliqueAnisotropicVolume()
+    qapp.processEvents()
+    widget.ui.inputSelector.setCurrentNode(node)
+    select(widget.ui.modelComboBox, "lanczos")
+    select(widget.ui.scaleComboBox, 4)
+    select(widget.ui.directionComboBox, "through-plane")
+    parameters = widget.logic.getParameterNode()
+    assert (parameters.GetParameter("Model"), parameters.GetParameter("Scale")) == ("lanczos", "4")
+    assert parameters.GetNodeReference("InputVolume") is node
+
+    fresh = MedSR.MedSRWidget()  # e.g. after a module reload: the panel reads the scene
+    fresh.setup()
+    assert fresh._comboData(fresh.ui.modelComboBox) == "lanczos"
+    assert fresh._comboData(fresh.ui.scaleComboBox) == 4
+    assert fresh._comboData(fresh.ui.directionComboBox) == "through-plane"
+    assert fresh.ui.inputSelector.currentNode() is node
+    fresh.cleanup()
+
+
 def test_apply_is_disabled_without_input(widget):
     assert widget.ui.inputSelector.currentNode() is None
     assert not widget.ui.applyButton.isEnabled()
