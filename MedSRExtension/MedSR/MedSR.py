@@ -590,8 +590,14 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
     def cropToROI(self, image, inputVolume, roiNode):
         """The part of `image` inside the markups ROI (voxel-aligned box, SimpleITK slicing)."""
         bounds = [0.0] * 6
-        roiNode.GetRASBounds(bounds)
-        corners = np.array([[x, y, z, 1.0] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]])
+        roiNode.GetRASBounds(bounds)  # world RAS
+        cornersWorld = [(x, y, z) for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]]
+        transformNode = inputVolume.GetParentTransformNode()
+        if transformNode is not None:  # world -> the volume's own (local) RAS frame
+            worldToLocal = vtk.vtkGeneralTransform()
+            transformNode.GetTransformFromWorld(worldToLocal)
+            cornersWorld = [worldToLocal.TransformPoint(p) for p in cornersWorld]
+        corners = np.array([[x, y, z, 1.0] for x, y, z in cornersWorld])
         rasToIJK = vtk.vtkMatrix4x4()
         inputVolume.GetRASToIJKMatrix(rasToIJK)
         ijk = (slicer.util.arrayFromVTKMatrix(rasToIJK) @ corners.T).T[:, :3]

@@ -164,6 +164,38 @@ def test_lesion_roi_crops_before_super_resolution(scene, MedSR):
     np.testing.assert_allclose(ijk_to_ras_of(output), MedSR.MedSRLogic.ijkToRASFromImage(reference), atol=1e-9)
 
 
+def test_lesion_roi_in_world_coordinates_follows_parent_transform(scene, MedSR):
+    node, ijk_to_ras = oblique_anisotropic_volume(MedSR)
+    logic = MedSR.MedSRLogic()
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "lesion")
+    centre = (ijk_to_ras @ [6.5, 5.5, 2.5, 1])[:3]
+    roi.SetCenter(centre.tolist())
+    roi.SetSize([4.0, 4.0, 30.0])
+    untransformed = logic.cropToROI(logic.volumeNodeToImage(node), node, roi)
+
+    shift = np.array([10.0, -5.0, 2.5])
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = np.eye(4)
+    matrix[:3, 3] = shift
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    roi.SetCenter((centre + shift).tolist())  # the same anatomy, seen in world coordinates
+    transformed = logic.cropToROI(logic.volumeNodeToImage(node), node, roi)
+    assert transformed.GetSize() == untransformed.GetSize()
+    assert transformed.GetOrigin() == pytest.approx(untransformed.GetOrigin(), abs=1e-9)
+
+
+def test_roi_outside_volume_is_a_clear_error(scene, MedSR):
+    node, _ = oblique_anisotropic_volume(MedSR)
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "far away")
+    roi.SetCenter([500.0, 500.0, 500.0])
+    roi.SetSize([5.0, 5.0, 5.0])
+    before = scene_state(scene)
+    with pytest.raises(ValueError, match="does not overlap"):
+        MedSR.MedSRLogic().process(node, model="linear", roiNode=roi)
+    assert scene_state(scene) == before
+
+
 # -- background process ----------------------------------------------------------------------
 
 
