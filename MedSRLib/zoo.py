@@ -135,9 +135,9 @@ def weights_stem(spec: ModelSpec, scale: int) -> str:
     return spec.name if spec.multi_scale or spec.kind == "detector" else f"{spec.name}_x{scale}"
 
 
-def shipped_weights(spec: ModelSpec, scale: int, weights_dir: Path = WEIGHTS_DIR) -> Path | None:
+def shipped_weights(spec: ModelSpec, scale: int, weights_dir: Path | None = None) -> Path | None:
     """Path of the shipped safetensors file for (spec, scale), or None when none ships."""
-    path = weights_dir / f"{weights_stem(spec, scale)}.safetensors"
+    path = (weights_dir or WEIGHTS_DIR) / f"{weights_stem(spec, scale)}.safetensors"
     return path if path.is_file() else None
 
 
@@ -249,7 +249,7 @@ class SRModel(nn.Module):
 
 
 def load_model(name: str, factors: int | tuple[int, int], *, allow_untrained: bool = False,
-               weights_path: Path | None = None, weights_dir: Path = WEIGHTS_DIR) -> SRModel:
+               weights_path: Path | None = None, weights_dir: Path | None = None) -> SRModel:
     """The ready-to-run model `name` for 2-D factors (sy, sx), in eval mode, on CPU.
 
     Learned models load their shipped weights (or `weights_path`); without any, InputError
@@ -281,7 +281,7 @@ def load_model(name: str, factors: int | tuple[int, int], *, allow_untrained: bo
     return SRModel(spec, network, factors, card).eval()
 
 
-def describe(spec: ModelSpec, weights_dir: Path = WEIGHTS_DIR) -> dict[str, Any]:
+def describe(spec: ModelSpec, weights_dir: Path | None = None) -> dict[str, Any]:
     """Registry metadata of `spec` as plain JSON-able data (for `medsr models` and the UI)."""
     weights = {}
     for scale in spec.scales:
