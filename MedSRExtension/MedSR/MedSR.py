@@ -829,7 +829,7 @@ class MedSRBackgroundRun:
 
 
 class MedSRTest(ScriptedLoadableModuleTest):
-    """Runs in a real Slicer (Reload and Test) and under pytest in CI (Testing/slicer)."""
+    """Runs in a real Slicer (Reload and Test) and under pytest in CI (Testing/slicer_module)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()

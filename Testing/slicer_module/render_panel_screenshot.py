@@ -1,6 +1,6 @@
 """Render the MedSR panel offscreen (real MedSR.ui, harness fakes) to docs/slicer-panel.png.
 
-    QT_QPA_PLATFORM=offscreen python Testing/slicer/render_panel_screenshot.py [out.png]
+    QT_QPA_PLATFORM=offscreen python Testing/slicer_module/render_panel_screenshot.py [out.png]
 
 The qMRML/CTK widgets are the harness fakes (plain combo boxes and group boxes), so the
 picture shows the panel's content and layout, not Slicer's exact styling.

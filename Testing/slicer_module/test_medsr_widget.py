@@ -1,5 +1,7 @@
 """MedSRWidget with the module's real MedSR.ui (PySide6 offscreen, fake qMRML/CTK widgets)."""
 
+from harness import MedSR, qapp, scene  # noqa: F401  (fixtures; installs the fakes)
+
 import time
 
 import numpy as np

@@ -1,5 +1,7 @@
 """MedSRLogic on a real MRML scene (slicer-core), compared with the real MedSRLib.upscale."""
 
+from harness import MedSR, qapp, scene  # noqa: F401  (fixtures; installs the fakes)
+
 import time
 
 import numpy as np
