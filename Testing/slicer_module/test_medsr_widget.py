@@ -155,6 +155,27 @@ def test_choices_persist_in_parameter_node(widget, scene, MedSR, qapp):
     fresh.cleanup()
 
 
+def test_detect_without_input_or_detector_is_a_clear_error(widget, scene, MedSR, qapp):
+    import importlib.util
+
+    before = scene_state(scene)
+    widget.ui.detectButton.click()
+    assert "Select an input volume" in str(widget.lastError)
+    node, _ = MedSR.MedSRTest.makeObliqueAnisotropicVolume()
+    qapp.processEvents()
+    widget.ui.inputSelector.setCurrentNode(node)
+    before = scene_state(scene)
+    widget.ui.detectButton.click()
+    if importlib.util.find_spec("MedSRLib.roi") is None:
+        assert "no lesion detector" in str(widget.lastError)
+        assert scene_state(scene) == before
+    else:  # MedSRLib.roi landed: the proposed box becomes a markups ROI node
+        assert widget.lastError is None, widget.lastError
+        roi = widget.ui.roiSelector.currentNode()
+        assert roi is not None and roi.IsA("vtkMRMLMarkupsROINode")
+        assert widget.ui.lesionCheckBox.isChecked()
+
+
 def test_apply_is_disabled_without_input(widget):
     assert widget.ui.inputSelector.currentNode() is None
     assert not widget.ui.applyButton.isEnabled()
