@@ -216,6 +216,18 @@ def test_background_run_creates_same_node_as_in_process(scene, MedSR):
     assert run.tempDir is None  # temporary files removed
 
 
+def test_background_through_plane_run_passes_per_axis_factors(scene, MedSR):
+    node, ijk_to_ras = oblique_anisotropic_volume(MedSR)
+    logic = MedSR.MedSRLogic()
+    run = logic.startProcessing(node, model="linear", scale=3, direction="through-plane", show=False)
+    assert run.commandLine("in.nrrd", "out.nrrd")[6:10] == ["--scale", "1,1,3", "--axis", "2"]
+    run_to_end(run)
+    assert run.outputVolume.GetName() == "CT chest_SRx3"
+    np.testing.assert_allclose(ijk_to_ras_of(run.outputVolume), expected_ijk_to_ras(ijk_to_ras, (1, 1, 3)), atol=1e-6)
+    reference = MedSRLib.upscale(logic.volumeNodeToImage(node), model="linear", scale=(1, 1, 3))
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(run.outputVolume), sitk.GetArrayFromImage(reference))
+
+
 def test_background_cancel_kills_process_and_leaves_scene_unchanged(scene, MedSR):
     node, _ = oblique_anisotropic_volume(MedSR)
     before = scene_state(scene)
