@@ -94,6 +94,14 @@ register(ModelSpec(
     description="16 residual blocks without batch norm, 64 filters, sub-pixel upsampling."))
 
 register(ModelSpec(
+    name="edsr_lite", title="EDSR lite (8x48): MedSR's default", builder=EDSR,
+    kind="post_upsampled", paper="EDSR design (Lim et al. 2017; paper 004), CPU-sized",
+    scales=(2, 3, 4), modalities=("CT", "MR"),
+    default_config={"in_channels": 1, "num_features": 48, "num_blocks": 8, "res_scale": 1.0},
+    description="EDSR without BN at 8 blocks x 48 filters: trainable and fast on CPU; the "
+                "default CT/MR model."))
+
+register(ModelSpec(
     name="mdrn", title="MDRN (multi-scale EDSR, 80x64)", builder=MultiScaleEDSR,
     kind="multi_scale", paper="paper 004 (Ren et al.), sections 3.1 and 4.3", scales=(2, 3, 4),
     default_config={"in_channels": 1, "num_features": 64, "num_blocks": 80, "res_scale": 1.0,

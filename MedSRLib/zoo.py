@@ -312,7 +312,7 @@ def describe_all(names: Iterable[str] | None = None) -> list[dict[str, Any]]:
 
 #: Preference order for the default model; the first with shipped weights for the modality and
 #: scale wins, else bicubic.
-DEFAULT_PREFERENCE = ("edsr_baseline", "fmen", "srcnn")
+DEFAULT_PREFERENCE = ("edsr_lite", "edsr_baseline", "fmen", "srcnn")
 
 
 def default_model(modality: str | None, scale: int) -> str:
