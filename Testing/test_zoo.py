@@ -1,0 +1,108 @@
+"""Registry and weights: safetensors with a matching card load; anything else is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from MedSRLib import zoo
+from MedSRLib.errors import InputError, WeightsError
+
+
+def _card(name="srcnn", scales=(2,), config=None):
+    spec = zoo.get_spec(name)
+    return {"model": name, "scales": list(scales),
+            "config": json.loads(json.dumps(config if config is not None else spec.default_config)),
+            "modality": ["CT"]}
+
+
+def test_saved_weights_load_back_exactly(tmp_path):
+    torch.manual_seed(0)
+    network = zoo.build_network("srcnn")
+    path = tmp_path / "srcnn_x2.safetensors"
+    zoo.save_weights(network, path, _card())
+    model = zoo.load_model("srcnn", 2, weights_path=path)
+    assert model.trained and model.card["model"] == "srcnn"
+    for key, value in network.state_dict().items():
+        assert torch.equal(model.network.state_dict()[key], value)
+
+
+def test_fp16_storage_loads_into_fp32_network(tmp_path):
+    network = zoo.build_network("srcnn")
+    path = tmp_path / "srcnn_x2.safetensors"
+    zoo.save_weights(network, path, _card(), dtype=torch.float16)
+    model = zoo.load_model("srcnn", 2, weights_path=path)
+    weight = model.network.state_dict()[next(iter(network.state_dict()))]
+    assert weight.dtype == torch.float32
+
+
+def test_card_for_another_model_is_refused(tmp_path):
+    path = tmp_path / "w.safetensors"
+    zoo.save_weights(zoo.build_network("srcnn"), path, {**_card(), "model": "vdsr"})
+    with pytest.raises(WeightsError, match="card is for model 'vdsr'"):
+        zoo.load_model("srcnn", 2, weights_path=path)
+
+
+def test_card_without_the_scale_is_refused(tmp_path):
+    path = tmp_path / "w.safetensors"
+    zoo.save_weights(zoo.build_network("srcnn"), path, _card(scales=(3,)))
+    with pytest.raises(WeightsError, match="not x2"):
+        zoo.load_model("srcnn", 2, weights_path=path)
+
+
+def test_tensors_that_do_not_fit_the_architecture_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    state = zoo.build_network("srcnn").state_dict()
+    first = next(iter(state))
+    state[first] = torch.zeros(3, 3)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps(_card()))
+    with pytest.raises(WeightsError, match="do not match architecture 'srcnn'"):
+        zoo.load_model("srcnn", 2, weights_path=path)
+
+
+def test_pickle_file_posing_as_weights_is_refused_without_unpickling(tmp_path):
+    path = tmp_path / "w.safetensors"
+    torch.save(zoo.build_network("srcnn").state_dict(), path)  # a pickle, not safetensors
+    path.with_suffix(".json").write_text(json.dumps(_card()))
+    with pytest.raises(WeightsError, match="not a readable safetensors file"):
+        zoo.load_model("srcnn", 2, weights_path=path)
+
+
+def test_missing_card_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file(zoo.build_network("srcnn").state_dict(), str(path))
+    with pytest.raises(WeightsError, match="model card"):
+        zoo.load_model("srcnn", 2, weights_path=path)
+
+
+def test_untrained_learned_model_is_refused_unless_allowed(tmp_path):
+    with pytest.raises(InputError, match="--allow-untrained"):
+        zoo.load_model("srcnn", 2, weights_dir=tmp_path)
+    model = zoo.load_model("srcnn", 2, weights_dir=tmp_path, allow_untrained=True)
+    assert not model.trained
+
+
+def test_unknown_model_and_scale_errors_name_the_choices():
+    with pytest.raises(InputError, match="known models: .*bicubic"):
+        zoo.get_spec("nope")
+    with pytest.raises(InputError, match="does not support scale x5"):
+        zoo.load_model("bicubic", 5)
+
+
+def test_every_shipped_weights_file_loads_and_beats_nothing_silently():
+    """Each shipped safetensors file has a card and loads strictly into its architecture."""
+    for path in sorted(zoo.WEIGHTS_DIR.glob("*.safetensors")):
+        card = zoo.read_card(path)
+        spec = zoo.get_spec(card["model"])
+        if spec.kind == "detector":
+            continue
+        for scale in card["scales"]:
+            model = zoo.load_model(spec.name, scale, weights_path=path)
+            assert model.trained
