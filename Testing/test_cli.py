@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MedSRLib import cli
+from MedSRLib import cli, zoo
 from MedSRLib.demo import SAMPLE_PATH
 
 from conftest import make_volume
@@ -121,7 +121,6 @@ def test_existing_output_needs_overwrite(tmp_path, input_volume, capsys):
 
 def test_learned_network_without_weights_needs_allow_untrained(tmp_path, input_volume, capsys,
                                                                monkeypatch):
-    from MedSRLib import zoo
     monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "no_weights")
     out = tmp_path / "out.nrrd"
     code, _, err = run_cli(["upscale", input_volume, out, "--model", "vdsr", "--quiet"], capsys)
@@ -181,3 +180,29 @@ def test_ctrl_c_cancels_and_leaves_no_file(tmp_path):
     assert process.returncode == 130, rest
     assert "cancelled" in rest
     assert list(tmp_path.iterdir()) == []
+
+
+SR_NETWORKS = [n for n in zoo.model_names()
+               if zoo.get_spec(n).kind not in ("interpolation", "detector")]
+
+
+@pytest.fixture(scope="module")
+def sample_crop(tmp_path_factory) -> Path:
+    """A 20 x 18 x 2 crop of the bundled sample CT (real HU, real geometry)."""
+    path = tmp_path_factory.mktemp("crop") / "sample_crop.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(SAMPLE_PATH))[118:138, 120:138, 7:9], str(path))
+    return path
+
+
+@pytest.mark.parametrize("name", SR_NETWORKS)
+def test_every_network_runs_through_the_cli_when_untrained_is_allowed(tmp_path, capsys, name,
+                                                                      sample_crop):
+    scale = 4 if 4 in zoo.get_spec(name).scales else zoo.get_spec(name).scales[0]
+    out = tmp_path / "out.nrrd"
+    code, _, err = run_cli(["upscale", sample_crop, out, "--model", name, "--scale", scale,
+                            "--allow-untrained", "--tile", "0", "--quiet"], capsys)
+    assert code == 0, err
+    result = sitk.ReadImage(str(out))
+    assert result.GetSize() == (20 * scale, 18 * scale, 2)
+    assert result.GetPixelID() == sitk.sitkInt16
+    assert result.GetMetaData("medsr_model") == name

@@ -145,7 +145,9 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"bf16 fast path: {getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)()}")
+          f"AMX: {torch.cpu._is_amx_tile_supported()}, AVX512-BF16: "
+          f"{torch.cpu._is_avx512_bf16_supported()}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
     volume = sitk.GetArrayFromImage(io.read_volume(SAMPLE_PATH))
     mapping = intensity.fit_mapping(volume)
     slices = mapping.to_unit(volume)
