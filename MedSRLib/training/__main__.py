@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medsr train", description="Train a MedSR model from a recipe config (YAML or JSON).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="config file, or a shipped recipe name (see --list)")
+    parser.add_argument("config", nargs="?", help="config file, or a shipped recipe name (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the shipped recipes and exit")
     parser.add_argument("--out", help="output folder (default: output.dir or runs/<name>)")
     parser.add_argument("--steps", type=int, help="override train.steps")
     parser.add_argument("--resume", action="store_true",
@@ -52,12 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is not None and list(argv[:1]) == ["--list"] or argv is None and sys.argv[1:2] == ["--list"]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
         from .config import CONFIG_DIR
         for path in sorted(CONFIG_DIR.rglob("*.yaml")):
             print(path.relative_to(CONFIG_DIR).with_suffix(""))
         return 0
-    args = build_parser().parse_args(argv)
+    if args.config is None:
+        parser.error("a config (file or recipe name) is required")
     from .config import load_config
     overrides = list(args.overrides)
     if args.steps is not None:

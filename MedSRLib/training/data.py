@@ -406,7 +406,8 @@ class ValidationSlice:
 
 def validation_slices(volumes: Dataset, data_config: Mapping[str, Any], multiple: int,
                       with_boxes: bool = False) -> list[ValidationSlice]:
-    """Fixed held-out slices: `slices_per_volume` evenly spaced Z slices among those with >= 5 %
+    """Fixed held-out slices: `slices_per_volume` evenly spaced slices along the first of
+    `slice_axes` (Z for 2-D images) among those with >= 5 %
     foreground (lesion slices for detector data), centre-cropped to `max_size` (or padded to
     `patch_size` for boxes), trimmed to a multiple of `multiple`."""
     config = data_config.get("validation_slices", {})
@@ -415,11 +416,13 @@ def validation_slices(volumes: Dataset, data_config: Mapping[str, Any], multiple
     threshold = float(data_config.get("foreground_threshold", 0.1))
     patch = int(data_config.get("patch_size", 96))
     result = []
+    axis = int(data_config.get("slice_axes", [0])[0])
     for index in range(len(volumes)):
         d = volumes[index]
-        volume = d["image"][0]
+        volume_axis = axis if all(d["image"].shape[1 + o] > 1 for o in range(3) if o != axis) else 0
+        volume = np.moveaxis(d["image"][0], volume_axis, 0)
         if with_boxes:
-            weight = d["mask"][0].reshape(volume.shape[0], -1).mean(1)
+            weight = np.moveaxis(d["mask"][0], volume_axis, 0).reshape(volume.shape[0], -1).mean(1)
         else:
             weight = (volume > threshold).reshape(volume.shape[0], -1).mean(1)
         candidates = np.flatnonzero(weight >= (1e-9 if with_boxes else 0.05))
@@ -430,7 +433,7 @@ def validation_slices(volumes: Dataset, data_config: Mapping[str, Any], multiple
         for z in chosen:
             plane = volume[z]
             if with_boxes:
-                mask = d["mask"][0][z]
+                mask = np.moveaxis(d["mask"][0], volume_axis, 0)[z]
                 rows, cols = np.nonzero(mask)
                 centre = (int(rows.mean()), int(cols.mean()))
                 image = _extract_patch(plane, centre, patch)

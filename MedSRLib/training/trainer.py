@@ -158,7 +158,7 @@ class Trainer:
             raise ValueError(f"train.batch_size {batch_size} must be a multiple of "
                              f"data.patches_per_volume {patches}")
         self.visits_per_batch = batch_size // patches
-        visits = int(data_cfg.get("visits_per_epoch", max(len(self.split.train), 64)))
+        visits = int(data_cfg.get("visits_per_epoch", max(len(self.split.train), 1024)))
         visits = max(visits, self.visits_per_batch * self.context.world_size)
         self.visit_dataset = tdata.SeededVisitDataset(self.volumes, tdata.random_transforms(data_cfg, with_mask),
                                                       visits, self.seed)
@@ -333,15 +333,19 @@ class Trainer:
     # ----- fixed batch, validation -------------------------------------------------------------
 
     def fixed_batch_loss(self) -> float:
-        """Content loss on the first training batch (model copy in train mode, no side effects)."""
+        """Content loss on the first training batch, averaged over the run's scales (model copy in
+        train mode, no side effects; the degradation noise is the step-0 draw)."""
         probe = copy.deepcopy(_unwrap(self.network)).train()
         batch = self._fixed_batch
         with torch.no_grad():
             if self.task == "detector":
-                loss, _ = self._detector_loss(probe, batch)
-            else:
-                loss, _, _, _ = self._sr_loss(probe, batch["image"].float(), 0)
-        return float(loss)
+                return float(self._detector_loss(probe, batch)[0])
+            losses = []
+            for scale in self.scales:
+                inputs, target = self.make_input(batch["image"].float(), scale, self._generator(0))
+                output = self.forward(probe, inputs.to(self.context.device), scale).float()
+                losses.append(float(self.loss(output, target.to(self.context.device))[0]))
+        return float(np.mean(losses))
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
@@ -495,6 +499,7 @@ class Trainer:
             export = self.export(spread)
             summary["export"] = str(export)
             writer.write({"step": self.step, "final": {k: v for k, v in summary.items() if k != "history"}})
+        self.context.barrier()  # every rank leaves together (rank 0 exports meanwhile)
         distributed.teardown(self.context)
         return summary
 
