@@ -207,3 +207,11 @@ def test_full_recipe_resolves_its_data_and_model(path):
     if any(i.licence.startswith("BraTS") for i in split.train):
         assert spec.kind == "detector"  # default SR weights train on the permissive part only
     assert config["optimizer"]["lr"] > 0
+
+
+def test_box_targets_follow_the_detector_convention_cx_cy_w_h():
+    mask = np.zeros((1, 40, 80), dtype=np.uint8)
+    mask[0, 10:20, 20:60] = 1  # rows 10..19 (y), columns 20..59 (x)
+    box = tdata.BoxFromMaskd()({"mask": mask})["box"]
+    assert torch.allclose(box, torch.tensor([40 / 80, 15 / 40, 40 / 80, 10 / 40]))
+    assert torch.equal(tdata.BoxFromMaskd()({"mask": np.zeros((1, 8, 8))})["box"], torch.zeros(4))

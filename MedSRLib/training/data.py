@@ -289,21 +289,24 @@ class RandSlicePatchd(Randomizable, Transform):
 
 
 class BoxFromMaskd(Transform):
-    """Target box of the mask's foreground, (y0, x0, y1, x1) as fractions of the patch size.
-
-    y1/x1 are exclusive edges; a patch with an empty mask gets the all-zero box.
+    """Target box of the mask's foreground in the lesion detector's convention
+    (`networks/lesion_detector.py`): (cx, cy, w, h), centre and size normalised by the patch
+    width (x, last axis) and height (y). The box spans whole pixels (edges at pixel borders);
+    a patch with an empty mask gets the all-zero box (w = h = 0: no lesion).
     """
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         mask = torch.as_tensor(d["mask"])[0] > 0
-        h, w = mask.shape
+        height, width = mask.shape
         rows, cols = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
         if rows.numel() == 0:
             d["box"] = torch.zeros(4)
         else:
-            d["box"] = torch.tensor([rows[0] / h, cols[0] / w, (rows[-1] + 1) / h, (cols[-1] + 1) / w],
-                                    dtype=torch.float32)
+            y0, y1 = float(rows[0]), float(rows[-1] + 1)
+            x0, x1 = float(cols[0]), float(cols[-1] + 1)
+            d["box"] = torch.tensor([(x0 + x1) / 2 / width, (y0 + y1) / 2 / height,
+                                     (x1 - x0) / width, (y1 - y0) / height], dtype=torch.float32)
         return d
 
 

@@ -266,7 +266,7 @@ class Trainer:
         also returns lesion-presence logits, their binary cross-entropy."""
         images = batch["image"].float().to(self.context.device)
         boxes = batch["box"].float().to(self.context.device)
-        present = (boxes[:, 2] > boxes[:, 0]).float()
+        present = (boxes[:, 2] > 0).float()  # (cx, cy, w, h); w = 0 marks "no lesion"
         with self._autocast():
             output = network(images)
         predicted, logits = output if isinstance(output, (tuple, list)) else (output, None)
@@ -543,11 +543,13 @@ class Trainer:
 
 
 def _box_iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    y0, x0 = max(float(a[0]), float(b[0])), max(float(a[1]), float(b[1]))
-    y1, x1 = min(float(a[2]), float(b[2])), min(float(a[3]), float(b[3]))
-    inter = max(0.0, y1 - y0) * max(0.0, x1 - x0)
-    area = lambda box: max(0.0, float(box[2] - box[0])) * max(0.0, float(box[3] - box[1]))  # noqa: E731
-    union = area(a) + area(b) - inter
+    """Intersection over union of two (cx, cy, w, h) boxes."""
+    def corners(box: torch.Tensor) -> tuple[float, float, float, float]:
+        cx, cy, w, h = (float(v) for v in box)
+        return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = corners(a), corners(b)
+    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
     return inter / union if union > 0 else 0.0
 
 
