@@ -1,0 +1,139 @@
+"""`medsr benchmark` on a small crop of the bundled real CT: outputs, table layout, metric values."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from MedSRLib import benchmark, benchmark_report, metrics
+from MedSRLib.training import degrade
+
+SAMPLE = Path(benchmark.__file__).resolve().parent / "data" / "ct_abdomen_sample.nrrd"
+SCALES = (2, 3)
+MAX_SIZE = 64
+METHODS = ["bicubic", "nearest", "srcnn (untrained)"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("benchmark") / "out"
+    status = benchmark.main([str(SAMPLE), "--modality", "CT", "--scales", *map(str, SCALES),
+                             "--models", "nearest", "srcnn", "--allow-untrained",
+                             "--slices-per-volume", "2", "--max-size", str(MAX_SIZE),
+                             "--device", "cpu", "--out", str(out)])
+    assert status == 0
+    return out
+
+
+def _csv(out: Path) -> list[dict[str, str]]:
+    with (out / "results.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_writes_markdown_csv_json_and_a_figure_per_scale(run):
+    for name in ["results.md", "results.csv", "results.json"] + [f"figure_x{s}.png" for s in SCALES]:
+        assert (run / name).stat().st_size > 0, name
+
+
+def test_markdown_has_a_table_per_scale_with_a_row_per_image_and_a_mean_row(run):
+    text = (run / "results.md").read_text()
+    images = json.loads((run / "results.json").read_text())["images"]
+    assert len(images) == 2
+    sections = re.split(r"^## ", text, flags=re.M)[1:]
+    assert [s.split("\n", 1)[0] for s in sections] == [f"x{s}" for s in SCALES] + ["Seconds per slice"]
+    for scale, section in zip(SCALES, sections):
+        table = section.split(f"PSNR (dB) / SSIM, x{scale}, whole slice:", 1)[1].strip().split("\n\n")[0]
+        rows = table.splitlines()
+        assert rows[0] == "| Image | " + " | ".join(METHODS) + " |"
+        assert [r.split(" | ")[0] for r in rows[2:]] == [f"| {i}" for i in images] + ["| **Mean**"]
+        assert re.fullmatch(r"\| \*\*Mean\*\* \| \*\*\d+\.\d\d\*\* / 0\.\d{4} \| .*", rows[-1])
+    assert "--allow-untrained" in text  # the exact command line is recorded
+
+
+def test_bicubic_psnr_equals_an_independent_recomputation(run):
+    row = next(r for r in _csv(run) if r["scale"] == "2" and r["method"] == "bicubic"
+               and r["metric"] == "psnr" and r["region"] == "whole")
+    z = int(row["image"].rsplit("z=", 1)[1])
+    voxels = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE))).astype(np.float64)
+    low, high = np.percentile(voxels, [0.5, 99.5])
+    plane = (voxels[z] - low) / (high - low)
+    y0, x0 = (plane.shape[0] - MAX_SIZE) // 2, (plane.shape[1] - MAX_SIZE) // 2
+    hr = torch.from_numpy(plane[y0:y0 + MAX_SIZE, x0:x0 + MAX_SIZE].astype(np.float32))[None, None]
+    lr = degrade.bicubic_downsample(hr, 2)
+    sr = F.interpolate(lr, scale_factor=2, mode="bicubic", align_corners=False)
+    expected = metrics.psnr(sr, hr, data_range=1.0, crop_border=2)
+    assert float(row["value"]) == pytest.approx(expected, abs=1e-4)
+    assert 30.0 < expected < 60.0
+
+
+def test_nearest_scores_below_bicubic_on_real_ct(run):
+    scales = json.loads((run / "results.json").read_text())["scales"]
+    for scale in SCALES:
+        mean = scales[f"x{scale}"]["mean"]
+        assert mean["nearest"]["psnr_whole"] < mean["bicubic"]["psnr_whole"] - 0.5
+        assert mean["nearest"]["ssim_whole"] < mean["bicubic"]["ssim_whole"]
+        assert mean["bicubic"]["psnr_foreground"] > 30.0
+
+
+def test_figure_has_a_panel_for_hr_and_every_method(run):
+    scales = json.loads((run / "results.json").read_text())["scales"]
+    for scale in SCALES:
+        info = scales[f"x{scale}"]["figure"]
+        assert info["panels"] == ["HR"] + METHODS
+        hr_size = MAX_SIZE // scale * scale  # < FIGURE_CROP, so the whole slice is shown
+        panel = hr_size * (benchmark_report.FIGURE_PANEL // hr_size)
+        with Image.open(run / f"figure_x{scale}.png") as image:
+            assert image.format == "PNG"
+            assert image.size == (4 * panel, panel + benchmark_report.CAPTION_HEIGHT)
+
+
+def test_csv_has_timings_for_every_method_and_scale(run):
+    timings = {(r["scale"], r["method"]): float(r["value"]) for r in _csv(run)
+               if r["metric"] == "seconds_per_slice"}
+    assert set(timings) == {(str(s), m) for s in SCALES for m in METHODS}
+    assert all(t > 0 for t in timings.values())
+
+
+def test_models_without_weights_or_scale_are_skipped_with_a_note(tmp_path):
+    out = tmp_path / "out"
+    assert benchmark.main([str(SAMPLE), "--modality", "CT", "--scales", "3", "--models", "srcnn",
+                           "hybrid", "--slices-per-volume", "1", "--max-size", "33",
+                           "--device", "cpu", "--out", str(out)]) == 0
+    text = (out / "results.md").read_text()
+    assert "- srcnn: skipped (model 'srcnn' has no trained weights for x3" in text
+    assert "- hybrid: skipped (model 'hybrid' does not support scale x3" in text
+    assert json.loads((out / "results.json").read_text())["scales"]["x3"]["methods"] == ["bicubic"]
+
+
+def test_choose_slices_skips_empty_slices_and_the_ends():
+    volume = np.zeros((20, 16, 16), dtype=np.float32)
+    volume[4:16, 4:12, 4:12] = 1.0  # foreground on slices 4..15
+    chosen = benchmark.choose_slices(volume, 3)
+    assert len(chosen) == 3 and all(4 < z < 15 for z in chosen)
+    assert benchmark.choose_slices(np.ones((1, 8, 8), np.float32), 3) == [0]
+
+
+def test_a_model_trained_on_an_input_is_flagged():
+    model = SimpleNamespace(card={"training_data": ["sarcoma/STS_001/CT_image.nii.gz"]})
+    notes = benchmark.leak_notes({"edsr_lite": model}, ["/data/sarcoma/STS_001/CT_image.nii.gz",
+                                                         "/data/sarcoma/STS_012/CT_image.nii.gz"])
+    assert notes == ["WARNING: edsr_lite was trained on /data/sarcoma/STS_001/CT_image.nii.gz: "
+                     "not a held-out result"]
+
+
+def test_held_out_inputs_are_the_manifest_hold_outs(shared_data):
+    ct = benchmark.held_out_inputs(shared_data, "CT")
+    assert [p.relative_to(shared_data).as_posix() for p in ct] == benchmark.HELD_OUT["CT"]
+    xray = benchmark.held_out_inputs(shared_data, "XR")
+    assert xray == sorted((shared_data / "xray" / "nih").glob("*.png"))[-10:]
+    assert len(benchmark.held_out_inputs(shared_data, "MR")) == 5
