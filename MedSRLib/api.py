@@ -125,6 +125,8 @@ def upscale(
     weights: str | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    roi: "str | tuple | sitk.Image | None" = None,
+    roi_model: str | None = None,
 ) -> sitk.Image:
     """Super-resolve a volume; the input is never modified.
 
@@ -140,12 +142,27 @@ def upscale(
         weights: a safetensors file to use instead of the shipped weights.
         progress: called with (fraction done in [0, 1], message).
         cancel: CancelToken; cancelling raises CancelledError.
+        roi: lesion-focused mode (paper 003): "auto" (lesion detector), a box
+            (x0, y0, z0, x1, y1, z1) of input voxel indices (lower inclusive, upper exclusive) or
+            "x0,y0,z0,x1,y1,z1", a mask image on the input's grid, or a mask file. `roi_model`
+            runs inside the ROI plus a margin, `model` elsewhere, feathered together; see
+            `roi.upscale_with_roi` (its report is also in the output's "medsr_roi_*" metadata).
+        roi_model: registry name of the model inside the ROI (default: srgan when it ships).
 
     Returns:
         A new image covering the input's physical extent on the finer grid, same direction,
         intensities in the input's units and pixel type (rounded and clipped), with metadata
         "medsr_model" naming the model used.
     """
+    if roi is not None:
+        from .roi import upscale_with_roi
+        return upscale_with_roi(
+            image, roi, roi_model=roi_model, model=model, scale=scale, axis=axis, device=device,
+            precision=precision, tile=tile, batch_size=batch_size, threads=threads,
+            modality=modality, allow_untrained=allow_untrained, output_float=output_float,
+            weights=weights, progress=progress, cancel=cancel)[0]
+    if roi_model is not None:
+        raise InputError("roi_model is only used with roi (lesion-focused mode)")
     image = validate_image(image)
     plan = plan_scale(scale, axis, image.GetSpacing(), image.GetSize())
     name = choose_model(model, image, modality, plan.network_scale)

@@ -94,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     up.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                     help="progress on stderr: bar, JSON lines, or none")
+    up.add_argument("--roi", default=None, metavar="auto|x0,y0,z0,x1,y1,z1|MASK_FILE",
+                    help="lesion-focused mode: run --roi-model inside this ROI (plus a margin) and "
+                         "--model elsewhere, feathered: 'auto' (lesion detector), a box of input "
+                         "voxel indices (lower inclusive, upper exclusive), or a mask file on "
+                         "the input's grid")
+    up.add_argument("--roi-model", default=None,
+                    help="model inside the ROI (default: srgan when its weights ship)")
+    up.add_argument("--roi-margin", type=float, default=None, metavar="MM",
+                    help="margin around the ROI in mm (default 5); the feathering lies in it")
+    up.add_argument("--roi-json", default=None, metavar="PATH",
+                    help="write the ROI, detector score and fallback as JSON to PATH")
 
     models = sub.add_parser("models", help="list the registered models")
     models.add_argument("--json", action="store_true", help="machine-readable JSON")
@@ -118,9 +129,21 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     from . import api, io
 
     output = io.check_output_path(args.input, args.output, args.overwrite)
+    if args.roi is None:
+        for flag in ("roi_model", "roi_margin", "roi_json"):
+            if getattr(args, flag) is not None:
+                raise InputError(f"--{flag.replace('_', '-')} needs --roi")
+    elif args.roi_json is not None:
+        roi_json = Path(args.roi_json)
+        if roi_json.exists() and not args.overwrite:
+            raise InputError(f"{roi_json}: exists; pass --overwrite to replace it")
+        if not roi_json.parent.is_dir():
+            raise InputError(f"{roi_json}: folder {roi_json.parent} does not exist")
     image = io.read_volume(args.input, series_uid=args.series)
     progress = _Progress("none" if args.quiet else args.progress)
     started = time.perf_counter()
+    if args.roi is not None:
+        return _upscale_with_roi(args, image, output, progress, started)
     try:
         result = api.upscale(
             image, model=args.model, scale=args.scale, axis=args.axis, device=args.device,
@@ -135,6 +158,36 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
               f"{tuple(round(s, 4) for s in result.GetSpacing())} mm, model "
               f"{result.GetMetaData(api.MODEL_KEY)}, {time.perf_counter() - started:.1f} s",
               file=sys.stderr)
+    return EXIT_OK
+
+
+def _upscale_with_roi(args: argparse.Namespace, image, output: Path, progress: _Progress,
+                      started: float) -> int:
+    from . import io, roi
+
+    margin = {} if args.roi_margin is None else {"margin_mm": args.roi_margin}
+    try:
+        result, report = roi.upscale_with_roi(
+            image, args.roi, roi_model=args.roi_model, model=args.model, scale=args.scale,
+            axis=args.axis, device=args.device, precision=args.precision, tile=args.tile,
+            batch_size=args.batch, threads=args.threads, modality=args.modality,
+            allow_untrained=args.allow_untrained, output_float=args.output_float,
+            weights=args.weights, progress=progress, **margin)
+    finally:
+        progress.close()
+    io.write_volume(result, output, overwrite=args.overwrite)
+    if args.roi_json is not None:
+        report.write_json(args.roi_json, overwrite=args.overwrite)
+    if report.fallback:
+        print(f"medsr: {report.message}", file=sys.stderr)
+    if not args.quiet:
+        where = ("nowhere (fallback)" if report.fallback else
+                 f"ROI {report.roi_index_xyz} (+{report.margin_voxels_xyz} voxels margin)")
+        print(f"wrote {output}: {result.GetSize()} voxels, model {report.model} everywhere, "
+              f"{report.roi_model} in {where}, {time.perf_counter() - started:.1f} s",
+              file=sys.stderr)
+        if args.roi_json is not None:
+            print(f"wrote {args.roi_json}", file=sys.stderr)
     return EXIT_OK
 
 

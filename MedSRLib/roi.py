@@ -1,0 +1,647 @@
+"""Lesion-focused super-resolution (paper 003, LFSR): the region of interest and its use.
+
+- The ROI is an index box on the INPUT grid, in SimpleITK (x, y, z) order, lower corner
+  inclusive and upper corner exclusive (Python slice convention): voxels x0 <= x < x1, ...
+  `RoiBox`, `parse_box`, `roi_from_mask`.
+- Detector evaluation helpers (no training needed): per-slice boxes of a mask
+  (`slice_boxes_from_mask`), their 3-D aggregation with a margin (`aggregate_slice_boxes`), and
+  the paper's coverage metric (`lesion_coverage`: "perfect" = 100 %, "acceptable" >= 95 % of a
+  slice's lesion voxels inside the ROI).
+- `detect_lesion` runs the registered `lesion_detector` through its shipped weights.
+- `upscale_with_roi`: the fast model on the whole volume, the lesion model on the ROI plus a
+  margin (run on a crop with enough context that the crop's border does not show), blended with
+  a feathered weight map (`blend.py`) on the same output grid as a whole-volume run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import blend, geometry, intensity, io, zoo
+from .engine import (CancelToken, EngineOptions, ProgressCallback, plan_passes,
+                     receptive_radius, super_resolve_volume)
+from .errors import InputError, WeightsError
+
+#: Metadata keys written on the output image of a lesion-focused run.
+ROI_INDEX_KEY = "medsr_roi_index_xyz"
+ROI_BOUNDS_KEY = "medsr_roi_bounds_lps_mm"
+ROI_SCORE_KEY = "medsr_roi_score"
+ROI_FALLBACK_KEY = "medsr_roi_fallback"
+ROI_MODEL_KEY = "medsr_roi_model"
+
+#: Default margin around the ROI, in mm (converted per axis to whole input voxels, >= 1).
+DEFAULT_MARGIN_MM = 5.0
+#: Relative tolerance of the same-grid check between a mask and the input (float32 NIfTI
+#: headers round origins by ~1e-5 mm at 300 mm, which is 3e-8 relative).
+GRID_TOLERANCE = 1e-6
+#: Share of a slice's lesion voxels inside the ROI for an "acceptable" detection (paper 003).
+ACCEPTABLE_COVERAGE = 0.95
+#: The learned model that runs inside the ROI by default (paper 003's LFSR generator).
+DEFAULT_ROI_MODEL = "srgan"
+DETECTOR_NAME = "lesion_detector"
+NO_DETECTOR_MESSAGE = "no trained lesion detector ships; pass a box or a mask"
+
+
+# ---------------------------------------------------------------------------------------------
+# The ROI: an index box on the input grid
+
+
+@dataclass(frozen=True)
+class RoiBox:
+    """Voxel index box, (x, y, z) order: `lower_xyz` inclusive, `upper_xyz` exclusive."""
+
+    lower_xyz: tuple[int, int, int]
+    upper_xyz: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        for name in ("lower_xyz", "upper_xyz"):
+            value = getattr(self, name)
+            if len(value) != 3 or not all(isinstance(v, (int, np.integer)) for v in value):
+                raise InputError(f"ROI {name} must be 3 integers (x, y, z), got {value!r}")
+            object.__setattr__(self, name, tuple(int(v) for v in value))
+        bad = [a for a in range(3) if self.upper_xyz[a] <= self.lower_xyz[a]]
+        if bad:
+            axis = "xyz"[bad[0]]
+            raise InputError(
+                f"ROI box {self.as_text()} is empty or inverted along {axis}: upper "
+                f"{self.upper_xyz[bad[0]]} must exceed lower {self.lower_xyz[bad[0]]} "
+                "(lower inclusive, upper exclusive)")
+
+    @property
+    def size_xyz(self) -> tuple[int, int, int]:
+        return tuple(u - l for l, u in zip(self.lower_xyz, self.upper_xyz))  # type: ignore
+
+    @property
+    def slices_kji(self) -> tuple[slice, slice, slice]:
+        """numpy index of the box in a (K, J, I) array."""
+        return tuple(slice(l, u) for l, u in zip(self.lower_xyz[::-1], self.upper_xyz[::-1]))  # type: ignore
+
+    def as_text(self) -> str:
+        return ",".join(str(v) for v in (*self.lower_xyz, *self.upper_xyz))
+
+    def grown(self, margin_xyz: Sequence[int], size_xyz: Sequence[int]) -> "RoiBox":
+        """The box grown by `margin_xyz` voxels each side, clipped to a volume of `size_xyz`."""
+        return RoiBox(tuple(max(0, l - m) for l, m in zip(self.lower_xyz, margin_xyz)),
+                      tuple(min(n, u + m) for u, m, n in zip(self.upper_xyz, margin_xyz, size_xyz)))
+
+    def scaled(self, factors_xyz: Sequence[int]) -> "RoiBox":
+        """The same physical box as output-grid indices (voxel boundaries line up)."""
+        return RoiBox(tuple(l * f for l, f in zip(self.lower_xyz, factors_xyz)),
+                      tuple(u * f for u, f in zip(self.upper_xyz, factors_xyz)))
+
+    def check_inside(self, size_xyz: Sequence[int], what: str = "ROI box") -> "RoiBox":
+        """InputError unless 0 <= lower and upper <= size on every axis."""
+        for a in range(3):
+            if self.lower_xyz[a] < 0 or self.upper_xyz[a] > size_xyz[a]:
+                raise InputError(
+                    f"{what} {self.as_text()} lies outside the volume along {'xyz'[a]}: "
+                    f"voxels {self.lower_xyz[a]}..{self.upper_xyz[a] - 1} asked, the volume has "
+                    f"0..{size_xyz[a] - 1} (size {tuple(size_xyz)}, x,y,z order)")
+        return self
+
+    def bounds_lps(self, image: sitk.Image) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Physical (LPS mm) min and max corners of the box's voxel boundaries in `image`."""
+        origin = image.TransformContinuousIndexToPhysicalPoint([float(v) for v in self.lower_xyz])
+        grid = geometry.Grid(self.size_xyz, tuple(image.GetSpacing()), tuple(origin),
+                             tuple(image.GetDirection()))
+        corners = geometry.corner_points(grid)
+        return (tuple(float(v) for v in corners.min(axis=0)),
+                tuple(float(v) for v in corners.max(axis=0)))
+
+
+_BOX_PATTERN = re.compile(r"^\s*-?\d+(\s*,\s*-?\d+){5}\s*$")
+
+
+def looks_like_box(text: str) -> bool:
+    return bool(_BOX_PATTERN.match(text))
+
+
+def parse_box(text: str) -> RoiBox:
+    """"x0,y0,z0,x1,y1,z1" (voxel indices, lower inclusive, upper exclusive) -> RoiBox."""
+    if not looks_like_box(text):
+        raise InputError(f"ROI box must be six integers x0,y0,z0,x1,y1,z1, got {text!r}")
+    values = [int(v) for v in text.split(",")]
+    return RoiBox(tuple(values[:3]), tuple(values[3:]))
+
+
+def margin_voxels(margin_mm: float, spacing_xyz: Sequence[float]) -> tuple[int, int, int]:
+    """Whole input voxels per axis that cover `margin_mm` (at least 1 when margin_mm > 0)."""
+    if not np.isfinite(margin_mm) or margin_mm < 0:
+        raise InputError(f"ROI margin must be a finite number of mm >= 0, got {margin_mm!r}")
+    if margin_mm == 0:
+        return (0, 0, 0)
+    return tuple(max(1, math.ceil(margin_mm / s - 1e-9)) for s in spacing_xyz)  # type: ignore
+
+
+def check_same_grid(mask: sitk.Image, image: sitk.Image) -> None:
+    """InputError naming the first mismatch unless `mask` is on `image`'s voxel grid (size exact;
+    spacing, origin and direction within a relative 1e-6)."""
+    if tuple(mask.GetSize()) != tuple(image.GetSize()):
+        raise InputError(f"ROI mask is on another grid: size {mask.GetSize()} differs from the "
+                         f"input's {image.GetSize()} (x, y, z); resample the mask onto the input")
+    for name, getter in (("spacing", "GetSpacing"), ("origin", "GetOrigin"),
+                         ("direction", "GetDirection")):
+        a = np.asarray(getattr(mask, getter)(), dtype=np.float64)
+        b = np.asarray(getattr(image, getter)(), dtype=np.float64)
+        tolerance = GRID_TOLERANCE * np.maximum(1.0, np.maximum(np.abs(a), np.abs(b)))
+        if np.any(np.abs(a - b) > tolerance):
+            raise InputError(
+                f"ROI mask is on another grid: {name} {tuple(round(v, 6) for v in a)} differs "
+                f"from the input's {tuple(round(v, 6) for v in b)}; resample the mask onto the input")
+
+
+def bounding_box(mask_kji: np.ndarray) -> RoiBox | None:
+    """Index box of the nonzero voxels of a (K, J, I) array, or None when there are none."""
+    nonzero = np.asarray(mask_kji) != 0
+    if not nonzero.any():
+        return None
+    lower, upper = [], []
+    for axis in (2, 1, 0):  # x, y, z
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(nonzero.any(axis=other))
+        lower.append(int(hits[0]))
+        upper.append(int(hits[-1]) + 1)
+    return RoiBox(tuple(lower), tuple(upper))
+
+
+def roi_from_mask(mask: sitk.Image, image: sitk.Image,
+                  margin_xyz: Sequence[int] = (0, 0, 0)) -> RoiBox:
+    """Bounding box of the mask's nonzero voxels (any label), grown by `margin_xyz` voxels and
+    clipped to the volume. InputError for a mask on another grid or an empty mask."""
+    mask = io.as_scalar_volume(mask, "ROI mask")
+    check_same_grid(mask, image)
+    box = bounding_box(sitk.GetArrayViewFromImage(mask))
+    if box is None:
+        raise InputError("ROI mask is empty (no nonzero voxel): nothing marks the lesion")
+    return box.grown(margin_xyz, image.GetSize())
+
+
+# ---------------------------------------------------------------------------------------------
+# Detector evaluation: per-slice boxes, 3-D aggregation, coverage
+
+
+def in_plane_axes(slice_axis_xyz: int) -> tuple[int, int]:
+    """The two other axes in (x, y, z) order: (a, b); a is the slice array's last (width) axis."""
+    if slice_axis_xyz not in (0, 1, 2):
+        raise InputError(f"slice axis must be 0, 1 or 2 (x, y, z), got {slice_axis_xyz!r}")
+    a, b = (axis for axis in range(3) if axis != slice_axis_xyz)
+    return a, b
+
+
+@dataclass(frozen=True)
+class SliceBox:
+    """A 2-D box on slice `slice_index` along the slice axis, over the in-plane axes (a, b) in
+    (x, y, z) order (`in_plane_axes`): lower inclusive, upper exclusive."""
+
+    slice_index: int
+    lower_ab: tuple[int, int]
+    upper_ab: tuple[int, int]
+
+
+def _slice_view(volume_kji: np.ndarray, slice_axis_xyz: int) -> np.ndarray:
+    """The volume as (slices, b, a) with a the last axis (a view)."""
+    return np.moveaxis(np.asarray(volume_kji), 2 - slice_axis_xyz, 0)
+
+
+def slice_boxes_from_mask(mask_kji: np.ndarray, slice_axis_xyz: int = 2) -> list[SliceBox]:
+    """One bounding box per slice (along `slice_axis_xyz`) that holds nonzero mask voxels."""
+    in_plane_axes(slice_axis_xyz)
+    boxes = []
+    for index, plane in enumerate(_slice_view(mask_kji, slice_axis_xyz)):
+        nonzero = plane != 0
+        if not nonzero.any():
+            continue
+        cols = np.flatnonzero(nonzero.any(axis=0))  # along a
+        rows = np.flatnonzero(nonzero.any(axis=1))  # along b
+        boxes.append(SliceBox(index, (int(cols[0]), int(rows[0])),
+                              (int(cols[-1]) + 1, int(rows[-1]) + 1)))
+    return boxes
+
+
+def aggregate_slice_boxes(boxes: Sequence[SliceBox], slice_axis_xyz: int,
+                          size_xyz: Sequence[int],
+                          margin_xyz: Sequence[int] = (0, 0, 0)) -> RoiBox | None:
+    """The 3-D ROI: the union of the per-slice boxes over the range of their slices, grown by
+    `margin_xyz` voxels and clipped to the volume; None when there is no box."""
+    if not boxes:
+        return None
+    a, b = in_plane_axes(slice_axis_xyz)
+    lower, upper = [0, 0, 0], [0, 0, 0]
+    lower[slice_axis_xyz] = min(x.slice_index for x in boxes)
+    upper[slice_axis_xyz] = max(x.slice_index for x in boxes) + 1
+    for axis, k in ((a, 0), (b, 1)):
+        lower[axis] = min(x.lower_ab[k] for x in boxes)
+        upper[axis] = max(x.upper_ab[k] for x in boxes)
+    box = RoiBox(tuple(max(0, v) for v in lower),
+                 tuple(min(int(n), v) for v, n in zip(upper, size_xyz)))
+    return box.grown(margin_xyz, size_xyz)
+
+
+@dataclass(frozen=True)
+class LesionCoverage:
+    """Paper 003's detection protocol, per lesion slice: the share of its lesion voxels inside
+    the ROI; "perfect" when all are, "acceptable" when >= 95 % are (perfect ones included)."""
+
+    slice_fractions: tuple[float, ...]
+    perfect: int
+    acceptable: int
+    voxel_fraction: float
+
+    @property
+    def lesion_slices(self) -> int:
+        return len(self.slice_fractions)
+
+    @property
+    def perfect_share(self) -> float:
+        return self.perfect / self.lesion_slices if self.lesion_slices else float("nan")
+
+    @property
+    def acceptable_share(self) -> float:
+        return self.acceptable / self.lesion_slices if self.lesion_slices else float("nan")
+
+
+def lesion_coverage(mask_kji: np.ndarray, roi: RoiBox | np.ndarray | None,
+                    slice_axis_xyz: int = 2,
+                    acceptable: float = ACCEPTABLE_COVERAGE) -> LesionCoverage:
+    """Coverage of the lesion (`mask_kji` nonzero) by `roi`: a 3-D box on the same grid, a
+    boolean (K, J, I) ROI array (e.g. rasterised per-slice predictions), or None (nothing)."""
+    lesion = np.asarray(mask_kji) != 0
+    inside = np.zeros_like(lesion)
+    if isinstance(roi, RoiBox):
+        inside[roi.slices_kji] = True
+    elif roi is not None:
+        inside = np.asarray(roi, dtype=bool)
+        if inside.shape != lesion.shape:
+            raise InputError(f"ROI array shape {inside.shape} differs from the mask's {lesion.shape}")
+    fractions = []
+    for lesion_plane, inside_plane in zip(_slice_view(lesion, slice_axis_xyz),
+                                          _slice_view(inside, slice_axis_xyz)):
+        total = np.count_nonzero(lesion_plane)
+        if total:
+            fractions.append(np.count_nonzero(lesion_plane & inside_plane) / total)
+    total = np.count_nonzero(lesion)
+    return LesionCoverage(
+        slice_fractions=tuple(fractions),
+        perfect=sum(f >= 1.0 for f in fractions),
+        acceptable=sum(f >= acceptable for f in fractions),
+        voxel_fraction=(np.count_nonzero(lesion & inside) / total) if total else float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The lesion detector
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What the detector found: the 3-D ROI (None: no lesion), the volume score (the highest
+    per-slice lesion probability), per-slice probabilities and the threshold used."""
+
+    roi: RoiBox | None
+    score: float
+    slice_scores: tuple[float, ...]
+    threshold: float
+    slice_axis_xyz: int
+
+
+def _auto_slice_axis(image: sitk.Image) -> int:
+    from .api import plan_scale  # late: api imports this module lazily too
+    return plan_scale(2, "auto", image.GetSpacing(), image.GetSize()).slice_axis_xyz
+
+
+def load_detector(weights_path: str | os.PathLike | None = None) -> tuple[torch.nn.Module, dict]:
+    """The registered lesion detector with its shipped (or given) weights, and its card.
+
+    InputError "no trained lesion detector ships; pass a box or a mask" while none ships.
+    """
+    spec = zoo.get_spec(DETECTOR_NAME)
+    path = Path(weights_path) if weights_path is not None else zoo.shipped_weights(spec, 1)
+    if path is None:
+        raise InputError(NO_DETECTOR_MESSAGE)
+    if not path.is_file():
+        raise WeightsError(f"{path}: lesion detector weights not found")
+    network = zoo.build_network(DETECTOR_NAME)
+    card = zoo.load_weights_into(network, spec, path, 1, dict(spec.default_config))
+    return network.eval(), card
+
+
+def detect_lesion_roi(image: sitk.Image, slice_axis: int | None = None,
+                      margin_mm: float = DEFAULT_MARGIN_MM,
+                      weights_path: str | os.PathLike | None = None,
+                      threshold: float | None = None, batch_size: int = 8) -> Detection:
+    """Run the lesion detector slice by slice and aggregate its boxes into a 3-D ROI.
+
+    Slices go along `slice_axis` (x, y, z index; None = the axis of largest spacing), in the
+    same network units as the SR models (`intensity.fit_mapping`). Slices whose lesion
+    probability reaches the threshold (the card's "score_threshold", else 0.5) contribute
+    their box; the union, grown by `margin_mm`, is the ROI. No such slice: `roi` is None.
+    """
+    from .api import validate_image
+    image = validate_image(image)
+    network, card = load_detector(weights_path)
+    axis = _auto_slice_axis(image) if slice_axis is None else int(slice_axis)
+    threshold = float(card.get("score_threshold", 0.5) if threshold is None else threshold)
+    voxels = sitk.GetArrayViewFromImage(image)
+    slices = _slice_view(intensity.fit_mapping(voxels).to_unit(voxels), axis)
+    height, width = slices.shape[1:]
+    boxes_out, scores = [], []
+    with torch.inference_mode():
+        for start in range(0, len(slices), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size]))[:, None]
+            boxes, logits = network(batch)
+            boxes_out.append(boxes.float().numpy())
+            scores.append(torch.sigmoid(logits.float()).numpy())
+    boxes_norm, probabilities = np.concatenate(boxes_out), np.concatenate(scores)
+    kept = []
+    for index, ((cx, cy, w, h), p) in enumerate(zip(boxes_norm, probabilities)):
+        if p < threshold:
+            continue
+        lower = (max(0, math.floor((cx - w / 2) * width)), max(0, math.floor((cy - h / 2) * height)))
+        upper = (min(width, math.ceil((cx + w / 2) * width)), min(height, math.ceil((cy + h / 2) * height)))
+        if upper[0] > lower[0] and upper[1] > lower[1]:
+            kept.append(SliceBox(index, lower, upper))
+    roi = aggregate_slice_boxes(kept, axis, image.GetSize(),
+                                margin_voxels(margin_mm, image.GetSpacing()))
+    return Detection(roi, float(probabilities.max()) if len(probabilities) else 0.0,
+                     tuple(float(p) for p in probabilities), threshold, axis)
+
+
+def detect_lesion(image: sitk.Image, **options: Any) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(lower_index_xyz inclusive, upper_index_xyz exclusive) of the detected lesion ROI (margin
+    included), voxel indices of `image` in SimpleITK (x, y, z) order.
+
+    InputError when no detector weights ship or when the detector finds no lesion.
+    Options: see `detect_lesion_roi`.
+    """
+    detection = detect_lesion_roi(image, **options)
+    if detection.roi is None:
+        raise InputError(f"the lesion detector found no lesion (highest slice score "
+                         f"{detection.score:.3f} < {detection.threshold:.3f}); draw an ROI instead")
+    return detection.roi.lower_xyz, detection.roi.upper_xyz
+
+
+# ---------------------------------------------------------------------------------------------
+# Lesion-focused upscaling
+
+
+@dataclass
+class RoiReport:
+    """What a lesion-focused run did. Index boxes are on the input grid, (x, y, z), lower
+    inclusive, upper exclusive; bounds are LPS mm (min corner, max corner)."""
+
+    source: str                                   # "box", "mask" or "auto"
+    roi_index_xyz: tuple[tuple[int, ...], tuple[int, ...]] | None
+    roi_bounds_lps_mm: tuple[tuple[float, ...], tuple[float, ...]] | None
+    processed_index_xyz: tuple[tuple[int, ...], tuple[int, ...]] | None  # ROI + margin
+    margin_voxels_xyz: tuple[int, int, int]
+    score: float | None                           # detector score (auto only)
+    fallback: bool                                # True: fast model everywhere
+    roi_model: str
+    model: str
+    scale_factors_xyz: tuple[int, int, int]
+    message: str = ""
+    slice_scores: tuple[float, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    def write_json(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the report as JSON atomically (temporary file beside it, then rename)."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise InputError(f"{path}: exists; pass --overwrite to replace it")
+        descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part",
+                                                 dir=path.parent)
+        try:
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(self.to_json())
+            os.replace(temp_name, path)
+        except BaseException:
+            Path(temp_name).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def resolve_roi_argument(roi: Any) -> tuple[str, Any]:
+    """Normalise the `roi` argument: ("auto", None), ("box", RoiBox) or ("mask", sitk.Image).
+
+    Accepted: "auto"; a RoiBox; six integers (tuple/list or "x0,y0,z0,x1,y1,z1"); a
+    SimpleITK mask image; a path to a mask file.
+    """
+    if isinstance(roi, RoiBox):
+        return "box", roi
+    if isinstance(roi, sitk.Image):
+        return "mask", roi
+    if isinstance(roi, (tuple, list)):
+        if len(roi) == 2 and all(isinstance(v, (tuple, list)) for v in roi):
+            roi = (*roi[0], *roi[1])
+        if len(roi) != 6 or not all(isinstance(v, (int, np.integer)) for v in roi):
+            raise InputError(f"ROI box must be six integers (x0, y0, z0, x1, y1, z1), got {roi!r}")
+        return "box", RoiBox(tuple(roi[:3]), tuple(roi[3:]))
+    if isinstance(roi, (str, os.PathLike)):
+        text = str(roi).strip()
+        if text.lower() == "auto":
+            return "auto", None
+        if looks_like_box(text):
+            return "box", parse_box(text)
+        if Path(text).exists():
+            return "mask", io.read_volume(text)
+        raise InputError(f"roi {text!r} is neither auto, a box x0,y0,z0,x1,y1,z1 (voxel "
+                         "indices) nor an existing mask file")
+    raise InputError(f"roi must be 'auto', a box, a mask image or a mask file, got {type(roi).__name__}")
+
+
+def choose_roi_model(roi_model: str | None, scale: int, allow_untrained: bool) -> str:
+    """`roi_model`, or srgan when its weights ship for `scale` (or untrained runs are allowed)."""
+    if roi_model:
+        return roi_model
+    if zoo.shipped_weights(zoo.get_spec(DEFAULT_ROI_MODEL), scale) is not None or allow_untrained:
+        return DEFAULT_ROI_MODEL
+    raise InputError(f"no trained lesion-focused model ({DEFAULT_ROI_MODEL}) ships for x{scale}; "
+                     "name one with roi_model (--roi-model), or allow untrained weights")
+
+
+def _model_loader(name: str, allow_untrained: bool, weights: str | None):
+    loaded: dict[tuple[int, int], zoo.SRModel] = {}
+
+    def model_for(factors: tuple[int, int]) -> tuple[zoo.SRModel, bool]:
+        if factors not in loaded:
+            loaded[factors] = zoo.load_model(name, factors, allow_untrained=allow_untrained,
+                                             weights_path=weights)
+        return loaded[factors], loaded[factors].spec.needs_weights
+
+    return model_for
+
+
+def _context_voxels_kji(model_for, factors_kji: Sequence[int], slice_axis_kji: int,
+                        size_kji: Sequence[int]) -> tuple[int, int, int]:
+    """Input voxels around a crop that every output voxel inside it depends on, per array axis
+    (receptive field of each pass; the whole extent for a global operation)."""
+    context = [0, 0, 0]
+    for number, slice_pass in enumerate(plan_passes(factors_kji, slice_axis_kji)):
+        model, _ = model_for(slice_pass.plane_factors)
+        radius = receptive_radius(model, slice_pass.plane_factors)
+        plane = [a for a in range(3) if a != slice_pass.slice_axis]
+        for a in plane:
+            if radius is None:
+                context[a] = int(size_kji[a])
+            else:  # pass 2 sees axes already upscaled by pass 1: fewer input voxels
+                earlier = factors_kji[a] if number > 0 and a != slice_axis_kji else 1
+                context[a] += math.ceil(radius / earlier) + 1
+    return tuple(min(int(c), int(n)) for c, n in zip(context, size_kji))  # type: ignore
+
+
+def upscale_with_roi(
+    image: sitk.Image,
+    roi: Any,
+    roi_model: str | None = None,
+    model: str | None = None,
+    scale: int | Sequence[int] = 2,
+    axis: str | int = "auto",
+    device: str = "auto",
+    precision: str = "auto",
+    tile: int | None = None,
+    batch_size: int = 4,
+    threads: int | None = None,
+    modality: str | None = None,
+    allow_untrained: bool = False,
+    output_float: bool = False,
+    weights: str | None = None,
+    roi_weights: str | None = None,
+    margin_mm: float = DEFAULT_MARGIN_MM,
+    detector_weights: str | os.PathLike | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> tuple[sitk.Image, RoiReport]:
+    """Lesion-focused super-resolution: `roi_model` inside the ROI (plus `margin_mm`), the fast
+    `model` elsewhere, feathered together; the output grid equals `api.upscale`'s.
+
+    Args (others as `api.upscale`; `weights` is for `model`, `roi_weights` for `roi_model`):
+        roi: "auto" (the lesion detector), a box (x0, y0, z0, x1, y1, z1 voxel indices, lower
+            inclusive, upper exclusive, or "x0,y0,z0,x1,y1,z1"), a mask image on the input's
+            grid, or a mask file path. The box must lie inside the volume; the mask must not be
+            empty.
+        roi_model: registry name for the ROI; None = srgan when it ships (else InputError
+            unless allow_untrained).
+        margin_mm: margin added around the ROI (whole voxels per axis, >= 1 when > 0); the
+            feather ramp lies in it, so the ROI itself is entirely the lesion model's.
+        detector_weights: lesion-detector weights to use instead of the shipped ones.
+
+    Returns:
+        (image, report). The image carries metadata "medsr_roi_index_xyz" ("x0 y0 z0 x1 y1 z1"
+        or "none"), "medsr_roi_bounds_lps_mm", "medsr_roi_score" (detector score or "none"),
+        "medsr_roi_fallback" ("1" when the fast model ran everywhere) and "medsr_roi_model".
+    """
+    from .api import FACTORS_KEY, MODEL_KEY, choose_model, plan_scale, validate_image
+
+    image = validate_image(image)
+    plan = plan_scale(scale, axis, image.GetSpacing(), image.GetSize())
+    source, value = resolve_roi_argument(roi)
+    fast_name = choose_model(model, image, modality, plan.network_scale)
+    roi_name = choose_roi_model(roi_model, plan.network_scale, allow_untrained)
+    fast_for = _model_loader(fast_name, allow_untrained, weights)
+    roi_for = _model_loader(roi_name, allow_untrained, roi_weights)
+    for slice_pass in plan_passes(plan.factors_kji, plan.slice_axis_kji):  # model errors first
+        fast_for(slice_pass.plane_factors)
+        roi_for(slice_pass.plane_factors)
+    margins = margin_voxels(margin_mm, image.GetSpacing())
+
+    size_xyz = tuple(image.GetSize())
+    score, slice_scores, message = None, (), ""
+    if source == "box":
+        lesion_box = value.check_inside(size_xyz)
+    elif source == "mask":
+        lesion_box = roi_from_mask(value, image)
+    else:
+        detection = detect_lesion_roi(image, slice_axis=plan.slice_axis_xyz, margin_mm=0.0,
+                                      weights_path=detector_weights)
+        lesion_box, score, slice_scores = detection.roi, detection.score, detection.slice_scores
+        if lesion_box is None:
+            message = (f"no lesion found (detector score {detection.score:.3f} < "
+                       f"{detection.threshold:.3f}): the fast model {fast_name!r} ran everywhere")
+    processed = lesion_box.grown(margins, size_xyz) if lesion_box is not None else None
+
+    voxels = sitk.GetArrayViewFromImage(image)
+    mapping = intensity.fit_mapping(voxels)
+    options = EngineOptions(device=device, precision=precision, tile=tile,
+                            batch_size=batch_size, threads=threads)
+    out_dtype = np.dtype(np.float32) if output_float else voxels.dtype
+    identity = lambda units: units  # noqa: E731 - blend in network units, map back once
+    whole_voxels = float(np.prod(size_xyz))
+    crop_share = 0.0
+    crop_box = None
+    if processed is not None:
+        context_kji = _context_voxels_kji(roi_for, plan.factors_kji, plan.slice_axis_kji,
+                                          voxels.shape)
+        crop_box = processed.grown(context_kji[::-1], size_xyz)
+        crop_share = float(np.prod(crop_box.size_xyz)) / whole_voxels
+    report_progress = progress or (lambda fraction, text: None)
+    total = 1.0 + crop_share
+
+    def stage(offset: float, weight: float, label: str) -> ProgressCallback:
+        return lambda fraction, text: report_progress((offset + weight * fraction) / total,
+                                                      f"{label}: {text}")
+
+    result = super_resolve_volume(
+        voxels, plan.factors_kji, plan.slice_axis_kji, fast_for, to_unit=mapping.to_unit,
+        from_unit=identity, out_dtype=np.dtype(np.float32), options=options,
+        progress=stage(0.0, 1.0, f"fast model {fast_name}"), cancel=cancel)
+    if processed is not None:
+        crop = super_resolve_volume(
+            np.ascontiguousarray(voxels[crop_box.slices_kji]), plan.factors_kji,
+            plan.slice_axis_kji, roi_for, to_unit=mapping.to_unit, from_unit=identity,
+            out_dtype=np.dtype(np.float32), options=options,
+            progress=stage(1.0, crop_share, f"ROI model {roi_name}"), cancel=cancel)
+        out_box = processed.scaled(plan.factors_xyz)
+        crop_out = crop_box.scaled(plan.factors_xyz)
+        inner = tuple(slice(l - c, u - c) for l, u, c in
+                      zip(out_box.lower_xyz[::-1], out_box.upper_xyz[::-1], crop_out.lower_xyz[::-1]))
+        factors_kji = plan.factors_kji
+        ramps_lower, ramps_upper = [], []
+        for a_kji in range(3):
+            a = 2 - a_kji
+            ramp = max(blend.MIN_RAMP_VOXELS, margins[a] * factors_kji[a_kji])
+            ramps_lower.append(ramp if processed.lower_xyz[a] > 0 else 0)
+            ramps_upper.append(ramp if processed.upper_xyz[a] < size_xyz[a] else 0)
+        weights_map = blend.feather_weights(out_box.size_xyz[::-1], ramps_lower, ramps_upper)
+        blend.blend_into(result, crop[inner], weights_map, out_box.slices_kji)
+        del crop, weights_map
+    if cancel is not None:
+        cancel.raise_if_cancelled()
+
+    output = sitk.GetImageFromArray(intensity.cast_to_dtype(mapping.from_unit(result), out_dtype),
+                                    isVector=False)
+    del result
+    geometry.upscaled_grid(geometry.Grid.of(image), plan.factors_xyz).apply_to(output)
+    for key in image.GetMetaDataKeys():
+        if key.startswith("medsr_"):
+            output.SetMetaData(key, image.GetMetaData(key))
+    report = RoiReport(
+        source=source,
+        roi_index_xyz=(lesion_box.lower_xyz, lesion_box.upper_xyz) if lesion_box else None,
+        roi_bounds_lps_mm=lesion_box.bounds_lps(image) if lesion_box else None,
+        processed_index_xyz=(processed.lower_xyz, processed.upper_xyz) if processed else None,
+        margin_voxels_xyz=margins, score=score, fallback=lesion_box is None,
+        roi_model=roi_name, model=fast_name, scale_factors_xyz=plan.factors_xyz,
+        message=message, slice_scores=tuple(round(s, 6) for s in slice_scores))
+    output.SetMetaData(MODEL_KEY, fast_name)
+    output.SetMetaData(FACTORS_KEY, " ".join(str(f) for f in plan.factors_xyz))
+    output.SetMetaData(ROI_MODEL_KEY, roi_name)
+    output.SetMetaData(ROI_INDEX_KEY, " ".join(str(v) for v in (*lesion_box.lower_xyz,
+                                                               *lesion_box.upper_xyz))
+                       if lesion_box else "none")
+    output.SetMetaData(ROI_BOUNDS_KEY, " ".join(f"{v:.4f}" for corner in report.roi_bounds_lps_mm
+                                                for v in corner) if lesion_box else "none")
+    output.SetMetaData(ROI_SCORE_KEY, "none" if score is None else f"{score:.6f}")
+    output.SetMetaData(ROI_FALLBACK_KEY, "1" if report.fallback else "0")
+    return output, report
