@@ -215,3 +215,12 @@ def test_box_targets_follow_the_detector_convention_cx_cy_w_h():
     box = tdata.BoxFromMaskd()({"mask": mask})["box"]
     assert torch.allclose(box, torch.tensor([40 / 80, 15 / 40, 40 / 80, 10 / 40]))
     assert torch.equal(tdata.BoxFromMaskd()({"mask": np.zeros((1, 8, 8))})["box"], torch.zeros(4))
+
+
+def test_sources_take_explicit_file_lists_and_reject_unknown_patients():
+    split = tdata.split_sources([{"files": ["sarcoma/STS_001/CT_image.nii.gz", "sarcoma/STS_002/CT_image.nii.gz"],
+                                  "patient": "parent", "validation": ["STS_002"]}], DATA_ROOT)
+    assert [i.patient for i in split.train] == ["STS_001"] and [i.patient for i in split.validation] == ["STS_002"]
+    with pytest.raises(ValueError, match="STS_099"):
+        tdata.split_sources([{"glob": "sarcoma/*/CT_image.nii.gz", "patient": "parent",
+                              "validation": ["STS_099"]}], DATA_ROOT)

@@ -95,16 +95,23 @@ def patient_of(relative_path: str, rule: str = "stem") -> str:
 def split_sources(sources: Sequence[Mapping[str, Any]], root: Path) -> Split:
     """Expand each source's glob under `root` and split its patients into train/validation.
 
-    A source: {glob, modality, licence, patient: stem|parent|REGEX, validation: [ids],
-    validation_last: N (the last N patients by id), mask_replace: [old, new] (mask path =
-    image path with old -> new), exclude: [glob patterns]}.
+    A source: {glob (or files: [explicit paths]), modality, licence, patient:
+    stem|parent|REGEX, validation: [ids], validation_last: N (the last N patients by id),
+    mask_replace: [old, new] (mask path = image path with old -> new), exclude: [globs]}.
     """
     split = Split()
     for source in sources:
         pattern = source.get("glob")
-        if not pattern:
-            raise ValueError(f"data source {dict(source)} has no 'glob'")
-        matches = sorted(glob.glob(str(root / pattern)))
+        if pattern:
+            matches = sorted(glob.glob(str(root / pattern)))
+        elif source.get("files"):
+            pattern = f"files {list(source['files'])[:3]}"
+            matches = [str(root / f) for f in source["files"]]
+            missing = [m for m in matches if not Path(m).exists()]
+            if missing:
+                raise ValueError(f"data source files do not exist: {missing[:3]}")
+        else:
+            raise ValueError(f"data source {dict(source)} has neither 'glob' nor 'files'")
         excluded = set()
         for exclusion in source.get("exclude", []):
             excluded.update(glob.glob(str(root / exclusion)))
