@@ -550,7 +550,8 @@ def upscale_with_roi(
     fast_name = choose_model(model, image, modality, plan.network_scale)
     roi_name = choose_roi_model(roi_model, plan.network_scale, allow_untrained)
     fast_for = _model_loader(fast_name, allow_untrained, weights)
-    roi_for = _model_loader(roi_name, allow_untrained, roi_weights)
+    same_model = (roi_name, roi_weights) == (fast_name, weights)
+    roi_for = fast_for if same_model else _model_loader(roi_name, allow_untrained, roi_weights)
     for slice_pass in plan_passes(plan.factors_kji, plan.slice_axis_kji):  # model errors first
         fast_for(slice_pass.plane_factors)
         roi_for(slice_pass.plane_factors)
