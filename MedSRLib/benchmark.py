@@ -34,8 +34,8 @@ import SimpleITK as sitk
 import torch
 
 from . import intensity, io, metrics, zoo
-from .engine import EngineOptions, SliceUpscaler
-from .errors import InputError
+from .engine import EngineOptions, SliceUpscaler, resolve_device, resolve_precision
+from .errors import InputError, WeightsError
 from .training import degrade
 
 #: Unit-intensity threshold of foreground pixels (the training default `foreground_threshold`).
@@ -215,6 +215,12 @@ def load_methods(names: Sequence[str], factors: tuple[int, int], allow_untrained
         try:
             model = zoo.load_model(name, factors, weights_dir=weights_dir)
             label = name
+            if model.card is not None:
+                card = model.card
+                notes.append(f"{name}: weights {card.get('weights_file')} (recipe {card.get('recipe')}, "
+                             f"modality {card.get('modality')}, degradation {card.get('degradation')})")
+        except WeightsError:
+            raise  # a broken weights file must stop the benchmark, not drop the model quietly
         except InputError as err:
             if not allow_untrained or "no trained weights" not in str(err):
                 notes.append(f"{name}: skipped ({err})")
@@ -364,6 +370,8 @@ def main(argv: Sequence[str]) -> int:
         "command": "medsr benchmark " + shlex.join(argv), "modality": args.modality,
         "inputs": [str(p) for p in paths], "images": [s.label for s in slices],
         "degradation": degradation, "device": args.device, "precision": args.precision,
+        "autocast_learned_models": str(resolve_precision(args.precision, resolve_device(args.device),
+                                                         learned=True)).replace("torch.", ""),
         "slices_per_volume": args.slices_per_volume, "max_size": args.max_size,
         "torch_threads": torch.get_num_threads(),
     }

@@ -29,8 +29,10 @@ def _cell(scores: dict[str, float], first: str, second: str, bold: bool = False)
     if first not in scores:
         return "-"
     a = f"{scores[first]:.2f}" if first.startswith("psnr") else f"{scores[first]:.4f}"
-    b = f"{scores[second]:.4f}" if second in scores else "-"
-    return f"**{a}** / {b}" if bold else f"{a} / {b}"
+    a = f"**{a}**" if bold else a
+    if second == first:
+        return a
+    return f"{a} / {scores[second]:.4f}" if second in scores else f"{a} / -"
 
 
 def score_table(result: ScaleResult, first: str, second: str) -> list[str]:
@@ -63,7 +65,8 @@ def protocol_text(results: Sequence[ScaleResult], run_info: dict[str, Any]) -> l
         "(crop_border = scale); mean row = mean over images.",
         f"Foreground: HR unit intensity > {FOREGROUND_THRESHOLD} (the training foreground "
         "threshold, no closing); SSIM/UQI average windows centred on foreground pixels.",
-        f"Engine: device {run_info['device']}, precision {run_info['precision']}, "
+        f"Engine: device {run_info['device']}, precision {run_info['precision']} (autocast of "
+        f"learned models: {run_info['autocast_learned_models']}), "
         f"{run_info['torch_threads']} torch thread(s).", "",
         "Inputs: " + ", ".join(f"`{p}`" for p in run_info["inputs"]),
     ]

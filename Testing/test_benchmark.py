@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from MedSRLib import benchmark, benchmark_report, metrics
+from MedSRLib import benchmark, benchmark_report, metrics, zoo
 from MedSRLib.training import degrade
 
 SAMPLE = Path(benchmark.__file__).resolve().parent / "data" / "ct_abdomen_sample.nrrd"
@@ -137,3 +137,20 @@ def test_held_out_inputs_are_the_manifest_hold_outs(shared_data):
     xray = benchmark.held_out_inputs(shared_data, "XR")
     assert xray == sorted((shared_data / "xray" / "nih").glob("*.png"))[-10:]
     assert len(benchmark.held_out_inputs(shared_data, "MR")) == 5
+
+
+def test_weights_dir_models_are_scored_named_and_checked_for_leaks(tmp_path):
+    weights = tmp_path / "weights"
+    network = zoo.build_network("srcnn", scale=2)
+    zoo.save_weights(network, weights / "srcnn_x2.safetensors",
+                     {"model": "srcnn", "scales": [2], "config": zoo.get_spec("srcnn").default_config,
+                      "recipe": "test", "modality": ["CT"],
+                      "training_data": ["MedSRLib/data/ct_abdomen_sample.nrrd"]})
+    out = tmp_path / "out"
+    assert benchmark.main([str(SAMPLE), "--modality", "CT", "--scales", "2", "--models", "srcnn",
+                           "--weights-dir", str(weights), "--slices-per-volume", "1",
+                           "--max-size", "32", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())["scales"]["x2"]
+    assert result["methods"] == ["bicubic", "srcnn"]
+    assert any(n.startswith("srcnn: weights srcnn_x2.safetensors (recipe test") for n in result["notes"])
+    assert f"WARNING: srcnn was trained on {SAMPLE}: not a held-out result" in result["notes"]
