@@ -620,9 +620,13 @@ def upscale_with_roi(
     if cancel is not None:
         cancel.raise_if_cancelled()
 
-    output = sitk.GetImageFromArray(intensity.cast_to_dtype(mapping.from_unit(result), out_dtype),
-                                    isVector=False)
+    values = np.empty(result.shape, dtype=out_dtype)
+    for start in range(0, result.shape[0], 8):  # back to the input's units, a few slices at a time
+        values[start:start + 8] = intensity.cast_to_dtype(
+            mapping.from_unit(result[start:start + 8]), out_dtype)
     del result
+    output = sitk.GetImageFromArray(values, isVector=False)
+    del values
     geometry.upscaled_grid(geometry.Grid.of(image), plan.factors_xyz).apply_to(output)
     for key in image.GetMetaDataKeys():
         if key.startswith("medsr_"):
