@@ -43,6 +43,7 @@ FOREGROUND_THRESHOLD = 0.1
 #: A slice is a candidate when at least this fraction of it is foreground (as in training).
 MIN_FOREGROUND_FRACTION = 0.05
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".dcm")
+NOT_DICOM_SUFFIXES = (".txt", ".md", ".json", ".csv", ".yaml", ".yml", ".pdf", ".html", ".py")
 DEFAULT_DEGRADATION = [{"type": "bicubic"}]
 
 #: Validation hold-outs of the training recipes (shared/data/MANIFEST.md), relative to the data
@@ -106,8 +107,25 @@ def _is_image_file(path: Path) -> bool:
     return any(path.name.lower().endswith(s) for s in VOLUME_SUFFIXES)
 
 
-def collect_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Files as given; a folder is a DICOM series if it holds one, else scanned recursively."""
+def _scan_folder(folder: Path, pattern: str) -> list[Path]:
+    """Image files matching `pattern` under `folder`, and each sub-folder holding a DICOM series
+    as one input (its files are not listed again)."""
+    maybe_dicom = any(f.is_file() and (f.name.lower().endswith(".dcm") or not _is_image_file(f))
+                      and f.suffix.lower() not in NOT_DICOM_SUFFIXES for f in folder.iterdir())
+    if maybe_dicom and io.list_dicom_series(folder):
+        return [folder]
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir():
+            found.extend(_scan_folder(entry, pattern))
+        elif _is_image_file(entry) and entry.match(pattern) and not entry.name.lower().endswith(".dcm"):
+            found.append(entry)
+    return found
+
+
+def collect_inputs(inputs: Sequence[str], pattern: str = "*") -> list[Path]:
+    """Files as given; a folder is a DICOM series if it holds one, else scanned recursively for
+    files matching `pattern` and DICOM series folders."""
     paths: list[Path] = []
     for text in inputs:
         path = Path(text)
@@ -115,13 +133,12 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
             raise InputError(f"{path}: no such file or folder")
         if path.is_file():
             paths.append(path)
-        elif io.list_dicom_series(path):
-            paths.append(path)
-        else:
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _is_image_file(p))
-            if not found:
-                raise InputError(f"{path}: holds no NIfTI/NRRD/MHA/PNG files or DICOM series")
-            paths.extend(found)
+            continue
+        found = _scan_folder(path, pattern)
+        if not found:
+            raise InputError(f"{path}: holds no NIfTI/NRRD/MHA/PNG files matching {pattern!r} "
+                             "or DICOM series")
+        paths.extend(found)
     return paths
 
 
@@ -304,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Degrade HR images (training's degradation), super-resolve them with each "
                     "model and report PSNR/SSIM per image (paper 000, Tables II-IV layout).")
     parser.add_argument("inputs", nargs="*", help="volume/PNG files, DICOM folders, or folders to scan")
+    parser.add_argument("--pattern", default="*",
+                        help='file-name pattern when scanning folders, e.g. "*CT_image*" (default: all)')
     parser.add_argument("--held-out", metavar="DATA_ROOT", default=None,
                         help="add the training recipes' held-out patients of --modality found "
                              "under DATA_ROOT (shared/data)")
@@ -347,7 +366,7 @@ def main(argv: Sequence[str]) -> int:
         degradation = json.loads(args.degradation) if args.degradation else DEFAULT_DEGRADATION
     except json.JSONDecodeError as err:
         raise InputError(f"--degradation is not valid JSON ({err})") from None
-    paths = collect_inputs(args.inputs)
+    paths = collect_inputs(args.inputs, args.pattern)
     if args.held_out:
         paths += held_out_inputs(Path(args.held_out), args.modality)
     if not paths:

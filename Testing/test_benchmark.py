@@ -154,3 +154,12 @@ def test_weights_dir_models_are_scored_named_and_checked_for_leaks(tmp_path):
     assert result["methods"] == ["bicubic", "srcnn"]
     assert any(n.startswith("srcnn: weights srcnn_x2.safetensors (recipe test") for n in result["notes"])
     assert f"WARNING: srcnn was trained on {SAMPLE}: not a held-out result" in result["notes"]
+
+
+def test_scanned_folders_give_files_matching_the_pattern_and_dicom_series_once(shared_data):
+    ct = benchmark.collect_inputs([str(shared_data / "ct")])
+    assert shared_data / "ct" / "crlm-ct-1004-dicom" in ct
+    assert not any(p.suffix in (".dcm", ".txt") for p in ct)
+    sarcoma = benchmark.collect_inputs([str(shared_data / "sarcoma")], "*CT_image*")
+    assert sarcoma and all(p.name == "CT_image.nii.gz" for p in sarcoma)
+    assert benchmark.volume_labels(sarcoma[:2]) == [f"{p.parent.name}/CT_image" for p in sarcoma[:2]]
