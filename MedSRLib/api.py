@@ -7,7 +7,7 @@ The CLI and the Slicer module both call `upscale`. Geometry (LPS, mm) comes from
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -109,6 +109,20 @@ def choose_model(model: str | None, image: sitk.Image, modality: str | None, sca
     return zoo.default_model(modality or io.modality_of(image), scale)
 
 
+def model_loader(name: str, allow_untrained: bool = False, weights: str | None = None
+                 ) -> Callable[[tuple[int, int]], tuple[zoo.SRModel, bool]]:
+    """The engine's `model_for`: loads `name` once per 2-D factor pair, returns (model, learned)."""
+    loaded: dict[tuple[int, int], zoo.SRModel] = {}
+
+    def model_for(factors: tuple[int, int]) -> tuple[zoo.SRModel, bool]:
+        if factors not in loaded:
+            loaded[factors] = zoo.load_model(name, factors, allow_untrained=allow_untrained,
+                                             weights_path=weights)
+        return loaded[factors], loaded[factors].spec.needs_weights
+
+    return model_for
+
+
 def upscale(
     image: sitk.Image,
     model: str | None = None,
@@ -166,14 +180,7 @@ def upscale(
     image = validate_image(image)
     plan = plan_scale(scale, axis, image.GetSpacing(), image.GetSize())
     name = choose_model(model, image, modality, plan.network_scale)
-    loaded: dict[tuple[int, int], zoo.SRModel] = {}
-
-    def model_for(factors: tuple[int, int]) -> tuple[zoo.SRModel, bool]:
-        if factors not in loaded:
-            loaded[factors] = zoo.load_model(name, factors, allow_untrained=allow_untrained,
-                                             weights_path=weights)
-        return loaded[factors], loaded[factors].spec.needs_weights
-
+    model_for = model_loader(name, allow_untrained, weights)
     # Load every pass's model before any voxel work, so model/scale errors come first.
     for slice_pass in plan_passes(plan.factors_kji, plan.slice_axis_kji):
         model_for(slice_pass.plane_factors)

@@ -471,18 +471,6 @@ def choose_roi_model(roi_model: str | None, scale: int, allow_untrained: bool) -
                      "name one with roi_model (--roi-model), or allow untrained weights")
 
 
-def _model_loader(name: str, allow_untrained: bool, weights: str | None):
-    loaded: dict[tuple[int, int], zoo.SRModel] = {}
-
-    def model_for(factors: tuple[int, int]) -> tuple[zoo.SRModel, bool]:
-        if factors not in loaded:
-            loaded[factors] = zoo.load_model(name, factors, allow_untrained=allow_untrained,
-                                             weights_path=weights)
-        return loaded[factors], loaded[factors].spec.needs_weights
-
-    return model_for
-
-
 def _context_voxels_kji(model_for, factors_kji: Sequence[int], slice_axis_kji: int,
                         size_kji: Sequence[int]) -> tuple[int, int, int]:
     """Input voxels around a crop that every output voxel inside it depends on, per array axis
@@ -542,16 +530,17 @@ def upscale_with_roi(
         or "none"), "medsr_roi_bounds_lps_mm", "medsr_roi_score" (detector score or "none"),
         "medsr_roi_fallback" ("1" when the fast model ran everywhere) and "medsr_roi_model".
     """
-    from .api import FACTORS_KEY, MODEL_KEY, choose_model, plan_scale, validate_image
+    from .api import (FACTORS_KEY, MODEL_KEY, choose_model, model_loader, plan_scale,
+                      validate_image)
 
     image = validate_image(image)
     plan = plan_scale(scale, axis, image.GetSpacing(), image.GetSize())
     source, value = resolve_roi_argument(roi)
     fast_name = choose_model(model, image, modality, plan.network_scale)
     roi_name = choose_roi_model(roi_model, plan.network_scale, allow_untrained)
-    fast_for = _model_loader(fast_name, allow_untrained, weights)
+    fast_for = model_loader(fast_name, allow_untrained, weights)
     same_model = (roi_name, roi_weights) == (fast_name, weights)
-    roi_for = fast_for if same_model else _model_loader(roi_name, allow_untrained, roi_weights)
+    roi_for = fast_for if same_model else model_loader(roi_name, allow_untrained, roi_weights)
     for slice_pass in plan_passes(plan.factors_kji, plan.slice_axis_kji):  # model errors first
         fast_for(slice_pass.plane_factors)
         roi_for(slice_pass.plane_factors)
