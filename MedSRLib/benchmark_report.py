@@ -50,6 +50,35 @@ def score_table(result: ScaleResult, first: str, second: str) -> list[str]:
     return lines
 
 
+def gains_over_bicubic(result: ScaleResult, region: str = "whole") -> dict[str, dict[str, float]]:
+    """method -> {"psnr_gain_db": mean PSNR minus bicubic's, "images_better": count, "images": n}."""
+    gains = {}
+    key = f"psnr_{region}"
+    for method in result.methods[1:]:
+        pairs = [(by[method][key], by["bicubic"][key]) for by in result.scores.values()
+                 if key in by[method] and key in by["bicubic"]]
+        if pairs:
+            gains[method] = {"psnr_gain_db": float(np.mean([a for a, _ in pairs]) - np.mean([b for _, b in pairs])),
+                             "images_better": sum(a > b for a, b in pairs), "images": len(pairs)}
+    return gains
+
+
+def gains_table(results: Sequence[ScaleResult]) -> list[str]:
+    """Markdown: mean PSNR gain over bicubic per method and scale, with images where it wins."""
+    methods = list(dict.fromkeys(m for r in results for m in r.methods[1:]))
+    lines = ["| Method | " + " | ".join(f"x{r.scale} whole | x{r.scale} foreground" for r in results) + " |",
+             "|---|" + "---|---|" * len(results)]
+    for method in methods:
+        cells = []
+        for result in results:
+            for region in REGIONS:
+                gain = gains_over_bicubic(result, region).get(method)
+                cells.append("-" if gain is None else f"{gain['psnr_gain_db']:+.2f} dB "
+                             f"({gain['images_better']}/{gain['images']})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def protocol_text(results: Sequence[ScaleResult], run_info: dict[str, Any]) -> list[str]:
     return [
         f"Command: `{run_info['command']}`", "",
@@ -75,6 +104,10 @@ def protocol_text(results: Sequence[ScaleResult], run_info: dict[str, Any]) -> l
 def markdown_text(results: Sequence[ScaleResult], run_info: dict[str, Any]) -> str:
     lines = ["# MedSR benchmark", ""] + protocol_text(results, run_info)
     xray = run_info["modality"] == "XR"
+    if any(len(r.methods) > 1 for r in results):
+        lines += ["", "## Mean PSNR gain over bicubic", "",
+                  "Mean PSNR of the method minus bicubic's over the same images (images where the "
+                  "method beats bicubic / images).", ""] + gains_table(results)
     for result in results:
         lines += ["", f"## x{result.scale}", ""]
         lines += [f"- {note}" for note in result.notes] + ([""] if result.notes else [])
@@ -127,6 +160,7 @@ def json_payload(results: Sequence[ScaleResult], run_info: dict[str, Any]) -> di
             "per_image": {image: {m: {k: _jsonable(v) for k, v in s.items()} for m, s in by.items()}
                           for image, by in result.scores.items()},
             "mean": {m: {k: _jsonable(v) for k, v in s.items()} for m, s in means.items()},
+            "psnr_gain_over_bicubic": {region: gains_over_bicubic(result, region) for region in REGIONS},
             "seconds_per_slice": result.seconds_per_slice,
             "figure": result.figure_info,
         }

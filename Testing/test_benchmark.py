@@ -50,8 +50,9 @@ def test_markdown_has_a_table_per_scale_with_a_row_per_image_and_a_mean_row(run)
     images = json.loads((run / "results.json").read_text())["images"]
     assert len(images) == 2
     sections = re.split(r"^## ", text, flags=re.M)[1:]
-    assert [s.split("\n", 1)[0] for s in sections] == [f"x{s}" for s in SCALES] + ["Seconds per slice"]
-    for scale, section in zip(SCALES, sections):
+    assert [s.split("\n", 1)[0] for s in sections] == (
+        ["Mean PSNR gain over bicubic"] + [f"x{s}" for s in SCALES] + ["Seconds per slice"])
+    for scale, section in zip(SCALES, sections[1:]):
         table = section.split(f"PSNR (dB) / SSIM, x{scale}, whole slice:", 1)[1].strip().split("\n\n")[0]
         rows = table.splitlines()
         assert rows[0] == "| Image | " + " | ".join(METHODS) + " |"
@@ -83,6 +84,9 @@ def test_nearest_scores_below_bicubic_on_real_ct(run):
         assert mean["nearest"]["psnr_whole"] < mean["bicubic"]["psnr_whole"] - 0.5
         assert mean["nearest"]["ssim_whole"] < mean["bicubic"]["ssim_whole"]
         assert mean["bicubic"]["psnr_foreground"] > 30.0
+        gain = scales[f"x{scale}"]["psnr_gain_over_bicubic"]["whole"]["nearest"]
+        assert gain["psnr_gain_db"] == pytest.approx(mean["nearest"]["psnr_whole"] - mean["bicubic"]["psnr_whole"])
+        assert (gain["images_better"], gain["images"]) == (0, 2)
 
 
 def test_figure_has_a_panel_for_hr_and_every_method(run):
