@@ -14,6 +14,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -226,11 +227,26 @@ def write_volume(image: sitk.Image, path: str | os.PathLike, overwrite: bool = F
         raise InputError(f"{path}: output exists; pass --overwrite to replace it")
     if suffix == ".png":
         image = _as_png_image(image, path)
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}",
-                                             dir=path.parent)
+    return _write_atomically(path, lambda temp_name: sitk.WriteImage(
+        image, temp_name, compress and suffix != ".png"))
+
+
+def write_text(text: str, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `text` atomically to `path` (refusing an existing file unless `overwrite`)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: exists; pass --overwrite to replace it")
+    return _write_atomically(path, lambda temp_name: Path(temp_name).write_text(text))
+
+
+def _write_atomically(path: Path, write: Callable[[str], object]) -> Path:
+    """Run `write(temporary name)` on a temporary file beside `path`, then rename it to `path`;
+    on any failure (or cancel) the temporary file is removed and `path` is untouched."""
+    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.",
+                                             suffix=f".part{suffix_of(path)}", dir=path.parent)
     os.close(descriptor)
     try:
-        sitk.WriteImage(image, temp_name, compress and suffix != ".png")
+        write(temp_name)
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

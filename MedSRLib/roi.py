@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -417,19 +416,7 @@ class RoiReport:
 
     def write_json(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the report as JSON atomically (temporary file beside it, then rename)."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise InputError(f"{path}: exists; pass --overwrite to replace it")
-        descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part",
-                                                 dir=path.parent)
-        try:
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(self.to_json())
-            os.replace(temp_name, path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
-        return path
+        return io.write_text(self.to_json(), path, overwrite)
 
 
 def resolve_roi_argument(roi: Any) -> tuple[str, Any]:
