@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="XR adds MS-SSIM and UQI tables")
     parser.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--models", nargs="+", default=["bicubic"],
-                        help="registry names; bicubic is always included as the reference")
+                        help="registry names, or 'shipped' for every model with shipped weights "
+                             "at one of --scales; bicubic is always included as the reference")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--slices-per-volume", type=int, default=3)
     parser.add_argument("--max-size", type=int, default=None,
@@ -348,6 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--seed", type=int, default=0, help="seed of noisy degradations")
     return parser
+
+
+def expand_model_names(names: Sequence[str], scales: Sequence[int],
+                       weights_dir: Path | None = None) -> list[str]:
+    """`names` with "shipped" replaced by the models that ship weights (in `weights_dir` if
+    given) for any of `scales`."""
+    expanded = []
+    for name in names:
+        if name != "shipped":
+            expanded.append(name)
+            continue
+        for candidate in zoo.model_names():
+            spec = zoo.get_spec(candidate)
+            if spec.kind not in ("interpolation", "detector") and any(
+                    s in spec.scales and zoo.shipped_weights(spec, s, weights_dir) for s in scales):
+                expanded.append(candidate)
+    return list(dict.fromkeys(expanded))
 
 
 def main(argv: Sequence[str]) -> int:
@@ -377,11 +395,12 @@ def main(argv: Sequence[str]) -> int:
         print(f"read {path}", file=sys.stderr)
     options = EngineOptions(device=args.device, precision=args.precision, tile=args.tile)
     figure_index = figure_slice_index(slices)
+    weights_dir = Path(args.weights_dir) if args.weights_dir else None
+    model_names = expand_model_names(args.models, args.scales, weights_dir)
     results = []
     for scale in args.scales:
-        results.append(run_scale(slices, scale, args.models, degradation, options, args.modality,
-                                 args.allow_untrained, Path(args.weights_dir) if args.weights_dir else None,
-                                 figure_index, args.seed))
+        results.append(run_scale(slices, scale, model_names, degradation, options, args.modality,
+                                 args.allow_untrained, weights_dir, figure_index, args.seed))
         means = mean_scores(results[-1])
         print(f"x{scale}: " + ", ".join(f"{m} {v['psnr_whole']:.2f} dB" for m, v in means.items()),
               file=sys.stderr)

@@ -167,3 +167,11 @@ def test_scanned_folders_give_files_matching_the_pattern_and_dicom_series_once(s
     sarcoma = benchmark.collect_inputs([str(shared_data / "sarcoma")], "*CT_image*")
     assert sarcoma and all(p.name == "CT_image.nii.gz" for p in sarcoma)
     assert benchmark.volume_labels(sarcoma[:2]) == [f"{p.parent.name}/CT_image" for p in sarcoma[:2]]
+
+
+def test_shipped_expands_to_the_models_with_weights_for_a_requested_scale(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)
+    assert benchmark.expand_model_names(["bicubic", "shipped"], [2]) == ["bicubic"]
+    (tmp_path / "srcnn_x2.safetensors").write_bytes(b"")
+    assert benchmark.expand_model_names(["shipped", "nearest"], [2, 3]) == ["srcnn", "nearest"]
+    assert benchmark.expand_model_names(["shipped"], [3]) == []
