@@ -106,3 +106,33 @@ def test_every_shipped_weights_file_loads_and_beats_nothing_silently():
         for scale in card["scales"]:
             model = zoo.load_model(spec.name, scale, weights_path=path)
             assert model.trained
+
+
+def test_default_model_follows_modality_and_scale_of_shipped_cards(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)
+    assert zoo.default_model("CT", 2) == "bicubic"  # nothing ships: the honest fallback
+    card = {"model": "edsr_lite", "scales": [2], "modality": ["CT", "MR"],
+            "config": zoo.get_spec("edsr_lite").default_config}
+    zoo.save_weights(zoo.build_network("edsr_lite", scale=2), tmp_path / "edsr_lite_x2.safetensors", card)
+    assert zoo.default_model("CT", 2) == "edsr_lite"
+    assert zoo.default_model("MR", 2) == "edsr_lite"
+    assert zoo.default_model(None, 2) == "edsr_lite"
+    assert zoo.default_model("XR", 2) == "bicubic"
+    assert zoo.default_model("CT", 4) == "bicubic"
+
+
+def test_upscale_without_model_uses_the_default_for_the_dicom_modality(tmp_path, monkeypatch):
+    import SimpleITK as sitk
+    import MedSRLib
+    from MedSRLib import io
+
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)
+    card = {"model": "edsr_lite", "scales": [2], "modality": ["MR"],
+            "config": zoo.get_spec("edsr_lite").default_config}
+    zoo.save_weights(zoo.build_network("edsr_lite", scale=2), tmp_path / "edsr_lite_x2.safetensors", card)
+    image = sitk.Image([12, 10, 2], sitk.sitkInt16)
+    image.SetMetaData(io.MODALITY_KEY, "MR")
+    assert MedSRLib.upscale(image, scale=2, tile=0).GetMetaData("medsr_model") == "edsr_lite"
+    image.SetMetaData(io.MODALITY_KEY, "CT")
+    assert MedSRLib.upscale(image, scale=2, tile=0).GetMetaData("medsr_model") == "bicubic"
+    assert MedSRLib.upscale(image, scale=2, tile=0, modality="MR").GetMetaData("medsr_model") == "edsr_lite"
