@@ -155,8 +155,8 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     io.write_volume(result, output, overwrite=args.overwrite)
     used = result.GetMetaData(api.MODEL_KEY)
     if args.model is None and used == "bicubic":
-        print(f"medsr: note: no trained model ships for this modality and scale; used bicubic "
-              f"(see `medsr models`)", file=sys.stderr)
+        print("medsr: note: no trained model ships for this modality and scale; used bicubic "
+              "(see `medsr models`)", file=sys.stderr)
     if not args.quiet:
         print(f"wrote {output}: {result.GetSize()} voxels, spacing "
               f"{tuple(round(s, 4) for s in result.GetSpacing())} mm, model "

@@ -94,7 +94,7 @@ def test_gradient_reaches_every_parameter_of_the_used_path(name):
     scale = zoo.get_spec(name).scales[-1]
     network = build_small(name, scale).train()
     run(name, network, torch.rand(2, 1, 8, 9), scale).square().mean().backward()
-    unused = (f"preprocess.x", "tails.x")  # other scales' branches of multi-scale models
+    unused = ("preprocess.x", "tails.x")  # other scales' branches of multi-scale models
     for pname, param in network.named_parameters():
         other_branch = any(pname.startswith(p) and not pname.startswith(f"{p}{scale}.")
                            for p in unused)

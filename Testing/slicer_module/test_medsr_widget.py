@@ -4,7 +4,6 @@ from harness import MedSR, qapp, scene  # noqa: F401  (fixtures; installs the fa
 
 import time
 
-import numpy as np
 import pytest
 import slicer
 
