@@ -97,9 +97,10 @@ register(ModelSpec(
     name="edsr_lite", title="EDSR lite (8x48): MedSR's default", builder=EDSR,
     kind="post_upsampled", paper="EDSR design (Lim et al. 2017; paper 004), CPU-sized",
     scales=(2, 3, 4), modalities=("CT", "MR"),
-    default_config={"in_channels": 1, "num_features": 48, "num_blocks": 8, "res_scale": 1.0},
-    description="EDSR without BN at 8 blocks x 48 filters: trainable and fast on CPU; the "
-                "default CT/MR model."))
+    default_config={"in_channels": 1, "num_features": 48, "num_blocks": 8, "res_scale": 1.0,
+                    "bicubic_residual": True},
+    description="EDSR without BN at 8 blocks x 48 filters plus a global bicubic residual: "
+                "trainable and fast on CPU; the default CT/MR model."))
 
 register(ModelSpec(
     name="mdrn", title="MDRN (multi-scale EDSR, 80x64)", builder=MultiScaleEDSR,

@@ -296,3 +296,17 @@ def test_srgan_discriminator_returns_one_logit_per_image_of_any_size(shape):
     assert logits.shape == (2, 1)
     logits.sum().backward()
     assert all(p.grad is not None for p in discriminator.parameters())
+
+
+def test_edsr_bicubic_residual_adds_exactly_the_bicubic_image():
+    """With the tail's last conv zeroed, the residual EDSR (edsr_lite) returns plain bicubic."""
+    network = zoo.build_network("edsr_lite", scale=3).eval()
+    last_conv = [m for m in network.tail.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    torch.nn.init.zeros_(last_conv.weight)
+    torch.nn.init.zeros_(last_conv.bias)
+    x = torch.rand(2, 1, 11, 12)
+    expected = torch.nn.functional.interpolate(x, scale_factor=3, mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        assert torch.allclose(network(x), expected, atol=1e-6)
+    assert zoo.get_spec("edsr_lite").default_config["bicubic_residual"] is True
+    assert not zoo.get_spec("edsr_baseline").default_config.get("bicubic_residual", False)
