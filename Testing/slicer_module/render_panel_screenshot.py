@@ -1,4 +1,4 @@
-"""Render the MedSR panel offscreen (real MedSR.ui, harness fakes) to docs/slicer-panel.png.
+"""Render the MedSR panel offscreen (real MedSR.ui, harness fakes) to MedSRExtension/Screenshots/slicer-panel.png.
 
     QT_QPA_PLATFORM=offscreen python Testing/slicer_module/render_panel_screenshot.py [out.png]
 
@@ -48,4 +48,4 @@ def render(out_path):
 
 
 if __name__ == "__main__":
-    print(render(sys.argv[1] if len(sys.argv) > 1 else REPO_ROOT / "docs" / "slicer-panel.png"))
+    print(render(sys.argv[1] if len(sys.argv) > 1 else REPO_ROOT / "MedSRExtension" / "Screenshots" / "slicer-panel.png"))
