@@ -104,6 +104,10 @@ MEMORY_CHILD = r"""
 import resource, sys, json, numpy as np, SimpleITK as sitk
 import MedSRLib
 def rss_mb():
+    # Peak RSS of this process image (VmHWM); ru_maxrss would carry the forking parent's peak.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 n, model = int(sys.argv[1]), sys.argv[2]
 import torch; torch.zeros(1)
