@@ -191,19 +191,6 @@ def load_slices(path: Path, label: str, count: int, max_size: int | None) -> lis
 # Running one scale
 
 
-def with_scale(steps: Sequence[dict[str, Any]], scale: int) -> list[dict[str, Any]]:
-    """Degradation steps with `scale` filled in where a step leaves it out (as the trainer does)."""
-    filled = []
-    for step in steps:
-        step = dict(step)
-        if step.get("type") in ("bicubic", "gaussian", "kspace_truncation"):
-            step.setdefault("scale", scale)
-        if step.get("type") == "thick_slice":
-            step.setdefault("factor", scale)
-        filled.append(step)
-    return filled
-
-
 def score_slice(output: torch.Tensor, target: torch.Tensor, border: int, xray: bool) -> dict[str, float]:
     """Metrics of one (1, 1, H, W) output against its HR target, whole slice and foreground."""
     mask = target > FOREGROUND_THRESHOLD
@@ -242,7 +229,7 @@ def load_methods(names: Sequence[str], factors: tuple[int, int], allow_untrained
             if not allow_untrained or "no trained weights" not in str(err):
                 notes.append(f"{name}: skipped ({err})")
                 continue
-            model = zoo.load_model(name, factors, allow_untrained=True)
+            model = zoo.load_model(name, factors, allow_untrained=True, weights_dir=weights_dir)
             label = f"{name} (untrained)"
         methods[label] = model
     return methods, notes
@@ -264,7 +251,7 @@ def run_scale(slices: Sequence[BenchmarkSlice], scale: int, model_names: Sequenc
               degradation: Sequence[dict[str, Any]], options: EngineOptions, modality: str,
               allow_untrained: bool = False, weights_dir: Path | None = None,
               figure_index: int = 0, seed: int = 0) -> ScaleResult:
-    steps = with_scale(degradation, scale)
+    steps = degrade.with_scale(degradation, scale)
     factors = degrade.pipeline_factors(steps)
     methods, notes = load_methods(model_names, factors, allow_untrained, weights_dir)
     notes += leak_notes(methods, sorted({s.volume for s in slices}))

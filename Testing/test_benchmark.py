@@ -29,6 +29,7 @@ def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("benchmark") / "out"
     status = benchmark.main([str(SAMPLE), "--modality", "CT", "--scales", *map(str, SCALES),
                              "--models", "nearest", "srcnn", "--allow-untrained",
+                             "--weights-dir", str(tmp_path_factory.mktemp("no_weights")),
                              "--slices-per-volume", "2", "--max-size", str(MAX_SIZE),
                              "--device", "cpu", "--out", str(out)])
     assert status == 0

@@ -21,12 +21,7 @@ from MedSRLib import zoo
 SMALL = {"mdrn": {"num_blocks": 2}, "edsr_multiscale": {"num_blocks": 2}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class FixedScale(nn.Module):

@@ -25,13 +25,7 @@ SMALL = {"mdrn": {"num_blocks": 2}, "edsr_multiscale": {"num_blocks": 2}}
 LR_SIZES = ((12, 12), (13, 11))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one thread avoids contention on the shared 2-core machine (3-5x faster)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def n_params(module: nn.Module) -> int:
@@ -213,8 +207,8 @@ def test_zoo_runs_the_fmen_deploy_form():
 # ---- zoo path (what `medsr upscale --allow-untrained` runs) -------------------------------------
 
 @pytest.mark.parametrize("name,scale", list(sr_cases()))
-def test_load_model_untrained_upscales_by_the_factors(name, scale):
-    model = zoo.load_model(name, scale, allow_untrained=True)
+def test_load_model_untrained_upscales_by_the_factors(name, scale, tmp_path):
+    model = zoo.load_model(name, scale, allow_untrained=True, weights_dir=tmp_path)  # no weights
     assert not model.trained
     with torch.no_grad():
         out = model(torch.rand(1, 1, 13, 12))

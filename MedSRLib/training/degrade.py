@@ -35,7 +35,7 @@ standard deviation `sigma / 255` (tested).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -286,3 +286,17 @@ def apply_pipeline(hr: torch.Tensor, steps: Sequence[dict[str, Any]],
         else:
             raise ValueError(f"unknown degradation type {kind!r}; known: {', '.join(DEGRADATION_TYPES)}")
     return image
+
+
+def with_scale(steps: Sequence[Mapping[str, Any]], scale: int) -> list[dict[str, Any]]:
+    """Degradation steps with `scale` filled in where a step leaves it out (recipes state the
+    degradation once for every scale of a multi-scale run)."""
+    filled = []
+    for step in steps:
+        step = dict(step)
+        if step.get("type") in ("bicubic", "gaussian", "kspace_truncation"):
+            step.setdefault("scale", scale)
+        if step.get("type") == "thick_slice":
+            step.setdefault("factor", scale)
+        filled.append(step)
+    return filled

@@ -49,18 +49,6 @@ def _seed_of(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
-def _with_scale(steps: Sequence[Mapping[str, Any]], scale: int) -> list[dict[str, Any]]:
-    filled = []
-    for step in steps:
-        step = dict(step)
-        if step.get("type") in ("bicubic", "gaussian", "kspace_truncation"):
-            step.setdefault("scale", scale)
-        if step.get("type") == "thick_slice":
-            step.setdefault("factor", scale)
-        filled.append(step)
-    return filled
-
-
 def _import_object(dotted: str) -> Any:
     module, _, name = dotted.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -230,7 +218,7 @@ class Trainer:
     def make_input(self, hr: torch.Tensor, scale: int, generator: torch.Generator | None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(network input, HR target cropped to a multiple of the degradation's factors)."""
-        steps = _with_scale(self.config.get("degradation", [{"type": "bicubic"}]), scale)
+        steps = degrade.with_scale(self.config.get("degradation", [{"type": "bicubic"}]), scale)
         factors = degrade.pipeline_factors(steps)
         hr = degrade.crop_to_multiple(hr, factors)
         lr = degrade.apply_pipeline(hr, steps, generator=generator)
