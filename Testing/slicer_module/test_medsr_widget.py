@@ -155,8 +155,6 @@ def test_choices_persist_in_parameter_node(widget, scene, MedSR, qapp):
 
 
 def test_detect_without_input_or_detector_is_a_clear_error(widget, scene, MedSR, qapp):
-    import importlib.util
-
     before = scene_state(scene)
     widget.ui.detectButton.click()
     assert "Select an input volume" in str(widget.lastError)
@@ -165,10 +163,12 @@ def test_detect_without_input_or_detector_is_a_clear_error(widget, scene, MedSR,
     widget.ui.inputSelector.setCurrentNode(node)
     before = scene_state(scene)
     widget.ui.detectButton.click()
-    if importlib.util.find_spec("MedSRLib.roi") is None:
-        assert "no lesion detector" in str(widget.lastError)
+    from MedSRLib import zoo
+
+    if zoo.shipped_weights(zoo.get_spec("lesion_detector"), 1) is None:
+        assert "no trained lesion detector" in str(widget.lastError)
         assert scene_state(scene) == before
-    else:  # MedSRLib.roi landed: the proposed box becomes a markups ROI node
+    else:  # a detector ships: the proposed box becomes a markups ROI node
         assert widget.lastError is None, widget.lastError
         roi = widget.ui.roiSelector.currentNode()
         assert roi is not None and roi.IsA("vtkMRMLMarkupsROINode")
