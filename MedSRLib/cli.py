@@ -228,7 +228,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "size_xyz": list(image.GetSize()),
         "spacing_mm_xyz": [round(s, 6) for s in image.GetSpacing()],
         "origin_lps_mm": [round(o, 4) for o in image.GetOrigin()],
-        "direction_lps": [[round(v, 6) for v in row] for row in direction],
+        "direction_lps": [[round(float(v), 6) for v in row] for row in direction],
         "orientation": _orientation_code(direction),
         "pixel_type": image.GetPixelIDTypeAsString(),
         "modality": io.modality_of(image),
