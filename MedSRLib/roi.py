@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,6 +31,7 @@ from . import blend, geometry, intensity, io, zoo
 from .engine import (CancelToken, EngineOptions, ProgressCallback, plan_passes,
                      receptive_radius, super_resolve_volume)
 from .errors import InputError, WeightsError
+from .networks.lesion_detector import resize_slices
 
 #: Metadata keys written on the output image of a lesion-focused run.
 ROI_INDEX_KEY = "medsr_roi_index_xyz"
@@ -304,13 +305,15 @@ def lesion_coverage(mask_kji: np.ndarray, roi: RoiBox | np.ndarray | None,
 @dataclass(frozen=True)
 class Detection:
     """What the detector found: the 3-D ROI (None: no lesion), the volume score (the highest
-    per-slice lesion probability), per-slice probabilities and the threshold used."""
+    per-slice lesion probability), per-slice probabilities, the threshold used and the kept
+    per-slice boxes."""
 
     roi: RoiBox | None
     score: float
     slice_scores: tuple[float, ...]
     threshold: float
     slice_axis_xyz: int
+    slice_boxes: tuple[SliceBox, ...] = ()        # the kept per-slice boxes (no margin)
 
 
 def _auto_slice_axis(image: sitk.Image) -> int:
@@ -329,9 +332,19 @@ def load_detector(weights_path: str | os.PathLike | None = None) -> tuple[torch.
         raise InputError(NO_DETECTOR_MESSAGE)
     if not path.is_file():
         raise WeightsError(f"{path}: lesion detector weights not found")
-    network = zoo.build_network(DETECTOR_NAME)
-    card = zoo.load_weights_into(network, spec, path, 1, dict(spec.default_config))
+    # The card (JSON, never unpickled) names the widths it was trained with; only the
+    # registry's own config keys are taken from it, and the tensors must then match exactly.
+    card_config = zoo.read_card(path).get("config") or {}
+    config = {key: card_config.get(key, value) for key, value in spec.default_config.items()}
+    network = zoo.build_network(DETECTOR_NAME, **config)
+    card = zoo.load_weights_into(network, spec, path, 1, config)
     return network.eval(), card
+
+
+def detector_input_size(card: Mapping[str, Any]) -> int | None:
+    """Side of the square whole-slice input the detector was trained on (None: native size)."""
+    size = ((card.get("training_config") or {}).get("data") or {}).get("whole_slice_size")
+    return int(size) if size else None
 
 
 def detect_lesion_roi(image: sitk.Image, slice_axis: int | None = None,
@@ -350,6 +363,7 @@ def detect_lesion_roi(image: sitk.Image, slice_axis: int | None = None,
     network, card = load_detector(weights_path)
     axis = _auto_slice_axis(image) if slice_axis is None else int(slice_axis)
     threshold = float(card.get("score_threshold", 0.5) if threshold is None else threshold)
+    input_size = detector_input_size(card)
     voxels = sitk.GetArrayViewFromImage(image)
     slices = _slice_view(intensity.fit_mapping(voxels).to_unit(voxels), axis)
     height, width = slices.shape[1:]
@@ -357,7 +371,7 @@ def detect_lesion_roi(image: sitk.Image, slice_axis: int | None = None,
     with torch.inference_mode():
         for start in range(0, len(slices), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size]))[:, None]
-            boxes, logits = network(batch)
+            boxes, logits = network(resize_slices(batch, input_size))
             boxes_out.append(boxes.float().numpy())
             scores.append(torch.sigmoid(logits.float()).numpy())
     boxes_norm, probabilities = np.concatenate(boxes_out), np.concatenate(scores)
@@ -372,7 +386,7 @@ def detect_lesion_roi(image: sitk.Image, slice_axis: int | None = None,
     roi = aggregate_slice_boxes(kept, axis, image.GetSize(),
                                 margin_voxels(margin_mm, image.GetSpacing()))
     return Detection(roi, float(probabilities.max()) if len(probabilities) else 0.0,
-                     tuple(float(p) for p in probabilities), threshold, axis)
+                     tuple(float(p) for p in probabilities), threshold, axis, tuple(kept))
 
 
 def detect_lesion(image: sitk.Image, **options: Any) -> tuple[tuple[int, int, int], tuple[int, int, int]]:

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 
 from MedSRLib import api, blend, cli, roi, zoo
-from MedSRLib.errors import InputError
+from MedSRLib.errors import InputError, WeightsError
 
 from conftest import make_volume
 
@@ -375,6 +375,54 @@ def test_detected_roi_is_the_aggregated_slice_boxes(tmp_path):
     assert report.source == "auto" and report.roi_index_xyz == ((6, 5, 0), (18, 15, 6))
     assert float(result.GetMetaData(roi.ROI_SCORE_KEY)) == pytest.approx(detection.score, rel=1e-4)
     assert result.GetMetaData(roi.ROI_FALLBACK_KEY) == "0"
+
+
+def test_narrow_detector_loads_its_widths_from_the_card_and_resizes_slices(tmp_path):
+    """A detector trained with other widths and on 16x16 whole slices: the card's config builds
+    the network, inference resamples each slice to 16x16, and the kept per-slice boxes come back."""
+    config = {"in_channels": 1, "stem_features": 4, "features": [4, 8]}
+    network = zoo.build_network("lesion_detector", **config)
+    with torch.no_grad():
+        network.head.weight.zero_()
+        network.head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 5.0]))  # box 0.5 wide, centred
+    path = tmp_path / "lesion_detector.safetensors"
+    zoo.save_weights(network, path, {"model": "lesion_detector", "scales": [1], "config": config,
+                                     "training_config": {"data": {"whole_slice_size": 16}}})
+    seen = []
+    original_forward = type(network).forward
+
+    def spy(self, x):
+        seen.append(tuple(x.shape[-2:]))
+        return original_forward(self, x)
+
+    image = make_volume(shape_kji=(3, 20, 24))
+    try:
+        type(network).forward = spy
+        detection = roi.detect_lesion_roi(image, weights_path=path, margin_mm=0.0)
+    finally:
+        type(network).forward = original_forward
+    assert seen and set(seen) == {(16, 16)}
+    assert detection.roi == roi.RoiBox((6, 5, 0), (18, 15, 3))
+    assert [b.slice_index for b in detection.slice_boxes] == [0, 1, 2]
+    assert detection.slice_boxes[0].lower_ab == (6, 5) and detection.slice_boxes[0].upper_ab == (18, 15)
+    wrong = {**config, "features": [4, 16]}
+    zoo.save_weights(network, path, {"model": "lesion_detector", "scales": [1], "config": wrong})
+    with pytest.raises(WeightsError, match="do not match"):
+        roi.load_detector(path)
+
+
+def test_resized_mask_keeps_a_one_pixel_lesion_and_its_normalised_box():
+    from MedSRLib.networks.lesion_detector import resize_slices
+    from MedSRLib.training.data import BoxFromMaskd
+    mask = torch.zeros(1, 1, 40, 60)
+    mask[0, 0, 10, 33] = 1
+    small = resize_slices(mask, 8, mask=True)
+    assert small.shape == (1, 1, 8, 8) and int(small.sum()) == 1
+    big_box = BoxFromMaskd()({"mask": mask[0]})["box"]
+    small_box = BoxFromMaskd()({"mask": small[0]})["box"]
+    assert torch.all((small_box[:2] - big_box[:2]).abs() <= 0.5 / 8)   # centre within one output pixel
+    image = torch.rand(2, 1, 40, 60)
+    assert resize_slices(image, 8).shape == (2, 1, 8, 8) and resize_slices(image, None) is image
 
 
 def test_no_lesion_volume_falls_back_to_the_fast_model_and_says_so(tmp_path, capsys):

@@ -224,3 +224,25 @@ def test_sources_take_explicit_file_lists_and_reject_unknown_patients():
     with pytest.raises(ValueError, match="STS_099"):
         tdata.split_sources([{"glob": "sarcoma/*/CT_image.nii.gz", "patient": "parent",
                               "validation": ["STS_099"]}], DATA_ROOT)
+
+
+def test_whole_slice_sampler_resizes_slices_and_prefers_lesion_slices():
+    volume = np.zeros((1, 12, 30, 50), dtype=np.float32)
+    mask = np.zeros((1, 12, 30, 50), dtype=np.uint8)
+    mask[0, 7, 10:20, 5:15] = 1
+    volume[0, 7] = 1.0
+    foreground = np.flatnonzero(mask[0].reshape(-1))
+    sampler = tdata.RandWholeSliced(size=16, num_samples=6, lesion_probability=1.0)
+    sampler.set_random_state(0)
+    items = sampler({"image": volume, "mask": mask, "foreground_indices": foreground})
+    assert len(items) == 6
+    for item in items:
+        assert item["image"].shape == (1, 16, 16) and item["mask"].shape == (1, 16, 16)
+        assert item["mask"].sum() > 0 and float(item["image"].max()) == pytest.approx(1.0)
+        box = tdata.BoxFromMaskd()(item)["box"]   # the same normalised box as on the full slice
+        assert torch.allclose(box, torch.tensor([10 / 50, 15 / 30, 10 / 50, 10 / 30]), atol=1 / 16)
+    sampler = tdata.RandWholeSliced(size=16, num_samples=40, lesion_probability=0.0)
+    sampler.set_random_state(1)
+    empty = [item for item in sampler({"image": volume, "mask": mask, "foreground_indices": foreground})
+             if item["mask"].sum() == 0]
+    assert len(empty) > 20          # 11 of 12 slices hold no lesion

@@ -79,3 +79,18 @@ class LesionDetector(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.head(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
         return torch.sigmoid(out[:, :4]), out[:, 4]
+
+
+def resize_slices(slices: torch.Tensor, size: int | None, mask: bool = False) -> torch.Tensor:
+    """(N, C, H, W) slices resampled to (N, C, size, size), the detector's whole-slice input.
+
+    Images: bilinear with antialiasing. Masks: area fraction > 0, so a lesion pixel never
+    vanishes (its box can only grow by under one output pixel). size None: unchanged.
+    Normalised boxes (cx, cy, w, h) are the same before and after (both axes rescale).
+    """
+    if size is None or tuple(slices.shape[-2:]) == (size, size):
+        return slices
+    if mask:
+        return (torch.nn.functional.interpolate(slices.float(), size=(size, size), mode="area") > 0).to(slices.dtype)
+    return torch.nn.functional.interpolate(slices.float(), size=(size, size), mode="bilinear",
+                                           align_corners=False, antialias=True)

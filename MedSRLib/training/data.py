@@ -295,6 +295,48 @@ class RandSlicePatchd(Randomizable, Transform):
         return samples
 
 
+class RandWholeSliced(Randomizable, Transform):
+    """`num_samples` whole 2-D slices of a (1, Z, Y, X) volume resampled to `size` x `size`
+    (the lesion detector's input, `lesion_detector.resize_slices`).
+
+    With `lesion_probability` the slice is one holding stored foreground (mask) voxels, else a
+    uniformly random slice along a random allowed axis. Output items as RandSlicePatchd's.
+    """
+
+    def __init__(self, size: int, axes: Sequence[int] = (0,), num_samples: int = 1,
+                 lesion_probability: float = 0.8):
+        if size < 8:
+            raise ValueError(f"whole_slice_size must be >= 8, got {size}")
+        self.size = int(size)
+        self.axes = tuple(int(a) for a in axes)
+        self.num_samples = int(num_samples)
+        self.lesion_probability = float(lesion_probability)
+
+    def randomize(self, data: Any = None) -> None:  # randomness is drawn in __call__
+        pass
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
+        from ..networks.lesion_detector import resize_slices
+        shape = data["image"][0].shape
+        axes = [a for a in self.axes if all(shape[o] > 1 for o in range(3) if o != a)] or [0]
+        foreground = data.get("foreground_indices", np.zeros(0, dtype=np.int64))
+        samples = []
+        for _ in range(self.num_samples):
+            axis = axes[self.R.randint(len(axes))]
+            if foreground.size and self.R.rand() < self.lesion_probability:
+                voxel = np.unravel_index(int(foreground[self.R.randint(foreground.size)]), shape)
+                index = int(voxel[axis])
+            else:
+                index = int(self.R.randint(shape[axis]))
+            item: dict[Hashable, Any] = {"patient": data.get("patient", "")}
+            for key in ("image", "mask"):
+                if key in data:
+                    plane = torch.from_numpy(np.ascontiguousarray(np.take(data[key][0], index, axis=axis)))
+                    item[key] = resize_slices(plane[None, None], self.size, mask=key == "mask")[0]
+            samples.append(item)
+        return samples
+
+
 class BoxFromMaskd(Transform):
     """Target box of the mask's foreground in the lesion detector's convention
     (`networks/lesion_detector.py`): (cx, cy, w, h), centre and size normalised by the patch
@@ -320,11 +362,18 @@ class BoxFromMaskd(Transform):
 def random_transforms(data_config: Mapping[str, Any], with_mask: bool = False) -> Compose:
     """The per-visit random chain: patches, flips along both axes, rot90 (+ boxes for masks)."""
     keys = ["image", "mask"] if with_mask else ["image"]
-    chain: list[Any] = [RandSlicePatchd(
-        patch_size=int(data_config.get("patch_size", 96)),
-        axes=data_config.get("slice_axes", [0]),
-        num_samples=int(data_config.get("patches_per_volume", 4)),
-        foreground_probability=float(data_config.get("foreground_probability", 0.9)))]
+    if data_config.get("whole_slice_size"):
+        sampler: Any = RandWholeSliced(
+            size=int(data_config["whole_slice_size"]), axes=data_config.get("slice_axes", [0]),
+            num_samples=int(data_config.get("patches_per_volume", 4)),
+            lesion_probability=float(data_config.get("foreground_probability", 0.8)))
+    else:
+        sampler = RandSlicePatchd(
+            patch_size=int(data_config.get("patch_size", 96)),
+            axes=data_config.get("slice_axes", [0]),
+            num_samples=int(data_config.get("patches_per_volume", 4)),
+            foreground_probability=float(data_config.get("foreground_probability", 0.9)))
+    chain: list[Any] = [sampler]
     if data_config.get("flips", True):
         chain += [RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1)]
     if data_config.get("rot90", True):
@@ -442,6 +491,15 @@ def validation_slices(volumes: Dataset, data_config: Mapping[str, Any], multiple
                            if candidates.size > 2 else candidates)
         for z in chosen:
             plane = volume[z]
+            if with_boxes and data_config.get("whole_slice_size"):
+                from ..networks.lesion_detector import resize_slices
+                size = int(data_config["whole_slice_size"])
+                image = resize_slices(torch.from_numpy(np.ascontiguousarray(plane))[None, None], size)
+                mask_slice = torch.from_numpy(np.ascontiguousarray(np.moveaxis(d["mask"][0], volume_axis, 0)[z]))
+                mask_small = resize_slices(mask_slice[None, None], size, mask=True)
+                box = BoxFromMaskd()({"mask": mask_small[0]})["box"]
+                result.append(ValidationSlice(d["patient"], image, mask_small > 0, box[None]))
+                continue
             if with_boxes:
                 mask = np.moveaxis(d["mask"][0], volume_axis, 0)[z]
                 rows, cols = np.nonzero(mask)

@@ -502,7 +502,8 @@ class Trainer:
         train_items = self.split.train
         card = {
             "model": self.spec.name, "title": self.spec.title, "recipe": self.config.get("name"),
-            "scales": list(self.scales) if self.spec.kind in ("multi_scale", "detector") else [max(self.scales)],
+            "scales": (list(self.spec.scales) if self.spec.kind == "detector" else
+                       list(self.scales) if self.spec.kind == "multi_scale" else [max(self.scales)]),
             "config": self.model_config,
             "modality": sorted({i.modality for i in train_items if i.modality}),
             "training_data": [i.path for i in train_items],
