@@ -332,10 +332,7 @@ def load_detector(weights_path: str | os.PathLike | None = None) -> tuple[torch.
         raise InputError(NO_DETECTOR_MESSAGE)
     if not path.is_file():
         raise WeightsError(f"{path}: lesion detector weights not found")
-    # The card (JSON, never unpickled) names the widths it was trained with; only the
-    # registry's own config keys are taken from it, and the tensors must then match exactly.
-    card_config = zoo.read_card(path).get("config") or {}
-    config = {key: card_config.get(key, value) for key, value in spec.default_config.items()}
+    config = zoo.config_from_card(spec, path)  # the widths it was trained with
     network = zoo.build_network(DETECTOR_NAME, **config)
     card = zoo.load_weights_into(network, spec, path, 1, config)
     return network.eval(), card

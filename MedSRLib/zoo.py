@@ -167,6 +167,14 @@ def save_weights(module: nn.Module, weights_path: Path, card: dict[str, Any],
     weights_path.with_suffix(".json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
 
 
+def config_from_card(spec: ModelSpec, weights_path: Path) -> dict[str, Any]:
+    """The registry config of `spec` with the values the weights' card records (e.g. a
+    CPU-sized depth); only the registry's own keys are read. The tensors must then match
+    that architecture exactly (`load_weights_into`)."""
+    card_config = read_card(weights_path).get("config") or {}
+    return {key: card_config.get(key, value) for key, value in spec.default_config.items()}
+
+
 def load_weights_into(module: nn.Module, spec: ModelSpec, weights_path: Path, scale: int,
                       config: dict[str, Any]) -> dict[str, Any]:
     """Load safetensors weights into `module` after checking the card against the architecture.
@@ -265,9 +273,9 @@ def load_model(name: str, factors: int | tuple[int, int], *, allow_untrained: bo
     check_scale(spec, scale)
     if spec.kind == "interpolation":
         return SRModel(spec, spec.builder(scale=factors), factors, None).eval()
-    config = dict(spec.default_config)
-    network = build_network(name, scale=scale)
     path = weights_path or shipped_weights(spec, scale, weights_dir)
+    config = dict(spec.default_config) if path is None else config_from_card(spec, Path(path))
+    network = build_network(name, scale=scale, **config)
     card = None
     if path is not None:
         card = load_weights_into(network, spec, Path(path), scale, config)

@@ -136,3 +136,17 @@ def test_upscale_without_model_uses_the_default_for_the_dicom_modality(tmp_path,
     image.SetMetaData(io.MODALITY_KEY, "CT")
     assert MedSRLib.upscale(image, scale=2, tile=0).GetMetaData("medsr_model") == "bicubic"
     assert MedSRLib.upscale(image, scale=2, tile=0, modality="MR").GetMetaData("medsr_model") == "edsr_lite"
+
+
+def test_card_config_builds_a_smaller_network_and_must_match_its_tensors(tmp_path):
+    path = tmp_path / "w.safetensors"
+    config = {**zoo.get_spec("srresnet").default_config, "num_blocks": 2, "num_features": 16}
+    small = zoo.build_network("srresnet", scale=2, **config)
+    zoo.save_weights(small, path, _card("srresnet", config=config))
+    model = zoo.load_model("srresnet", 2, weights_path=path)
+    assert zoo.parameter_count(model.network) == zoo.parameter_count(small)
+    assert model(torch.rand(1, 1, 8, 8)).shape == (1, 1, 16, 16)
+    big = zoo.build_network("srresnet", scale=2)
+    zoo.save_weights(big, path, _card("srresnet", config=config))
+    with pytest.raises(WeightsError, match="do not match architecture 'srresnet'"):
+        zoo.load_model("srresnet", 2, weights_path=path)
