@@ -161,7 +161,7 @@ def upscale(
             "x0,y0,z0,x1,y1,z1", a mask image on the input's grid, or a mask file. `roi_model`
             runs inside the ROI plus a margin, `model` elsewhere, feathered together; see
             `roi.upscale_with_roi` (its report is also in the output's "medsr_roi_*" metadata).
-        roi_model: registry name of the model inside the ROI (default: srgan when it ships).
+        roi_model: registry name of the model inside the ROI (default: lfsr, the LFSR generator, when it ships).
 
     Returns:
         A new image covering the input's physical extent on the finer grid, same direction,

@@ -78,6 +78,13 @@ register(ModelSpec(
                 "(discriminator: networks.srresnet.SRGANDiscriminator); separate weights."))
 
 register(ModelSpec(
+    name="lfsr", title="LFSR generator (SRGAN on lesion ROIs)", builder=SRResNet,
+    kind="post_upsampled", paper="paper 003 (Zhu et al.), LFSR", scales=(2, 3, 4),
+    default_config=dict(_SRRESNET_CONFIG), modalities=("MR",),
+    description="SRResNet generator trained adversarially on lesion-centred crops; the "
+                "lesion-focused mode's default model inside the ROI (upscale(roi=...))."))
+
+register(ModelSpec(
     name="hybrid", title="SRGAN + VDSR hybrid generator", builder=HybridSRGANVDSR,
     kind="post_upsampled", paper="paper 002 (Saeedi), section 2", scales=(2, 4),
     default_config={"in_channels": 1, "num_features": 64, "num_res_blocks": 8,

@@ -48,7 +48,7 @@ GRID_TOLERANCE = 1e-6
 #: Share of a slice's lesion voxels inside the ROI for an "acceptable" detection (paper 003).
 ACCEPTABLE_COVERAGE = 0.95
 #: The learned model that runs inside the ROI by default (paper 003's LFSR generator).
-DEFAULT_ROI_MODEL = "srgan"
+DEFAULT_ROI_MODEL = "lfsr"
 DETECTOR_NAME = "lesion_detector"
 NO_DETECTOR_MESSAGE = "no trained lesion detector ships; pass a box or a mask"
 
@@ -460,7 +460,7 @@ def resolve_roi_argument(roi: Any) -> tuple[str, Any]:
 
 
 def choose_roi_model(roi_model: str | None, scale: int, allow_untrained: bool) -> str:
-    """`roi_model`, or srgan when its weights ship for `scale` (or untrained runs are allowed)."""
+    """`roi_model`, or the LFSR generator (lfsr) when its weights ship for `scale` (or untrained runs are allowed)."""
     if roi_model:
         return roi_model
     if zoo.shipped_weights(zoo.get_spec(DEFAULT_ROI_MODEL), scale) is not None or allow_untrained:
@@ -517,7 +517,7 @@ def upscale_with_roi(
             inclusive, upper exclusive, or "x0,y0,z0,x1,y1,z1"), a mask image on the input's
             grid, or a mask file path. The box must lie inside the volume; the mask must not be
             empty.
-        roi_model: registry name for the ROI; None = srgan when it ships (else InputError
+        roi_model: registry name for the ROI; None = lfsr (the LFSR generator) when it ships (else InputError
             unless allow_untrained).
         margin_mm: margin added around the ROI (whole voxels per axis, >= 1 when > 0); the
             feather ramp lies in it, so the ROI itself is entirely the lesion model's.

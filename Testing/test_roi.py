@@ -336,11 +336,19 @@ def test_auto_roi_without_detector_weights_is_a_clear_input_error():
         roi.detect_lesion(image)
 
 
-def test_roi_model_defaults_to_srgan_only_when_it_ships():
+def test_roi_model_defaults_to_the_lfsr_generator_only_when_it_ships(tmp_path, monkeypatch):
     image = make_volume()
-    if zoo.shipped_weights(zoo.get_spec("srgan"), 2) is None:
-        with pytest.raises(InputError, match="roi_model"):
-            api.upscale(image, model="bicubic", roi=(0, 0, 0, 4, 4, 2))
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)          # nothing ships here
+    with pytest.raises(InputError, match="roi_model"):
+        api.upscale(image, model="bicubic", roi=(0, 0, 0, 4, 4, 2))
+    assert roi.choose_roi_model(None, 2, allow_untrained=True) == roi.DEFAULT_ROI_MODEL == "lfsr"
+    spec = zoo.get_spec("lfsr")
+    config = {**spec.default_config, "num_blocks": 1, "num_features": 8}
+    zoo.save_weights(zoo.build_network("lfsr", scale=2, **config), tmp_path / "lfsr_x2.safetensors",
+                     {"model": "lfsr", "scales": [2], "config": config})
+    assert roi.choose_roi_model(None, 2, allow_untrained=False) == "lfsr"
+    result = api.upscale(image, model="bicubic", roi=(0, 0, 0, 4, 4, 2))
+    assert result.GetSize() == tuple(2 * n if a < 2 else n for a, n in enumerate(image.GetSize()))
     with pytest.raises(InputError, match="only used with roi"):
         api.upscale(image, model="bicubic", roi_model="bicubic")
 

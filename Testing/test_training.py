@@ -32,7 +32,7 @@ CI_RECIPES = {
     "srcnn": None, "improved_srcnn": None, "vdsr": None, "fmen": None,
     "edsr_baseline_x2": None, "edsr_baseline_x4": "edsr_baseline_x2", "edsr_lite": None,
     "mdrn_x2": None, "mdrn": "mdrn_x2", "edsr_multiscale": None,
-    "srresnet": None, "srgan": "srresnet", "hybrid_pretrain": None, "hybrid": "hybrid_pretrain",
+    "srresnet": None, "srgan": "srresnet", "lfsr": "srresnet", "hybrid_pretrain": None, "hybrid": "hybrid_pretrain",
     "lesion_detector": None, "vdsr_through_plane": None,
 }
 
@@ -204,8 +204,11 @@ def test_full_recipe_resolves_its_data_and_model(path):
     assert not {i.patient for i in split.train} & {i.patient for i in split.validation}
     if spec.kind == "detector":
         assert all(i.mask for i in split.train)
+    if config["data"].get("patch_centres") == "lesion":
+        assert all(i.mask for i in split.train)
     if any(i.licence.startswith("BraTS") for i in split.train):
-        assert spec.kind == "detector"  # default SR weights train on the permissive part only
+        # default SR weights train on the permissive part only (BraTS is non-commercial)
+        assert config["model"] not in zoo.DEFAULT_PREFERENCE
     assert config["optimizer"]["lr"] > 0
 
 

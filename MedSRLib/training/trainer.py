@@ -138,8 +138,12 @@ class Trainer:
         if not self.split.train:
             raise ValueError("the training set is empty (every patient is held out?)")
         with_mask = self.task == "detector"
+        # LFSR (paper 003): SR patches and validation crops centred on the lesion masks.
+        lesion_centred = with_mask or data_cfg.get("patch_centres", "foreground") == "lesion"
+        if lesion_centred and not all(i.mask for i in self.split.train):
+            raise ValueError("data.patch_centres: lesion needs a mask for every training volume (mask_replace)")
         self.volumes = tdata.volume_dataset([i.as_dict(root) for i in self.split.train], data_cfg,
-                                            use_mask_foreground=with_mask)
+                                            use_mask_foreground=lesion_centred)
         patches = int(data_cfg.get("patches_per_volume", 4))
         batch_size = int(self.config["train"].get("batch_size", 16))
         if batch_size % patches:
@@ -159,9 +163,9 @@ class Trainer:
         self.validation = []
         if self.context.is_main and self.split.validation:
             val_volumes = tdata.volume_dataset([i.as_dict(root) for i in self.split.validation], data_cfg,
-                                               use_mask_foreground=with_mask)
+                                               use_mask_foreground=lesion_centred)
             multiple = int(np.lcm.reduce([s for s in self.scales]))
-            self.validation = tdata.validation_slices(val_volumes, data_cfg, multiple, with_boxes=with_mask)
+            self.validation = tdata.validation_slices(val_volumes, data_cfg, multiple, with_boxes=lesion_centred)
 
     def _optimizer(self, parameters, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
         kind = cfg.get("type", "adam")
