@@ -338,10 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _card_modalities(path: Path) -> list[str]:
+    try:
+        return list(zoo.read_card(path).get("modality") or [])
+    except (WeightsError, ValueError, OSError):
+        return []  # an unreadable card does not hide the model; loading it will say why
+
+
 def expand_model_names(names: Sequence[str], scales: Sequence[int],
-                       weights_dir: Path | None = None) -> list[str]:
+                       weights_dir: Path | None = None, modality: str | None = None) -> list[str]:
     """`names` with "shipped" replaced by the models that ship weights (in `weights_dir` if
-    given) for any of `scales`."""
+    given) for any of `scales` and, with `modality`, whose card lists that modality (or none)."""
     expanded = []
     for name in names:
         if name != "shipped":
@@ -349,8 +356,12 @@ def expand_model_names(names: Sequence[str], scales: Sequence[int],
             continue
         for candidate in zoo.model_names():
             spec = zoo.get_spec(candidate)
-            if spec.kind not in ("interpolation", "detector") and any(
-                    s in spec.scales and zoo.shipped_weights(spec, s, weights_dir) for s in scales):
+            if spec.kind in ("interpolation", "detector"):
+                continue
+            files = [zoo.shipped_weights(spec, s, weights_dir) for s in scales if s in spec.scales]
+            files = [f for f in files if f]
+            if files and (modality is None or any(
+                    not _card_modalities(f) or modality in _card_modalities(f) for f in files)):
                 expanded.append(candidate)
     return list(dict.fromkeys(expanded))
 
@@ -383,7 +394,7 @@ def main(argv: Sequence[str]) -> int:
     options = EngineOptions(device=args.device, precision=args.precision, tile=args.tile)
     figure_index = figure_slice_index(slices)
     weights_dir = Path(args.weights_dir) if args.weights_dir else None
-    model_names = expand_model_names(args.models, args.scales, weights_dir)
+    model_names = expand_model_names(args.models, args.scales, weights_dir, args.modality)
     results = []
     for scale in args.scales:
         results.append(run_scale(slices, scale, model_names, degradation, options, args.modality,

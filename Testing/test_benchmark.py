@@ -176,3 +176,7 @@ def test_shipped_expands_to_the_models_with_weights_for_a_requested_scale(tmp_pa
     (tmp_path / "srcnn_x2.safetensors").write_bytes(b"")
     assert benchmark.expand_model_names(["shipped", "nearest"], [2, 3]) == ["srcnn", "nearest"]
     assert benchmark.expand_model_names(["shipped"], [3]) == []
+    zoo.save_weights(zoo.build_network("srresnet", scale=2), tmp_path / "srresnet_x2.safetensors",
+                     {"model": "srresnet", "scales": [2], "modality": ["MR"]})
+    assert benchmark.expand_model_names(["shipped"], [2], modality="MR") == ["srcnn", "srresnet"]
+    assert benchmark.expand_model_names(["shipped"], [2], modality="CT") == ["srcnn"]
