@@ -327,8 +327,8 @@ def test_float32_rounded_nifti_geometry_still_counts_as_the_same_grid():
     assert roi.roi_from_mask(mask, image).lower_xyz == (1, 1, 1)
 
 
-def test_auto_roi_without_detector_weights_is_a_clear_input_error():
-    assert zoo.shipped_weights(zoo.get_spec("lesion_detector"), 1) is None
+def test_auto_roi_without_detector_weights_is_a_clear_input_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)          # no detector ships here
     image = make_volume()
     with pytest.raises(InputError, match="no trained lesion detector ships; pass a box or a mask"):
         api.upscale(image, model="bicubic", roi="auto", roi_model="bicubic")
@@ -493,8 +493,11 @@ def test_cli_mask_file_roi(tmp_path, input_volume, capsys):
     ("EMPTY", "empty"),
     ("OTHER_GRID", "another grid"),
 ])
-def test_cli_bad_roi_exits_2_and_writes_nothing(tmp_path, input_volume, capsys, roi_arg, message):
+def test_cli_bad_roi_exits_2_and_writes_nothing(tmp_path, input_volume, capsys, roi_arg, message,
+                                                monkeypatch):
     image = sitk.ReadImage(str(input_volume))
+    if roi_arg == "auto":
+        monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "no_weights")
     if roi_arg == "EMPTY":
         roi_arg = tmp_path / "empty.nrrd"
         sitk.WriteImage(mask_like(image, (slice(0, 0),) * 3), str(roi_arg))
