@@ -61,7 +61,8 @@ def to_hr_box(box: roi.RoiBox, factor: int, size_xyz) -> roi.RoiBox:
                       tuple(min(n, v * s) for v, s, n in zip(box.upper_xyz, scale, size_xyz)))
 
 
-def evaluate(data_root: Path, factors, weights: str | None, margin_mm: float) -> list[dict]:
+def evaluate(data_root: Path, factors, weights: str | None, margin_mm: float,
+             threshold: float | None = None) -> list[dict]:
     cfg = tconfig.load_config("lesion_detector")
     split = tdata.split_sources(cfg["data"]["sources"], data_root)
     rows = []
@@ -73,7 +74,8 @@ def evaluate(data_root: Path, factors, weights: str | None, margin_mm: float) ->
             hr_image = image[:hr_size[0], :hr_size[1], :]
             hr_mask = mask[:, :hr_size[1], :hr_size[0]]
             detection = roi.detect_lesion_roi(low_resolution(hr_image, factor), slice_axis=AXIAL,
-                                              margin_mm=margin_mm, weights_path=weights)
+                                              margin_mm=margin_mm, weights_path=weights,
+                                              threshold=threshold)
             per_slice = roi.lesion_coverage(hr_mask, to_hr_mask(detection.slice_boxes, factor, hr_mask.shape))
             box = None if detection.roi is None else to_hr_box(detection.roi, factor, hr_size)
             whole = roi.lesion_coverage(hr_mask, box)
@@ -119,17 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factors", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--weights", default=None, help="detector safetensors (default: the shipped one)")
     parser.add_argument("--margin-mm", type=float, default=roi.DEFAULT_MARGIN_MM)
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="slice lesion probability to keep a box (default: the card's)")
     parser.add_argument("--out", type=Path, default=None, help="folder for coverage.md / coverage.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows = evaluate(args.data_root.resolve(), args.factors, args.weights, args.margin_mm)
+    rows = evaluate(args.data_root.resolve(), args.factors, args.weights, args.margin_mm, args.threshold)
     command = "python benchmarks/detector_coverage.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(rows, command)
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "coverage.md").write_text(text)
-        (args.out / "coverage.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (args.out / "coverage.json").write_text(json.dumps(rows, indent=2, default=lambda v: v.item()) + "\n")
     return 0
 
 
