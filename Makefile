@@ -48,8 +48,8 @@ weights: $(VENV)/.installed
 	$(TRAIN) lesion_detector
 	$(TRAIN) srresnet_mr_x2
 	$(TRAIN) srresnet_mr_x2 --set scale=4 --set name=srresnet_mr_x4 --set output.dir=runs/srresnet_mr_x4 \
-	  --set init_from=runs/srresnet_mr_x2/srresnet_x2.safetensors --steps 600 \
-	  --set 'scheduler={milestones: [400, 500], gamma: 0.5}'
+	  --set init_from=runs/srresnet_mr_x2/srresnet_x2.safetensors --steps 400 \
+	  --set 'scheduler={milestones: [250, 330], gamma: 0.5}'
 	$(TRAIN) lfsr_x2
 	$(TRAIN) srgan_mr_x2
 	$(TRAIN) lfsr_x2 $(MR_X4) --set name=lfsr_x4 --set output.dir=runs/lfsr_x4

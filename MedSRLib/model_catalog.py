@@ -62,7 +62,7 @@ register(ModelSpec(
     description="Fast and memory-efficient network; weights are stored in the training form "
                 "and the engine runs the re-parameterised deploy form."))
 
-_SRRESNET_CONFIG = {"in_channels": 1, "num_features": 64, "num_blocks": 16}
+_SRRESNET_CONFIG = {"in_channels": 1, "num_features": 64, "num_blocks": 16, "bicubic_residual": False}
 register(ModelSpec(
     name="srresnet", title="SRResNet (16 blocks, MSE)", builder=SRResNet, kind="post_upsampled",
     paper="Ledig et al. 2017; papers 003 (LFSR generator) and 001", scales=(2, 3, 4),

@@ -304,3 +304,16 @@ def test_edsr_bicubic_residual_adds_exactly_the_bicubic_image():
         assert torch.allclose(network(x), expected, atol=1e-6)
     assert zoo.get_spec("edsr_lite").default_config["bicubic_residual"] is True
     assert not zoo.get_spec("edsr_baseline").default_config.get("bicubic_residual", False)
+
+
+def test_srresnet_bicubic_residual_adds_exactly_the_bicubic_image_and_is_off_by_default():
+    network = zoo.build_network("srresnet", scale=2, num_blocks=1, num_features=8,
+                                bicubic_residual=True).eval()
+    torch.nn.init.zeros_(network.tail.conv.weight)
+    torch.nn.init.zeros_(network.tail.conv.bias)
+    x = torch.rand(2, 1, 9, 10)
+    expected = torch.nn.functional.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        assert torch.allclose(network(x), expected, atol=1e-6)
+    for name in ("srresnet", "srgan", "lfsr"):   # the papers' generator by default
+        assert zoo.get_spec(name).default_config["bicubic_residual"] is False
