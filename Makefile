@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test benchmark weights
+.PHONY: install demo test benchmark weights lfsr-baselines
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,16 +26,16 @@ benchmark: $(VENV)/.installed
 
 # Retrain every shipped model from ../shared/data (CPU time per model ends up in its card's
 # cpu_seconds) and copy the exports into MedSRLib/weights/. Same commands, in the same order, as
-# the sessions that produced the shipped files (x3/x4 runs start from the x2 exports; the GAN
-# and LFSR runs from the SRResNet MSE exports). About 5 CPU hours on 2 cores.
+# the sessions that produced the shipped files (x3/x4 runs start from the x2 exports; LFSR from
+# the edsr_lite exports). About 5 CPU hours on 2 cores.
 DATA_ROOT ?= ../shared/data
 TRAIN := $(VENV)/bin/medsr train --data-root $(DATA_ROOT) --no-progress
 SRCNN_CPU_ARGS := --steps 1500 --set optimizer.lr=5.0e-4 \
 	--set 'scheduler={milestones: [1000, 1300], gamma: 0.5}' \
 	--set train.val_every=250 --set train.checkpoint_every=250
-MR_X4 := --set scale=4 --set init_from=runs/srresnet_mr_x4/srresnet_x4.safetensors
+MR_X4 := --set scale=4 --set init_from=runs/edsr_lite_x4/edsr_lite_x4.safetensors
 SHIPPED_RUNS := edsr_lite_x2_stage2 edsr_lite_x4 edsr_lite_x3 srcnn_x2 srcnn_x3 srcnn_x4 \
-	improved_srcnn_x2 lesion_detector srresnet_mr_x2 srresnet_mr_x4 lfsr_x2 srgan_mr_x2 lfsr_x4 srgan_mr_x4
+	improved_srcnn_x2 lesion_detector lfsr_x2 lfsr_x4
 weights: $(VENV)/.installed
 	$(TRAIN) edsr_lite_x2
 	$(TRAIN) edsr_lite_x2_stage2
@@ -46,14 +46,13 @@ weights: $(VENV)/.installed
 	$(TRAIN) srcnn_x2 $(SRCNN_CPU_ARGS) --set scale=4 --set name=srcnn_x4 --set output.dir=runs/srcnn_x4
 	$(TRAIN) improved_srcnn_x2 $(SRCNN_CPU_ARGS)
 	$(TRAIN) lesion_detector
-	$(TRAIN) srresnet_mr_x2
-	$(TRAIN) srresnet_mr_x2 --set scale=4 --set name=srresnet_mr_x4 --set output.dir=runs/srresnet_mr_x4 \
-	  --set init_from=runs/srresnet_mr_x2/srresnet_x2.safetensors --steps 400 \
-	  --set 'scheduler={milestones: [250, 330], gamma: 0.5}'
 	$(TRAIN) lfsr_x2
-	$(TRAIN) srgan_mr_x2
 	$(TRAIN) lfsr_x2 $(MR_X4) --set name=lfsr_x4 --set output.dir=runs/lfsr_x4
-	$(TRAIN) srgan_mr_x2 $(MR_X4) --set name=srgan_mr_x4 --set output.dir=runs/srgan_mr_x4
 	for run in $(SHIPPED_RUNS); do \
 	  for f in runs/$$run/*.safetensors; do cp "$$f" "$${f%.safetensors}.json" MedSRLib/weights/; done; \
 	done
+
+# Paper 003's whole-slice GAN baseline for benchmarks/bench_lfsr.py (not shipped).
+lfsr-baselines: $(VENV)/.installed
+	$(TRAIN) gan_wholeslice_x2
+	$(TRAIN) gan_wholeslice_x2 $(MR_X4) --set name=gan_wholeslice_x4 --set output.dir=runs/gan_wholeslice_x4

@@ -315,5 +315,5 @@ def test_srresnet_bicubic_residual_adds_exactly_the_bicubic_image_and_is_off_by_
     expected = torch.nn.functional.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
     with torch.no_grad():
         assert torch.allclose(network(x), expected, atol=1e-6)
-    for name in ("srresnet", "srgan", "lfsr"):   # the papers' generator by default
+    for name in ("srresnet", "srgan"):   # the papers' generator by default
         assert zoo.get_spec(name).default_config["bicubic_residual"] is False

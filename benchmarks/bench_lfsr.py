@@ -1,13 +1,14 @@
 """Paper 003's Table 1 on held-out MR patients: PSNR / SSIM inside the lesion ROI.
 
-Rows: methods (bicubic, bicubic + non-local-means denoising for the noisy cases, SRResNet,
-SRGAN, LFSR); columns: x2, x4, x2 with k-space noise sigma 20 and 40 (paper 003's 8-bit
+Rows: methods (bicubic, bicubic + non-local-means denoising for the noisy cases, the pixel-loss
+generator edsr_lite in SRResNet's role, the same GAN recipe as LFSR on whole slices in SRGAN's
+role, LFSR); columns: x2, x4, x2 with k-space noise sigma 20 and 40 (paper 003's 8-bit
 convention, `training.degrade.add_kspace_noise`). Per held-out volume, the lesion slices
 (evenly spaced, up to --slices per volume) are degraded with the training code, super-resolved
 whole, and scored inside the ROI: the bounding box of that slice's lesion mask grown by
 --margin HR pixels (the ground-truth ROI, so detection errors do not enter the SR scores;
 the detector is scored by detector_coverage.py). Then the time of the heavy model on the whole
-volume vs the lesion-focused run (`upscale(roi=box)`: heavy model in the ROI, default elsewhere).
+volume vs lesion-focused runs (`upscale_with_roi`: LFSR in the ROI, bicubic or the default elsewhere).
 
     python benchmarks/bench_lfsr.py --data-root ../shared/data --out benchmarks/results/lfsr
 
@@ -39,7 +40,9 @@ HELD_OUT = [("sarcoma/STS_012/MR_T1_image.nii.gz", "sarcoma/STS_012/MR_T1_mask.n
             ("sarcoma/STS_014/MR_T1_image.nii.gz", "sarcoma/STS_014/MR_T1_mask.nii.gz"),
             ("brats/brats_2013_pat0006_1/T1c_subtrMeanDivStd.nii.gz", "brats/brats_2013_pat0006_1/OTMultiClass.nii.gz")]
 CONDITIONS = [("x2", 2, 0.0), ("x4", 4, 0.0), ("x2 sigma=20", 2, 20.0), ("x2 sigma=40", 2, 40.0)]
-METHODS = ["bicubic", "bicubic+NLM", "srresnet", "srgan", "lfsr"]
+#: Table rows: paper 003's bicubic, B+NLD, SRResNet (our pixel-loss generator: edsr_lite), SRGAN
+#: (the same generator and GAN recipe on whole-slice patches: gan_wholeslice_x*.yaml) and LFSR.
+METHODS = ["bicubic", "bicubic+NLM", "edsr_lite", "gan_wholeslice", "lfsr", "NLM+edsr_lite", "NLM+lfsr"]
 
 
 def lesion_slices(mask_kji: np.ndarray, count: int) -> list[int]:
@@ -68,22 +71,28 @@ def nlm_denoise(low: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.from_numpy(out).float()[None, None]
 
 
-def load_methods(scale: int, weights_dir: Path | None) -> tuple[dict[str, zoo.SRModel], list[str]]:
+def load_methods(scale: int, weights_dir: Path | None, baselines: Path) -> tuple[dict[str, zoo.SRModel], list[str]]:
     models, notes = {}, []
-    for name in ("bicubic", "srresnet", "srgan", "lfsr"):
+    for name in ("bicubic", "edsr_lite", "lfsr"):
         try:
             models[name] = zoo.load_model(name, scale, weights_dir=weights_dir)
         except InputError as err:
             notes.append(f"x{scale} {name}: skipped ({err})")
+    gan = baselines / f"gan_wholeslice_x{scale}" / f"lfsr_x{scale}.safetensors"
+    if gan.is_file():
+        models["gan_wholeslice"] = zoo.load_model("lfsr", scale, weights_path=gan)
+    else:
+        notes.append(f"x{scale} gan_wholeslice: skipped ({gan} not found: make lfsr-baselines)")
     return models, notes
 
 
-def run_quality(root: Path, slices_per_volume: int, margin: int, weights_dir: Path | None):
+def run_quality(root: Path, slices_per_volume: int, margin: int, weights_dir: Path | None,
+                baselines: Path):
     per_condition: dict[str, dict[str, list[tuple[float, float]]]] = {}
     notes: list[str] = []
     models_by_scale = {}
     for scale in sorted({c[1] for c in CONDITIONS}):
-        models_by_scale[scale], scale_notes = load_methods(scale, weights_dir)
+        models_by_scale[scale], scale_notes = load_methods(scale, weights_dir, baselines)
         notes += scale_notes
     rows = 0
     for image_path, mask_path in HELD_OUT:
@@ -104,8 +113,12 @@ def run_quality(root: Path, slices_per_volume: int, margin: int, weights_dir: Pa
                 with torch.inference_mode():
                     for name, model in models_by_scale[scale].items():
                         outputs[name] = model(low).float()
-                    if sigma:
-                        outputs["bicubic+NLM"] = models_by_scale[scale]["bicubic"](nlm_denoise(low, sigma)).float()
+                    if sigma:  # denoise the LR slice first, then each model (rows "+NLM")
+                        denoised = nlm_denoise(low, sigma)
+                        for name, model in models_by_scale[scale].items():
+                            if name in ("bicubic", "edsr_lite", "lfsr"):
+                                label_nlm = "bicubic+NLM" if name == "bicubic" else f"NLM+{name}"
+                                outputs[label_nlm] = model(denoised).float()
                 for name, output in outputs.items():
                     crop = output[..., box[0], box[1]]
                     score = (metrics.psnr(crop, target, 1.0), metrics.ssim(crop, target, 1.0))
@@ -115,26 +128,29 @@ def run_quality(root: Path, slices_per_volume: int, margin: int, weights_dir: Pa
 
 
 def run_timing(root: Path, weights_dir: Path | None, threads: int) -> dict:
-    """Seconds for the heavy model on the whole volume vs the lesion-focused run (x2)."""
+    """Seconds (x2 along z) for the LFSR model on the whole volume vs lesion-focused runs with
+    bicubic or the default model outside the ROI (the ground-truth mask's box)."""
     image_path, mask_path = HELD_OUT[0]
     image = io.read_volume(root / image_path)
-    mask = io.read_volume(root / mask_path)
-    box = roi.roi_from_mask(mask, image)
-    heavy = "lfsr" if zoo.shipped_weights(zoo.get_spec("lfsr"), 2, weights_dir) else "srresnet"
-    weights = zoo.shipped_weights(zoo.get_spec(heavy), 2, weights_dir)
-    timings = {"volume": image_path, "size_xyz": list(image.GetSize()), "heavy_model": heavy,
-               "roi_index_xyz": [list(box.lower_xyz), list(box.upper_xyz)]}
-    start = time.perf_counter()
-    api.upscale(image, model=heavy, weights=str(weights) if weights else None, scale=2, axis="z", threads=threads)
-    timings["heavy_whole_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    _, report = roi.upscale_with_roi(image, box, roi_model=heavy, scale=2, axis="z", threads=threads,
-                                     roi_weights=str(weights) if weights else None)
-    timings["lesion_focused_s"] = time.perf_counter() - start
-    timings["default_model"] = report.model
-    start = time.perf_counter()
-    api.upscale(image, scale=2, axis="z", threads=threads)
-    timings["default_whole_s"] = time.perf_counter() - start
+    box = roi.roi_from_mask(io.read_volume(root / mask_path), image)
+    weights = zoo.shipped_weights(zoo.get_spec("lfsr"), 2, weights_dir)
+    common = dict(scale=2, axis="z", threads=threads, modality="MR")
+    timings = {"volume": image_path, "size_xyz": list(image.GetSize()),
+               "roi_index_xyz": [list(box.lower_xyz), list(box.upper_xyz)], "runs": []}
+
+    def timed(label, call):
+        start = time.perf_counter()
+        call()
+        timings["runs"].append((label, time.perf_counter() - start))
+
+    timed("lfsr on the whole volume", lambda: api.upscale(image, model="lfsr", weights=weights and str(weights), **common))
+    for fast in ("bicubic", None):
+        name = fast or api.choose_model(None, image, "MR", 2)
+        timed(f"lesion-focused: lfsr in the ROI, {name} elsewhere",
+              lambda: roi.upscale_with_roi(image, box, roi_model="lfsr", model=fast,
+                                           roi_weights=weights and str(weights), **common))
+    timed(f"{api.choose_model(None, image, 'MR', 2)} (default) on the whole volume",
+          lambda: api.upscale(image, **common))
     return timings
 
 
@@ -155,15 +171,11 @@ def markdown(per_condition, notes, rows, timings, command) -> str:
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     if timings:
-        saved = 1 - timings["lesion_focused_s"] / timings["heavy_whole_s"]
+        whole = timings["runs"][0][1]
         lines += ["", "## Time (x2 along z, CPU)", "",
-                  f"Volume {timings['volume']} {timings['size_xyz']}, ROI {timings['roi_index_xyz']} (from its mask):",
-                  "", "| Run | seconds |", "|---|---|",
-                  f"| {timings['heavy_model']} on the whole volume | {timings['heavy_whole_s']:.1f} |",
-                  f"| lesion-focused: {timings['heavy_model']} in the ROI, {timings['default_model']} elsewhere | "
-                  f"{timings['lesion_focused_s']:.1f} |",
-                  f"| {timings['default_model']} on the whole volume | {timings['default_whole_s']:.1f} |", "",
-                  f"Time saved against the heavy model everywhere: {saved:.0%}."]
+                  f"Volume {timings['volume']} {timings['size_xyz']}, ROI {timings['roi_index_xyz']} (its mask's box):",
+                  "", "| Run | seconds | vs lfsr everywhere |", "|---|---|---|"]
+        lines += [f"| {label} | {sec:.1f} | {sec / whole:.0%} |" for label, sec in timings["runs"]]
     return "\n".join(lines) + "\n"
 
 
@@ -173,13 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=5, help="lesion slices per volume")
     parser.add_argument("--margin", type=int, default=8, help="HR pixels around the lesion box")
     parser.add_argument("--weights-dir", type=Path, default=None, help="default: the shipped weights")
+    parser.add_argument("--baselines", type=Path, default=Path("runs"),
+                        help="folder holding gan_wholeslice_x{2,4}/ (make lfsr-baselines)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = args.data_root.resolve()
-    per_condition, notes, rows = run_quality(root, args.slices, args.margin, args.weights_dir)
+    per_condition, notes, rows = run_quality(root, args.slices, args.margin, args.weights_dir, args.baselines)
     timings = None if args.skip_timing else run_timing(root, args.weights_dir, args.threads)
     command = "python benchmarks/bench_lfsr.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(per_condition, notes, rows, timings, command)
