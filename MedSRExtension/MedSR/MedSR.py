@@ -40,6 +40,12 @@ SLICE_AXES = (("auto", "Auto (largest spacing)"), ("x", "I (x)"), ("y", "J (y)")
 DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "GPU (CUDA)"))
 PRECISIONS = (("auto", "Auto"), ("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16"))
 
+#: ROI-model choice meaning "the same model as outside the ROI" (not a registry name).
+SAME_AS_MODEL = "(same)"
+#: Models preferred inside the ROI when their weights ship, after MedSRLib's own default
+#: (`MedSRLib.roi.DEFAULT_ROI_MODEL`, paper 003's LFSR generator).
+PREFERRED_ROI_MODELS = ("srgan", "srresnet")
+
 #: Packages that belong to Slicer itself and must never be replaced by our requirements.
 SLICER_OWNED_PACKAGES = ("numpy", "SimpleITK", "vtk")
 
@@ -73,6 +79,100 @@ def _widgetProperty(widget, name):
     return widget.property(name)
 
 
+#: Index-space tolerance (voxels) of the ROI -> index box conversion: an ROI face within this
+#: distance of a voxel boundary is on it, so a box made from whole voxels converts back exactly
+#: (markups store the ROI centre in single precision: ~1e-6 voxel off at typical origins).
+ROI_INDEX_TOLERANCE = 1e-3
+
+
+def roiIndexBoxFromRASCorners(cornersRAS, rasToIJK, sizeIJK, roiName="ROI", volumeName="input volume"):
+    """Input-voxel index box (x0, y0, z0, x1, y1, z1) of the voxels an ROI touches.
+
+    Pure numpy (no Slicer): `cornersRAS` are the ROI's corner points (N x 3) in the volume's
+    own RAS frame (parent transform already undone), `rasToIJK` is the volume's 4x4 RAS-to-IJK
+    matrix and `sizeIJK` its voxel counts (I, J, K). Voxel i covers continuous index
+    [i - 0.5, i + 0.5], so the box is floor(min + 0.5) inclusive .. ceil(max + 0.5) exclusive
+    along each of I, J, K = SimpleITK's x, y, z, clipped to the volume. This is the `roi` box
+    of `MedSRLib.upscale` (lower inclusive, upper exclusive). ValueError when the ROI covers
+    no voxel of the volume.
+    """
+    corners = np.asarray(cornersRAS, dtype=np.float64).reshape(-1, 3)
+    matrix = np.asarray(rasToIJK, dtype=np.float64)
+    size = np.asarray(sizeIJK, dtype=np.int64)
+    if matrix.shape != (4, 4) or size.shape != (3,):
+        raise ValueError(f"rasToIJK must be 4x4 and sizeIJK 3 numbers, got {matrix.shape} and {tuple(size)}")
+    if corners.shape[0] == 0 or not np.all(np.isfinite(corners)) or not np.all(np.isfinite(matrix)):
+        raise ValueError(f"{roiName!r} has no finite corner points in {volumeName!r}'s frame.")
+    ijk = (matrix @ np.c_[corners, np.ones(len(corners))].T).T[:, :3]
+    lower = np.floor(ijk.min(axis=0) + 0.5 + ROI_INDEX_TOLERANCE).astype(np.int64)
+    upper = np.ceil(ijk.max(axis=0) + 0.5 - ROI_INDEX_TOLERANCE).astype(np.int64)
+    upper = np.maximum(upper, lower + 1)  # a flat ROI still touches one layer of voxels
+    lower, upper = np.clip(lower, 0, size), np.clip(upper, 0, size)
+    if np.any(upper <= lower):
+        a = int(np.argmax(upper <= lower))
+        raise ValueError(
+            f"ROI {roiName!r} does not overlap input {volumeName!r}: along {'IJK'[a]} it spans "
+            f"voxel index {ijk[:, a].min():.1f}..{ijk[:, a].max():.1f}, the volume 0..{size[a] - 1}. "
+            "Move or redraw the ROI on the volume.")
+    return tuple(int(v) for v in (*lower, *upper))
+
+
+def roiObjectToNodeFromIndexBox(ijkToRAS, box):
+    """(objectToNode 4x4, size in mm) of a markups ROI that covers exactly the voxels of `box`.
+
+    Pure numpy: `box` is (x0, y0, z0, x1, y1, z1) input voxel indices (lower inclusive, upper
+    exclusive) and `ijkToRAS` the volume's 4x4 IJK-to-RAS matrix. The ROI's axes follow the
+    volume's I, J, K directions (one axis negated when the volume's frame is left-handed: a
+    box is symmetric, the ROI's frame must be a rotation), so an oblique box is not enlarged
+    and `roiIndexBoxFromRASCorners` gives `box` back.
+    """
+    matrix = np.asarray(ijkToRAS, dtype=np.float64)
+    lower, upper = np.asarray(box[:3], dtype=np.float64), np.asarray(box[3:], dtype=np.float64)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    axes = matrix[:3, :3] / spacing
+    if np.linalg.det(axes) < 0:
+        axes = axes * np.array([1.0, 1.0, -1.0])
+    objectToNode = np.eye(4)
+    objectToNode[:3, :3] = axes
+    objectToNode[:3, 3] = (matrix @ np.r_[(lower + upper - 1.0) / 2.0, 1.0])[:3]
+    return objectToNode, (upper - lower) * spacing
+
+
+def roiReportFromImage(image):
+    """What a lesion-focused `MedSRLib.upscale` did, read from its "medsr_roi_*" metadata.
+
+    None for a whole-volume run. Keys: roiIndexXYZ (6 ints or None), roiModel, model,
+    fallback (bool), score (float or None).
+    """
+    keys = set(image.GetMetaDataKeys())
+    if "medsr_roi_model" not in keys:
+        return None
+
+    def value(key):
+        return image.GetMetaData(key) if key in keys else None
+
+    index = value("medsr_roi_index_xyz")
+    score = value("medsr_roi_score")
+    return dict(
+        roiIndexXYZ=tuple(int(v) for v in index.split()) if index and index != "none" else None,
+        roiModel=value("medsr_roi_model"), model=value("medsr_model"),
+        fallback=value("medsr_roi_fallback") == "1",
+        score=float(score) if score and score != "none" else None)
+
+
+def describeRoiReport(report):
+    """One status-line sentence for `roiReportFromImage`'s report ("" for a whole-volume run)."""
+    if not report:
+        return ""
+    if report["fallback"] or report["roiIndexXYZ"] is None:
+        return (f"Lesion-focused: no ROI used, {report['model']} ran everywhere"
+                + (f" (detector score {report['score']:.3f})." if report["score"] is not None else "."))
+    box = report["roiIndexXYZ"]
+    return (f"Lesion-focused: {report['roiModel']} inside ROI voxels x {box[0]}..{box[3] - 1}, "
+            f"y {box[1]}..{box[4] - 1}, z {box[2]}..{box[5] - 1} (plus margin, feathered), "
+            f"{report['model']} elsewhere.")
+
+
 #
 # MedSR
 #
@@ -89,8 +189,10 @@ class MedSR(ScriptedLoadableModule):
 Super-resolves a scalar volume with a deep-learning model (or an interpolation baseline):
 in-plane (finer pixels within each slice) or through-plane (thinner slices), x2, x3 or x4.
 The output covers exactly the input's physical extent with the same directions.
-Optionally only a region of interest (drawn, or proposed by the lesion detector) is
-super-resolved. The work runs in a background process; Apply becomes Cancel while it runs.
+Lesion-focused (LFSR): a region of interest (drawn, or proposed by the lesion detector and
+adjusted) gets the ROI model, the rest of the volume the faster model, blended smoothly; the
+output is still the whole volume. The work runs in a background process; Apply becomes Cancel
+while it runs.
 See the <a href="https://github.com/medsr/MedSR">project page</a> and the model cards.
 """
         self.parent.acknowledgementText = """
@@ -142,7 +244,7 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.populateModels()
 
         self.ui.inputSelector.currentNodeChanged.connect(self.onInputChanged)
-        for combo in (self.ui.modelComboBox, self.ui.scaleComboBox):
+        for combo in (self.ui.modelComboBox, self.ui.scaleComboBox, self.ui.roiModelComboBox):
             combo.currentIndexChanged.connect(self.updateModelDescription)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.detectButton.clicked.connect(self.onDetectButton)
@@ -185,6 +287,7 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def populateModels(self):
         """Fill the model list from MedSRLib's registry (empty until dependencies exist)."""
         self.ui.modelComboBox.clear()
+        self.ui.roiModelComboBox.clear()
         try:
             self.models = self.logic.availableModels()
         except ImportError as error:
@@ -195,6 +298,11 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for model in self.models:
             self.ui.modelComboBox.addItem(model["title"], model["name"])
         self._selectComboData(self.ui.modelComboBox, "bicubic")
+        # Inside the ROI: any SR model, or the outside one; default = a shipped LFSR generator.
+        self.ui.roiModelComboBox.addItem("Same as model", SAME_AS_MODEL)
+        for model in self.models:
+            self.ui.roiModelComboBox.addItem(model["title"], model["name"])
+        self._selectComboData(self.ui.roiModelComboBox, defaultRoiModel(self.models))
         self.updateModelDescription()
 
     def updateModelDescription(self, *args):
@@ -204,11 +312,25 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         scale = self._comboData(self.ui.scaleComboBox) or 2
         self.ui.modelDescriptionLabel.setText(describeModelCard(model, scale))
+        roiName = self.roiModelName()
+        roiModel = next((m for m in self.models if m["name"] == roiName), None)
+        if roiModel is not None:
+            self.ui.roiModelComboBox.setToolTip(
+                "Model inside the ROI (plus a margin, feathered); the model above runs elsewhere. "
+                + describeModelCard(roiModel, scale))
+
+    def roiModelName(self):
+        """Registry name of the model chosen for inside the ROI ("Same as model" resolved)."""
+        data = self._comboData(self.ui.roiModelComboBox)
+        if not data or data == SAME_AS_MODEL:
+            return self._comboData(self.ui.modelComboBox) or None
+        return data
 
     # -- parameter node (choices persist in the scene) -----------------------------------------
 
     def _parameterCombos(self):
-        return {"Model": self.ui.modelComboBox, "Scale": self.ui.scaleComboBox,
+        return {"Model": self.ui.modelComboBox, "ROIModel": self.ui.roiModelComboBox,
+                "Scale": self.ui.scaleComboBox,
                 "Direction": self.ui.directionComboBox, "SliceAxis": self.ui.sliceAxisComboBox,
                 "Device": self.ui.deviceComboBox, "Precision": self.ui.precisionComboBox}
 
@@ -274,6 +396,7 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             device=self._comboData(self.ui.deviceComboBox),
             precision=self._comboData(self.ui.precisionComboBox),
             roiNode=self.ui.roiSelector.currentNode() if lesion else None,
+            roiModel=self.roiModelName() if lesion else None,
         )
 
     # -- actions --------------------------------------------------------------------------------
@@ -337,8 +460,9 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.pollTimer.stop()
             self.run = None
             self.ui.progressBar.setVisible(False)
-            self.ui.statusLabel.setText(
-                f"Done in {run.elapsedSeconds():.1f} s: {run.outputVolume.GetName()}")
+            self.ui.statusLabel.setText(" ".join(filter(None, (
+                f"Done in {run.elapsedSeconds():.1f} s: {run.outputVolume.GetName()}.",
+                describeRoiReport(run.roiReport)))))
             self.ui.outputSelector.setCurrentNode(None)
             self.updateApplyButton()
 
@@ -360,6 +484,26 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.lastError = error
         self.ui.statusLabel.setText(f"Error: {error}")
         logging.error("MedSR: %s", error)
+
+
+def preferredRoiModels():
+    """MedSRLib's default ROI model, then PREFERRED_ROI_MODELS (no duplicates)."""
+    try:
+        from MedSRLib import roi
+        libraryDefault = (getattr(roi, "DEFAULT_ROI_MODEL", None),)
+    except ImportError:
+        libraryDefault = ()
+    return tuple(dict.fromkeys(n for n in libraryDefault + PREFERRED_ROI_MODELS if n))
+
+
+def defaultRoiModel(models, preferred=None):
+    """The ROI model offered first: the first of `preferred` (default `preferredRoiModels()`)
+    that ships weights, else "Same as model"."""
+    for name in preferredRoiModels() if preferred is None else preferred:
+        model = next((m for m in models if m["name"] == name), None)
+        if model is not None and model.get("weights"):
+            return name
+    return SAME_AS_MODEL
 
 
 def describeModelCard(model, scale):
@@ -504,8 +648,8 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
         return RAS_FROM_LPS @ ijkToLPS
 
     @staticmethod
-    def outputName(inputVolume, scale):
-        return f"{inputVolume.GetName()}_SRx{scale}"
+    def outputName(inputVolume, scale, lesionFocused=False):
+        return f"{inputVolume.GetName()}_{'LFSR' if lesionFocused else 'SR'}x{scale}"
 
     def addOutputVolume(self, inputVolume, image, outputVolume=None, name=None, show=True):
         """Put `image` into the scene beside `inputVolume`; return the (new or given) node.
@@ -587,73 +731,106 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
         factors[plan.slice_axis_xyz] = int(scale)
         return tuple(factors), plan.slice_axis_xyz
 
-    def cropToROI(self, image, inputVolume, roiNode):
-        """The part of `image` inside the markups ROI (voxel-aligned box, SimpleITK slicing)."""
+    @staticmethod
+    def roiCornersInVolumeFrame(roiNode, inputVolume):
+        """The ROI's 8 corners (8 x 3) in the input volume's own RAS frame.
+
+        Corners of the (possibly rotated) ROI box, through the ROI's parent transform to world
+        and from world through the inverse of the volume's parent transform, so an ROI drawn
+        in world coordinates selects the anatomy it is drawn on.
+        """
         bounds = [0.0] * 6
-        roiNode.GetRASBounds(bounds)  # world RAS
-        cornersWorld = [(x, y, z) for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]]
-        transformNode = inputVolume.GetParentTransformNode()
-        if transformNode is not None:  # world -> the volume's own (local) RAS frame
-            worldToLocal = vtk.vtkGeneralTransform()
-            transformNode.GetTransformFromWorld(worldToLocal)
-            cornersWorld = [worldToLocal.TransformPoint(p) for p in cornersWorld]
-        corners = np.array([[x, y, z, 1.0] for x, y, z in cornersWorld])
+        roiNode.GetObjectBounds(bounds)  # the box in the ROI's object frame
+        objectToNode = slicer.util.arrayFromVTKMatrix(roiNode.GetObjectToNodeMatrix())
+        cornersObject = np.array([[x, y, z, 1.0] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]])
+        corners = [tuple(p) for p in (objectToNode @ cornersObject.T).T[:, :3]]
+        roiTransformNode = roiNode.GetParentTransformNode()
+        if roiTransformNode is not None:  # ROI node frame -> world
+            roiToWorld = vtk.vtkGeneralTransform()
+            roiTransformNode.GetTransformToWorld(roiToWorld)
+            corners = [roiToWorld.TransformPoint(p) for p in corners]
+        volumeTransformNode = inputVolume.GetParentTransformNode()
+        if volumeTransformNode is not None:  # world -> the volume's own (local) RAS frame
+            worldToVolume = vtk.vtkGeneralTransform()
+            volumeTransformNode.GetTransformFromWorld(worldToVolume)
+            corners = [worldToVolume.TransformPoint(p) for p in corners]
+        return np.array(corners, dtype=np.float64)
+
+    def roiIndexBox(self, inputVolume, roiNode):
+        """The markups ROI as MedSRLib's `roi` box: input voxel indices (x0, y0, z0, x1, y1, z1),
+        SimpleITK (x, y, z) = (I, J, K) order, lower inclusive, upper exclusive, clipped to the
+        volume. ValueError when the ROI does not overlap the volume."""
+        if roiNode is None:
+            raise ValueError("Lesion-focused mode needs an ROI: draw one or click Detect.")
+        if not roiNode.IsA("vtkMRMLMarkupsROINode"):
+            raise ValueError(f"{roiNode.GetName()!r} is a {roiNode.GetClassName()}, not a markups ROI.")
+        if inputVolume is None or inputVolume.GetImageData() is None:
+            raise ValueError("No input volume selected.")
         rasToIJK = vtk.vtkMatrix4x4()
         inputVolume.GetRASToIJKMatrix(rasToIJK)
-        ijk = (slicer.util.arrayFromVTKMatrix(rasToIJK) @ corners.T).T[:, :3]
-        size = np.array(image.GetSize())
-        lower = np.clip(np.floor(ijk.min(axis=0) + 0.5).astype(int), 0, size)
-        upper = np.clip(np.ceil(ijk.max(axis=0) + 0.5).astype(int), 0, size)
-        if np.any(upper - lower < 1):
-            raise ValueError(f"ROI {roiNode.GetName()!r} does not overlap input {inputVolume.GetName()!r}.")
-        return image[int(lower[0]):int(upper[0]), int(lower[1]):int(upper[1]), int(lower[2]):int(upper[2])]
+        return roiIndexBoxFromRASCorners(
+            self.roiCornersInVolumeFrame(roiNode, inputVolume), slicer.util.arrayFromVTKMatrix(rasToIJK),
+            inputVolume.GetImageData().GetDimensions(), roiNode.GetName(), inputVolume.GetName())
 
     def prepareImage(self, inputVolume, scale, direction, sliceAxis, roiNode):
+        """(image, scale argument, axis argument, roi box or None) for MedSRLib.upscale."""
         image = self.volumeNodeToImage(inputVolume)
-        if roiNode is not None:
-            image = self.cropToROI(image, inputVolume, roiNode)
+        roiBox = self.roiIndexBox(inputVolume, roiNode) if roiNode is not None else None
         scaleArgument, axisArgument = self.scaleAndAxis(image, scale, direction, sliceAxis)
-        return image, scaleArgument, axisArgument
+        return image, scaleArgument, axisArgument, roiBox
 
     # -- running --------------------------------------------------------------------------------
 
     def process(self, inputVolume, outputVolume=None, model=None, scale=2, direction="in-plane",
-                sliceAxis="auto", device="auto", precision="auto", roiNode=None,
+                sliceAxis="auto", device="auto", precision="auto", roiNode=None, roiModel=None,
                 allowUntrained=False, progress=None, cancel=None, show=True):
         """Super-resolve `inputVolume` in this process (blocking); return the output node.
 
+        With `roiNode` (a markups ROI) the run is lesion-focused (LFSR): MedSRLib.upscale gets
+        the ROI as an input voxel index box and runs `roiModel` inside it (plus a margin,
+        feathered) and `model` elsewhere; the output is still the whole volume. `roiModel`
+        None lets MedSRLib choose (srgan when its weights ship, else an error).
         `progress(fraction, message)` and `cancel` (a MedSRLib.CancelToken) go to
-        MedSRLib.upscale. On failure or cancel the scene is left unchanged.
+        MedSRLib.upscale. On failure or cancel the scene is left unchanged. What the
+        lesion-focused run did is in `self.lastRoiReport` (see `roiReportFromImage`).
         """
         MedSRLib = _medsrlib()
-        image, scaleArgument, axisArgument = self.prepareImage(inputVolume, scale, direction, sliceAxis, roiNode)
+        image, scaleArgument, axisArgument, roiBox = self.prepareImage(
+            inputVolume, scale, direction, sliceAxis, roiNode)
+        roiArguments = dict(roi=roiBox, roi_model=roiModel or None) if roiBox is not None else {}
         startTime = time.time()
+        self.lastRoiReport = None
         try:
             result = MedSRLib.upscale(image, model=model, scale=scaleArgument, axis=axisArgument,
                                       device=device, precision=precision,
-                                      allow_untrained=allowUntrained, progress=progress, cancel=cancel)
+                                      allow_untrained=allowUntrained, progress=progress, cancel=cancel,
+                                      **roiArguments)
         except (MemoryError, RuntimeError) as error:
             if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
                 raise MemoryError(outOfMemoryMessage(str(error))) from error
             raise
         node = self.addOutputVolume(inputVolume, result, outputVolume,
-                                    self.outputName(inputVolume, scale), show=show)
+                                    self.outputName(inputVolume, scale, roiBox is not None), show=show)
+        self.lastRoiReport = roiReportFromImage(result)
         logging.info(f"MedSR finished in {time.time() - startTime:.1f} s")
         return node
 
     def startProcessing(self, inputVolume, outputVolume=None, model=None, scale=2,
                         direction="in-plane", sliceAxis="auto", device="auto", precision="auto",
-                        roiNode=None, allowUntrained=False, show=True):
+                        roiNode=None, roiModel=None, allowUntrained=False, show=True):
         """Start super-resolution in a background process; return the MedSRBackgroundRun.
 
-        Call `run.poll()` from a QTimer until it returns True (the output node is then in
-        `run.outputVolume`), or `run.cancel()`. The scene is only touched on success.
+        Arguments as `process`. Call `run.poll()` from a QTimer until it returns True (the
+        output node is then in `run.outputVolume`, a lesion-focused run's report in
+        `run.roiReport`), or `run.cancel()`. The scene is only touched on success.
         """
-        image, scaleArgument, axisArgument = self.prepareImage(inputVolume, scale, direction, sliceAxis, roiNode)
+        image, scaleArgument, axisArgument, roiBox = self.prepareImage(
+            inputVolume, scale, direction, sliceAxis, roiNode)
         arguments = dict(model=model, scale=scaleArgument, axis=axisArgument, device=device,
-                         precision=precision, allowUntrained=allowUntrained)
+                         precision=precision, allowUntrained=allowUntrained, roi=roiBox,
+                         roiModel=(roiModel or None) if roiBox is not None else None)
         run = MedSRBackgroundRun(self, inputVolume, image, arguments, outputVolume,
-                                 self.outputName(inputVolume, scale), show)
+                                 self.outputName(inputVolume, scale, roiBox is not None), show)
         run.start()
         return run
 
@@ -670,26 +847,29 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
         except ImportError as error:
             raise ValueError("This MedSRLib has no lesion detector (MedSRLib.roi); draw an ROI instead.") from error
         image = self.volumeNodeToImage(inputVolume)
-        box = roi.detect_lesion(image)  # lower/upper corner indices (x, y, z) of the box
-        lowerIndex, upperIndex = np.asarray(box[0], float), np.asarray(box[1], float)
+        lower, upper = roi.detect_lesion(image)  # voxel indices (x, y, z), upper exclusive
+        return self.setROIFromIndexBox(roiNode, inputVolume, (*lower, *upper))
+
+    def setROIFromIndexBox(self, roiNode, inputVolume, box):
+        """Show input voxel index box `box` (x0, y0, z0, x1, y1, z1; upper exclusive) as a
+        markups ROI aligned with the volume's axes (a new node when `roiNode` is None), under
+        the volume's parent transform. `roiIndexBox` gives the same box back."""
         ijkToRAS = vtk.vtkMatrix4x4()
         inputVolume.GetIJKToRASMatrix(ijkToRAS)
-        matrix = slicer.util.arrayFromVTKMatrix(ijkToRAS)
-        corners = np.array([[x, y, z, 1.0] for x in (lowerIndex[0] - 0.5, upperIndex[0] - 0.5)
-                            for y in (lowerIndex[1] - 0.5, upperIndex[1] - 0.5)
-                            for z in (lowerIndex[2] - 0.5, upperIndex[2] - 0.5)])
-        ras = (matrix @ corners.T).T[:, :3]
+        objectToNode, sizeMM = roiObjectToNodeFromIndexBox(slicer.util.arrayFromVTKMatrix(ijkToRAS), box)
         if roiNode is None:
             roiNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", f"{inputVolume.GetName()}_lesion")
-        roiNode.SetCenter(((ras.min(axis=0) + ras.max(axis=0)) / 2).tolist())
-        roiNode.SetSize((ras.max(axis=0) - ras.min(axis=0)).tolist())
+        wasModifying = roiNode.StartModify()
         roiNode.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
+        roiNode.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(objectToNode))
+        roiNode.SetSize([float(v) for v in sizeMM])
+        roiNode.EndModify(wasModifying)
         return roiNode
 
 
 def outOfMemoryMessage(detail):
     return ("Out of memory while super-resolving. Try the CPU instead of the GPU, a smaller "
-            f"scale, or a lesion ROI to process less of the volume. ({detail.strip()[:300]})")
+            f"scale, or a faster model. ({detail.strip()[:300]})")
 
 
 class MedSRBackgroundRun:
@@ -709,6 +889,7 @@ class MedSRBackgroundRun:
         self.outputName = outputName
         self.show = show
         self.outputVolume = None
+        self.roiReport = None
         self.fraction = 0.0
         self.message = "Starting"
         self.progressUpdates = 0
@@ -731,6 +912,10 @@ class MedSRBackgroundRun:
                    "--precision", a["precision"], "--progress", "json"]
         if a["model"]:
             command += ["--model", a["model"]]
+        if a.get("roi") is not None:  # lesion-focused: the same box MedSRLib.upscale(roi=...) gets
+            command += ["--roi", ",".join(str(int(v)) for v in a["roi"])]
+            if a.get("roiModel"):
+                command += ["--roi-model", a["roiModel"]]
         if a["allowUntrained"]:
             command.append("--allow-untrained")
         return command
@@ -797,6 +982,7 @@ class MedSRBackgroundRun:
             result = sitk.ReadImage(str(self.outputPath))
             self.outputVolume = self.logic.addOutputVolume(
                 self.inputVolume, result, self.requestedOutputVolume, self.outputName, show=self.show)
+            self.roiReport = roiReportFromImage(result)  # the "medsr_roi_*" keys survive NRRD
             self.fraction, self.message = 1.0, "Done"
         finally:
             self._cleanup()
@@ -837,6 +1023,8 @@ class MedSRTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_SuperResolvedNodeHasExpectedGeometryAndVoxels()
+        self.setUp()
+        self.test_LesionFocusedRunCoversWholeVolumeAndChangesOnlyTheROI()
 
     @staticmethod
     def makeObliqueAnisotropicVolume(name="MedSRTestInput"):
@@ -878,4 +1066,48 @@ class MedSRTest(ScriptedLoadableModuleTest):
         reference = MedSRLib.upscale(logic.volumeNodeToImage(inputVolume), model="linear", scale=2)
         np.testing.assert_array_equal(outputVoxels, sitk.GetArrayFromImage(reference))
         self.assertAlmostEqual(float(outputVoxels.mean()), float(inputVoxels.mean()), delta=5.0)
+        self.delayDisplay("Test passed")
+
+    def test_LesionFocusedRunCoversWholeVolumeAndChangesOnlyTheROI(self):
+        self.delayDisplay("Lesion-focused super-resolution with a drawn ROI")
+        from MedSRLib import roi as medsrRoi
+
+        inputVolume, inputIJKToRAS = self.makeObliqueAnisotropicVolume()
+        roiNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "MedSRTestROI")
+        roiNode.SetCenter((inputIJKToRAS @ [11.0, 9.0, 3.0, 1.0])[:3].tolist())  # drawn in RAS
+        roiNode.SetSize([4.0, 4.0, 4.0])
+        logic = MedSRLogic()
+        box = logic.roiIndexBox(inputVolume, roiNode)
+        self.assertTrue(all(0 <= box[a] < box[a + 3] <= n for a, n in enumerate((24, 20, 6))))
+        self.assertLess((box[3] - box[0]) * (box[4] - box[1]), 24 * 20 // 4)
+
+        # Interpolation models: no weights needed, runs in seconds in any Slicer.
+        plain = logic.process(inputVolume, model="linear", scale=2, show=False)
+        lesion = logic.process(inputVolume, model="linear", scale=2, roiNode=roiNode,
+                               roiModel="bicubic", allowUntrained=True, show=False)
+        self.assertEqual(lesion.GetName(), "MedSRTestInput_LFSRx2")
+        self.assertEqual(logic.lastRoiReport["roiIndexXYZ"], box)
+        self.assertEqual(logic.lastRoiReport["roiModel"], "bicubic")
+
+        # The whole input extent on the same grid as the plain run, not the ROI's crop.
+        plainIJKToRAS, lesionIJKToRAS = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        plain.GetIJKToRASMatrix(plainIJKToRAS)
+        lesion.GetIJKToRASMatrix(lesionIJKToRAS)
+        np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(lesionIJKToRAS),
+                                   slicer.util.arrayFromVTKMatrix(plainIJKToRAS), atol=1e-9)
+        plainVoxels = slicer.util.arrayFromVolume(plain).astype(np.int32)
+        lesionVoxels = slicer.util.arrayFromVolume(lesion).astype(np.int32)
+        self.assertEqual(lesionVoxels.shape, (6, 40, 48))
+
+        # Voxels differ only inside the ROI plus its margin (on the x2 output grid).
+        margins = medsrRoi.margin_voxels(medsrRoi.DEFAULT_MARGIN_MM, inputVolume.GetSpacing())
+        factors = (2, 2, 1)
+        inside = np.zeros(lesionVoxels.shape, dtype=bool)
+        inside[tuple(slice(max(0, box[a] - margins[a]) * factors[a],
+                           min(n, box[a + 3] + margins[a]) * factors[a])
+                     for a, n in reversed(list(enumerate((24, 20, 6)))))] = True
+        self.assertTrue((~inside).any())
+        np.testing.assert_array_equal(lesionVoxels[~inside], plainVoxels[~inside])
+        roiOnly = tuple(slice(box[a] * factors[a], box[a + 3] * factors[a]) for a in (2, 1, 0))
+        self.assertTrue(np.any(lesionVoxels[roiOnly] != plainVoxels[roiOnly]))
         self.delayDisplay("Test passed")

@@ -11,6 +11,7 @@ import slicer
 import vtk
 
 import MedSRLib
+from MedSRLib import roi as medsr_roi
 from scene_state import scene_state
 
 
@@ -149,31 +150,96 @@ def test_missing_input_is_a_clear_error(scene, MedSR):
         MedSR.MedSRLogic().process(None, model="nearest")
 
 
-def test_lesion_roi_crops_before_super_resolution(scene, MedSR):
-    node, ijk_to_ras = oblique_anisotropic_volume(MedSR)
-    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "lesion")
-    # an axis-aligned RAS box around voxels i 4..9, j 3..8 of every slice (oblique input:
-    # the voxel-aligned box is the bounding box of the RAS box in IJK)
-    centre = (ijk_to_ras @ [6.5, 5.5, 2.5, 1])[:3]
-    roi.SetCenter(centre.tolist())
-    roi.SetSize([4.0, 4.0, 30.0])
-    logic = MedSR.MedSRLogic()
-    output = logic.process(node, model="linear", scale=2, roiNode=roi, show=False)
-    cropped = logic.cropToROI(logic.volumeNodeToImage(node), node, roi)
-    assert cropped.GetSize()[0] < 24 and cropped.GetSize()[1] < 20
-    reference = MedSRLib.upscale(cropped, model="linear", scale=2)
-    np.testing.assert_array_equal(slicer.util.arrayFromVolume(output), sitk.GetArrayFromImage(reference))
-    np.testing.assert_allclose(ijk_to_ras_of(output), MedSR.MedSRLogic.ijkToRASFromImage(reference), atol=1e-9)
+# -- lesion-focused (LFSR): markups ROI -> input voxel index box -> MedSRLib.upscale(roi=...) --
 
 
-def test_lesion_roi_in_world_coordinates_follows_parent_transform(scene, MedSR):
+def flipped_oblique_volume(name="flipped oblique"):
+    """A left-handed, oblique, anisotropic volume (I runs towards -R after a rotation)."""
+    k, j, i = np.mgrid[0:5, 0:18, 0:22].astype(np.float64)
+    voxels = (80 * np.sin(i / 3.0) * np.cos(j / 4.0) + 15 * k).astype(np.int16)
+    a = np.deg2rad(25.0)
+    rotation = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = rotation @ np.diag([-0.7, 1.1, 2.5])
+    ijk_to_ras[:3, 3] = [20.0, -8.0, 3.5]
+    assert np.linalg.det(ijk_to_ras[:3, :3]) < 0
+    return slicer.util.addVolumeFromArray(voxels, ijk_to_ras, name), ijk_to_ras
+
+
+def ras_to_ijk_of(node):
+    matrix = vtk.vtkMatrix4x4()
+    node.GetRASToIJKMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def drawn_roi(scene, centre_ras, size_mm, name="lesion"):
+    """An ROI as a user draws it: axis-aligned in RAS."""
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+    roi.SetCenter([float(v) for v in centre_ras])
+    roi.SetSize([float(v) for v in size_mm])
+    return roi
+
+
+def test_roi_index_box_math_on_flipped_axis_by_hand(MedSR):
+    # I runs towards -R at 2 mm from R=10: i = (10 - R) / 2. R in [3, 7.2] -> i in [1.4, 3.5]:
+    # voxels 1 (covers 0.5..1.5, partly inside), 2, 3 (its upper face 3.5 is the ROI's face).
+    ras_to_ijk = np.linalg.inv(np.array([[-2.0, 0, 0, 10], [0, 1, 0, 0], [0, 0, 3, 0], [0, 0, 0, 1]]))
+    corners = [(x, y, z) for x in (3.0, 7.2) for y in (0.2, 4.0) for z in (-1.5, 1.5)]
+    assert MedSR.roiIndexBoxFromRASCorners(corners, ras_to_ijk, (10, 10, 10)) == (1, 0, 0, 4, 5, 1)
+    # clipped to the volume (R = -100 is i = 55; z = 100 mm is k = 33)
+    corners = [(x, y, z) for x in (-100.0, 7.2) for y in (-50, 4.0) for z in (-1.5, 100)]
+    assert MedSR.roiIndexBoxFromRASCorners(corners, ras_to_ijk, (10, 10, 10)) == (1, 0, 0, 10, 5, 10)
+    # beyond the volume's last voxel face (i = 9.5 at R = -9): no voxel
+    corners = [(x, y, z) for x in (-30.0, -9.0) for y in (0, 4.0) for z in (0, 1)]
+    with pytest.raises(ValueError, match="does not overlap input.*along I"):
+        MedSR.roiIndexBoxFromRASCorners(corners, ras_to_ijk, (10, 10, 10))
+
+
+def test_drawn_roi_index_box_on_flipped_oblique_volume_matches_its_matrices(scene, MedSR):
+    node, ijk_to_ras = flipped_oblique_volume()
+    centre = (ijk_to_ras @ [9.0, 7.0, 2.0, 1.0])[:3]
+    roi = drawn_roi(scene, centre, [5.0, 6.0, 4.0])
+    box = MedSR.MedSRLogic().roiIndexBox(node, roi)
+
+    # Independent check: sample the RAS box densely (faces included), map the samples with the
+    # node's own RAS-to-IJK matrix, take the voxel each lies in, clipped to the volume.
+    bounds = [0.0] * 6
+    roi.GetRASBounds(bounds)
+    axes = [np.linspace(bounds[2 * a], bounds[2 * a + 1], 9) for a in range(3)]
+    samples = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    ijk = (ras_to_ijk_of(node) @ np.c_[samples, np.ones(len(samples))].T).T[:, :3]
+    index = np.clip(np.floor(ijk + 0.5), 0, np.array([22, 18, 5]) - 1).astype(int)
+    assert box == (*index.min(axis=0), *(index.max(axis=0) + 1))
+    assert box[0] > 0 and box[3] < 22 and box[1] > 0 and box[4] < 18  # a real sub-box
+    # The RAS box's centre lies in the box's centre voxel region (I, J, K order, not K, J, I).
+    assert all(box[a] <= round(c) < box[a + 3] for a, c in enumerate((9.0, 7.0, 2.0)))
+
+
+def test_detected_box_shown_as_roi_converts_back_exactly(scene, MedSR, monkeypatch):
+    """Detect -> markups ROI aligned with the (flipped, oblique) volume -> the same index box.
+
+    The detector has no shipped weights here, so `detect_lesion` is replaced by a fixed box
+    (test double for the network only; the conversion both ways is the module's real code).
+    """
+    node, ijk_to_ras = flipped_oblique_volume()
+    monkeypatch.setattr(medsr_roi, "detect_lesion", lambda image: ((4, 3, 1), (12, 9, 4)))
+    logic = MedSR.MedSRLogic()
+    roi = logic.detectLesionROI(node)
+    assert roi.IsA("vtkMRMLMarkupsROINode") and roi.GetName() == "flipped oblique_lesion"
+    assert logic.roiIndexBox(node, roi) == (4, 3, 1, 12, 9, 4)
+    # the ROI's corners are the box's outer voxel faces, through the node's own IJK-to-RAS
+    corners_ijk = [(x, y, z) for x in (3.5, 11.5) for y in (2.5, 8.5) for z in (0.5, 3.5)]
+    expected = sorted(map(tuple, np.round((ijk_to_ras @ np.c_[corners_ijk, np.ones(8)].T).T[:, :3], 9)))
+    corners = sorted(map(tuple, np.round(logic.roiCornersInVolumeFrame(roi, node), 9)))
+    np.testing.assert_allclose(corners, expected, atol=1e-9)
+
+
+def test_roi_in_world_coordinates_follows_parent_transforms(scene, MedSR):
     node, ijk_to_ras = oblique_anisotropic_volume(MedSR)
     logic = MedSR.MedSRLogic()
-    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "lesion")
     centre = (ijk_to_ras @ [6.5, 5.5, 2.5, 1])[:3]
-    roi.SetCenter(centre.tolist())
-    roi.SetSize([4.0, 4.0, 30.0])
-    untransformed = logic.cropToROI(logic.volumeNodeToImage(node), node, roi)
+    roi = drawn_roi(scene, centre, [4.0, 4.0, 30.0])
+    untransformed = logic.roiIndexBox(node, roi)
 
     shift = np.array([10.0, -5.0, 2.5])
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
@@ -181,20 +247,88 @@ def test_lesion_roi_in_world_coordinates_follows_parent_transform(scene, MedSR):
     matrix[:3, 3] = shift
     transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
     node.SetAndObserveTransformNodeID(transform.GetID())
+    assert logic.roiIndexBox(node, roi) != untransformed  # the volume moved under the ROI
     roi.SetCenter((centre + shift).tolist())  # the same anatomy, seen in world coordinates
-    transformed = logic.cropToROI(logic.volumeNodeToImage(node), node, roi)
-    assert transformed.GetSize() == untransformed.GetSize()
-    assert transformed.GetOrigin() == pytest.approx(untransformed.GetOrigin(), abs=1e-9)
+    assert logic.roiIndexBox(node, roi) == untransformed
+    roi.SetCenter(centre.tolist())  # the ROI under the same transform as the volume
+    roi.SetAndObserveTransformNodeID(transform.GetID())
+    assert logic.roiIndexBox(node, roi) == untransformed
 
 
-def test_roi_outside_volume_is_a_clear_error(scene, MedSR):
+@pytest.mark.parametrize("direction, scale", [("in-plane", 2), ("through-plane", 3)])
+def test_lesion_focused_output_is_whole_volume_on_plain_grid(scene, MedSR, direction, scale):
+    node, ijk_to_ras = oblique_anisotropic_volume(MedSR)
+    roi = drawn_roi(scene, (ijk_to_ras @ [12.0, 10.0, 3.0, 1])[:3], [4.0, 4.0, 4.0])
+    logic = MedSR.MedSRLogic()
+    box = logic.roiIndexBox(node, roi)
+    plain = logic.process(node, model="lanczos", scale=scale, direction=direction, show=False)
+    lesion = logic.process(node, model="lanczos", scale=scale, direction=direction, roiNode=roi,
+                           roiModel="lanczos", show=False)
+
+    assert lesion.GetName() == f"CT chest_LFSRx{scale}"
+    np.testing.assert_allclose(ijk_to_ras_of(lesion), ijk_to_ras_of(plain), atol=1e-9)
+    assert lesion.GetImageData().GetDimensions() == plain.GetImageData().GetDimensions()
+    # the module goes through the public API: same voxels as MedSRLib.upscale(roi=box)
+    factors = (scale, scale, 1) if direction == "in-plane" else (1, 1, scale)
+    reference = MedSRLib.upscale(logic.volumeNodeToImage(node), model="lanczos",
+                                 scale=scale if direction == "in-plane" else factors,
+                                 roi=box, roi_model="lanczos")
+    lesion_voxels = slicer.util.arrayFromVolume(lesion).astype(np.int32)
+    np.testing.assert_array_equal(lesion_voxels, sitk.GetArrayFromImage(reference))
+    assert logic.lastRoiReport["roiIndexXYZ"] == box and not logic.lastRoiReport["fallback"]
+
+    # roi_model == model: identical to the plain run outside the ROI plus its margin
+    margins = medsr_roi.margin_voxels(medsr_roi.DEFAULT_MARGIN_MM, node.GetSpacing())
+    size = (24, 20, 6)
+    inside = np.zeros(lesion_voxels.shape, dtype=bool)
+    inside[tuple(slice(max(0, box[a] - margins[a]) * factors[a], min(size[a], box[a + 3] + margins[a]) * factors[a])
+                 for a in (2, 1, 0))] = True
+    assert (~inside).sum() > 0.1 * inside.size
+    plain_voxels = slicer.util.arrayFromVolume(plain).astype(np.int32)
+    np.testing.assert_array_equal(lesion_voxels[~inside], plain_voxels[~inside])
+
+
+def test_other_roi_model_changes_only_roi_and_margin(scene, MedSR):
+    node, ijk_to_ras = oblique_anisotropic_volume(MedSR)
+    roi = drawn_roi(scene, (ijk_to_ras @ [12.0, 10.0, 3.0, 1])[:3], [4.0, 4.0, 4.0])
+    logic = MedSR.MedSRLogic()
+    box = logic.roiIndexBox(node, roi)
+    plain = slicer.util.arrayFromVolume(logic.process(node, model="bicubic", scale=2, show=False)).astype(np.int32)
+    lesion = slicer.util.arrayFromVolume(logic.process(
+        node, model="bicubic", scale=2, roiNode=roi, roiModel="srcnn", allowUntrained=True,
+        show=False)).astype(np.int32)
+    changed = np.argwhere(lesion != plain)  # (k, j, i) on the x2 grid
+    assert len(changed) > 0
+    margins = medsr_roi.margin_voxels(medsr_roi.DEFAULT_MARGIN_MM, node.GetSpacing())
+    for a, column, factor in ((0, 2, 2), (1, 1, 2)):  # I and J (K: the margin covers all slices)
+        assert changed[:, column].min() >= (box[a] - margins[a]) * factor
+        assert changed[:, column].max() < (box[a + 3] + margins[a]) * factor
+    roi_only = (slice(box[2], box[5]), slice(2 * box[1], 2 * box[4]), slice(2 * box[0], 2 * box[3]))
+    assert np.mean(lesion[roi_only] != plain[roi_only]) > 0.5  # the ROI model ran in the ROI
+    assert logic.lastRoiReport["roiModel"] == "srcnn"
+
+
+def test_roi_outside_volume_is_a_clear_error_and_leaves_no_node(scene, MedSR):
     node, _ = oblique_anisotropic_volume(MedSR)
-    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "far away")
-    roi.SetCenter([500.0, 500.0, 500.0])
-    roi.SetSize([5.0, 5.0, 5.0])
+    roi = drawn_roi(scene, [500.0, 500.0, 500.0], [5.0, 5.0, 5.0], name="far away")
     before = scene_state(scene)
+    logic = MedSR.MedSRLogic()
+    with pytest.raises(ValueError, match="ROI 'far away' does not overlap input 'CT chest'"):
+        logic.process(node, model="linear", roiNode=roi, roiModel="linear")
     with pytest.raises(ValueError, match="does not overlap"):
-        MedSR.MedSRLogic().process(node, model="linear", roiNode=roi)
+        logic.startProcessing(node, model="linear", roiNode=roi, roiModel="linear")
+    assert scene_state(scene) == before
+
+
+def test_missing_roi_model_weights_is_the_librarys_error_and_leaves_no_node(scene, MedSR, monkeypatch):
+    node, ijk_to_ras = oblique_anisotropic_volume(MedSR)
+    roi = drawn_roi(scene, (ijk_to_ras @ [12.0, 10.0, 3.0, 1])[:3], [4.0, 4.0, 4.0])
+    monkeypatch.setattr(MedSRLib.zoo, "shipped_weights", lambda *args, **kwargs: None)
+    before = scene_state(scene)
+    with pytest.raises(ValueError, match="no trained weights"):
+        MedSR.MedSRLogic().process(node, model="linear", roiNode=roi, roiModel="srresnet")
+    with pytest.raises(ValueError, match="no trained lesion-focused model"):
+        MedSR.MedSRLogic().process(node, model="linear", roiNode=roi, roiModel=None)
     assert scene_state(scene) == before
 
 
@@ -214,6 +348,26 @@ def test_background_run_creates_same_node_as_in_process(scene, MedSR):
     assert run.fraction == 1.0
     assert run.progressUpdates >= 1  # JSON progress lines from the CLI were read
     assert run.tempDir is None  # temporary files removed
+
+
+def test_background_lesion_focused_run_passes_box_and_reports_it(scene, MedSR):
+    node, ijk_to_ras = oblique_anisotropic_volume(MedSR)
+    roi = drawn_roi(scene, (ijk_to_ras @ [12.0, 10.0, 3.0, 1])[:3], [4.0, 4.0, 4.0])
+    logic = MedSR.MedSRLogic()
+    box = logic.roiIndexBox(node, roi)
+    run = logic.startProcessing(node, model="linear", scale=2, roiNode=roi, roiModel="lanczos", show=False)
+    command = run.commandLine("in.nrrd", "out.nrrd")
+    assert command[command.index("--roi") + 1] == ",".join(map(str, box))
+    assert command[command.index("--roi-model") + 1] == "lanczos"
+    run_to_end(run)
+    assert run.outputVolume.GetName() == "CT chest_LFSRx2"
+    in_process = logic.process(node, model="linear", scale=2, roiNode=roi, roiModel="lanczos", show=False)
+    np.testing.assert_allclose(ijk_to_ras_of(run.outputVolume), ijk_to_ras_of(in_process), atol=1e-9)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(run.outputVolume),
+                                  slicer.util.arrayFromVolume(in_process))
+    assert run.roiReport == logic.lastRoiReport
+    assert run.roiReport["roiIndexXYZ"] == box and run.roiReport["roiModel"] == "lanczos"
+    assert "lanczos inside ROI voxels" in MedSR.describeRoiReport(run.roiReport)
 
 
 def test_background_through_plane_run_passes_per_axis_factors(scene, MedSR):

@@ -8,6 +8,7 @@ import pytest
 import slicer
 
 import MedSRLib
+from MedSRLib import roi as medsr_roi
 from scene_state import scene_state
 
 
@@ -44,6 +45,88 @@ def test_model_list_comes_from_registry(widget):
     select(widget.ui.modelComboBox, "bicubic")
     description = widget.ui.modelDescriptionLabel.text()
     assert "interpolation baseline" in description and "Modality" in description
+
+
+def test_roi_model_list_offers_same_as_model_and_registry_models(widget, MedSR):
+    combo = widget.ui.roiModelComboBox
+    offered = [combo.itemData(i) for i in range(combo.count())]
+    registry = [m["name"] for m in MedSRLib.list_models() if m["kind"] != "detector"]
+    assert offered == [MedSR.SAME_AS_MODEL] + registry
+    shipped = {m["name"] for m in MedSRLib.list_models() if m.get("weights")}
+    preferred = (medsr_roi.DEFAULT_ROI_MODEL, "srgan", "srresnet")
+    expected = next((n for n in preferred if n in shipped), MedSR.SAME_AS_MODEL)
+    assert widget._comboData(combo) == expected
+    # "Same as model" resolves to the model chosen above; LFSR only with the checkbox on
+    select(combo, MedSR.SAME_AS_MODEL)
+    select(widget.ui.modelComboBox, "lanczos")
+    assert widget.currentParameters()["roiModel"] is None
+    widget.ui.lesionCheckBox.setChecked(True)
+    assert widget.currentParameters()["roiModel"] == "lanczos"
+    select(combo, "srcnn")
+    assert widget.currentParameters()["roiModel"] == "srcnn"
+    srcnn = next(m for m in MedSRLib.list_models() if m["name"] == "srcnn")
+    assert combo.toolTip().endswith(MedSR.describeModelCard(srcnn, 2))  # its card, at x2
+
+
+def test_default_roi_model_prefers_shipped_lfsr_generator(MedSR):
+    preferred = ("lfsr", "srgan", "srresnet")
+    models = [{"name": "lfsr", "weights": {}}, {"name": "srgan", "weights": {}},
+              {"name": "srresnet", "weights": {"x2": {}}}]
+    assert MedSR.defaultRoiModel(models, preferred) == "srresnet"
+    models[1]["weights"] = {"x4": {}}
+    assert MedSR.defaultRoiModel(models, preferred) == "srgan"
+    models[0]["weights"] = {"x2": {}}
+    assert MedSR.defaultRoiModel(models, preferred) == "lfsr"
+    assert MedSR.defaultRoiModel([{"name": "srgan", "weights": {}}], preferred) == MedSR.SAME_AS_MODEL
+    assert MedSR.preferredRoiModels()[0] == medsr_roi.DEFAULT_ROI_MODEL  # the library's choice first
+
+
+def test_lesion_focused_apply_creates_whole_volume_node_and_reports_roi(widget, scene, MedSR, qapp):
+    node, ijk_to_ras = MedSR.MedSRTest.makeObliqueAnisotropicVolume("Liver CT")
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "drawn")
+    roi.SetCenter((ijk_to_ras @ [12.0, 10.0, 3.0, 1.0])[:3].tolist())
+    roi.SetSize([4.0, 4.0, 4.0])
+    qapp.processEvents()
+    widget.ui.inputSelector.setCurrentNode(node)
+    widget.ui.roiSelector.setCurrentNode(roi)
+    widget.ui.lesionCheckBox.setChecked(True)
+    select(widget.ui.modelComboBox, "linear")
+    select(widget.ui.roiModelComboBox, "lanczos")
+    box = widget.logic.roiIndexBox(node, roi)
+
+    widget.ui.applyButton.click()
+    assert widget.lastError is None, widget.lastError
+    assert widget.ui.applyButton.text() == "Cancel"
+    wait_until_idle(widget, qapp)
+
+    assert widget.lastError is None, widget.lastError
+    output = slicer.util.getFirstNodeByName("Liver CT_LFSRx2")
+    assert output is not None
+    assert output.GetImageData().GetDimensions() == (48, 40, 6)  # the whole volume, not the ROI
+    status = widget.ui.statusLabel.text()
+    assert "Done" in status
+    assert (f"lanczos inside ROI voxels x {box[0]}..{box[3] - 1}, y {box[1]}..{box[4] - 1}, "
+            f"z {box[2]}..{box[5] - 1}") in status and "linear elsewhere" in status
+    assert widget.logic.getParameterNode().GetParameter("ROIModel") == "lanczos"
+
+
+def test_lesion_focused_roi_off_the_volume_is_shown_and_leaves_no_node(widget, scene, MedSR, qapp):
+    node, _ = MedSR.MedSRTest.makeObliqueAnisotropicVolume()
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "elsewhere")
+    roi.SetCenter([400.0, 0.0, 0.0])
+    roi.SetSize([10.0, 10.0, 10.0])
+    qapp.processEvents()
+    widget.ui.inputSelector.setCurrentNode(node)
+    widget.ui.roiSelector.setCurrentNode(roi)
+    widget.ui.lesionCheckBox.setChecked(True)
+    select(widget.ui.modelComboBox, "linear")
+    select(widget.ui.roiModelComboBox, "linear")
+    before = scene_state(scene)
+    widget.ui.applyButton.click()
+    assert isinstance(widget.lastError, ValueError)
+    assert "ROI 'elsewhere' does not overlap input 'MedSRTestInput'" in widget.ui.statusLabel.text()
+    assert widget.run is None and widget.ui.applyButton.text() == "Apply"
+    assert scene_state(scene) == before
 
 
 def test_model_card_line_reports_scale_support_and_metrics(MedSR):
@@ -141,6 +224,7 @@ def test_choices_persist_in_parameter_node(widget, scene, MedSR, qapp):
     select(widget.ui.modelComboBox, "lanczos")
     select(widget.ui.scaleComboBox, 4)
     select(widget.ui.directionComboBox, "through-plane")
+    select(widget.ui.roiModelComboBox, "fmen")
     parameters = widget.logic.getParameterNode()
     assert (parameters.GetParameter("Model"), parameters.GetParameter("Scale")) == ("lanczos", "4")
     assert parameters.GetNodeReference("InputVolume") is node
@@ -150,6 +234,7 @@ def test_choices_persist_in_parameter_node(widget, scene, MedSR, qapp):
     assert fresh._comboData(fresh.ui.modelComboBox) == "lanczos"
     assert fresh._comboData(fresh.ui.scaleComboBox) == 4
     assert fresh._comboData(fresh.ui.directionComboBox) == "through-plane"
+    assert fresh._comboData(fresh.ui.roiModelComboBox) == "fmen"
     assert fresh.ui.inputSelector.currentNode() is node
     fresh.cleanup()
 
@@ -187,3 +272,4 @@ def test_module_self_test_runs_under_pytest(scene, MedSR):
     result = unittest.TextTestRunner(verbosity=0).run(MedSR.MedSRTest())
     assert result.wasSuccessful(), result.failures + result.errors
     assert slicer.util.getFirstNodeByName("MedSRTestInput_SRx2") is not None
+    assert slicer.util.getFirstNodeByName("MedSRTestInput_LFSRx2") is not None
