@@ -93,12 +93,13 @@ register(ModelSpec(
     default_config={"in_channels": 1, "num_features": 64, "num_blocks": 16, "res_scale": 1.0},
     description="16 residual blocks without batch norm, 64 filters, sub-pixel upsampling."))
 
+_EDSR_LITE_CONFIG = {"in_channels": 1, "num_features": 48, "num_blocks": 8, "res_scale": 1.0,
+                     "bicubic_residual": True}
 register(ModelSpec(
     name="edsr_lite", title="EDSR lite (8x48): MedSR's default", builder=EDSR,
     kind="post_upsampled", paper="EDSR design (Lim et al. 2017; paper 004), CPU-sized",
     scales=(2, 3, 4), modalities=("CT", "MR"),
-    default_config={"in_channels": 1, "num_features": 48, "num_blocks": 8, "res_scale": 1.0,
-                    "bicubic_residual": True},
+    default_config=dict(_EDSR_LITE_CONFIG),
     description="EDSR without BN at 8 blocks x 48 filters plus a global bicubic residual: "
                 "trainable and fast on CPU; the default CT/MR model."))
 
@@ -106,8 +107,7 @@ register(ModelSpec(
     name="lfsr", title="LFSR generator (GAN on lesion ROIs)", builder=EDSR,
     kind="post_upsampled", paper="paper 003 (Zhu et al.), LFSR; EDSR-lite generator",
     scales=(2, 3, 4), modalities=("MR", "CT"),
-    default_config={"in_channels": 1, "num_features": 48, "num_blocks": 8, "res_scale": 1.0,
-                    "bicubic_residual": True},
+    default_config=dict(_EDSR_LITE_CONFIG),
     description="Paper 003's lesion-focused generator, trained adversarially on lesion-centred "
                 "crops from the edsr_lite weights (SRResNet without BN: the BN SRResNet did not "
                 "reach bicubic in our CPU budget); the default model inside upscale(roi=...)."))
