@@ -52,7 +52,11 @@ weights: $(VENV)/.installed
 	  for f in runs/$$run/*.safetensors; do cp "$$f" "$${f%.safetensors}.json" MedSRLib/weights/; done; \
 	done
 
-# Paper 003's whole-slice GAN baseline for benchmarks/bench_lfsr.py (not shipped).
+# Benchmark-only runs for benchmarks/bench_lfsr.py (not shipped): paper 003's whole-slice GAN
+# baseline, and LFSR x2 re-trained with k-space noise sigma 20 and 40 (after `make weights`).
 lfsr-baselines: $(VENV)/.installed
 	$(TRAIN) gan_wholeslice_x2
 	$(TRAIN) gan_wholeslice_x2 $(MR_X4) --set name=gan_wholeslice_x4 --set output.dir=runs/gan_wholeslice_x4
+	for sigma in 20 40; do $(TRAIN) lfsr_x2 --set name=lfsr_noise$${sigma}_x2 --set output.dir=runs/lfsr_noise$${sigma}_x2 \
+	  --set init_from=runs/lfsr_x2/lfsr_x2.safetensors \
+	  --set "degradation=[{type: bicubic}, {type: kspace_noise, sigma: $${sigma}}]"; done

@@ -42,7 +42,9 @@ HELD_OUT = [("sarcoma/STS_012/MR_T1_image.nii.gz", "sarcoma/STS_012/MR_T1_mask.n
 CONDITIONS = [("x2", 2, 0.0), ("x4", 4, 0.0), ("x2 sigma=20", 2, 20.0), ("x2 sigma=40", 2, 40.0)]
 #: Table rows: paper 003's bicubic, B+NLD, SRResNet (our pixel-loss generator: edsr_lite), SRGAN
 #: (the same generator and GAN recipe on whole-slice patches: gan_wholeslice_x*.yaml) and LFSR.
-METHODS = ["bicubic", "bicubic+NLM", "edsr_lite", "gan_wholeslice", "lfsr", "NLM+edsr_lite", "NLM+lfsr"]
+#: Noisy columns add NLM-first runs and LFSR re-trained with that noise (lfsr_noise{sigma}_x2).
+METHODS = ["bicubic", "bicubic+NLM", "edsr_lite", "gan_wholeslice", "lfsr", "NLM+edsr_lite", "NLM+lfsr",
+           "lfsr noise-trained"]
 
 
 def lesion_slices(mask_kji: np.ndarray, count: int) -> list[int]:
@@ -86,6 +88,19 @@ def load_methods(scale: int, weights_dir: Path | None, baselines: Path) -> tuple
     return models, notes
 
 
+def noise_trained(baselines: Path, scale: int, sigma: float, cache: dict, notes: list[str]):
+    """The LFSR model re-trained with k-space noise `sigma` (runs/lfsr_noise{sigma}_x{scale}), or None."""
+    if not sigma:
+        return None
+    key = (scale, sigma)
+    if key not in cache:
+        path = baselines / f"lfsr_noise{sigma:g}_x{scale}" / f"lfsr_x{scale}.safetensors"
+        cache[key] = zoo.load_model("lfsr", scale, weights_path=path) if path.is_file() else None
+        if cache[key] is None:
+            notes.append(f"x{scale} sigma={sigma:g} lfsr noise-trained: skipped ({path} not found)")
+    return cache[key]
+
+
 def run_quality(root: Path, slices_per_volume: int, margin: int, weights_dir: Path | None,
                 baselines: Path):
     per_condition: dict[str, dict[str, list[tuple[float, float]]]] = {}
@@ -94,7 +109,7 @@ def run_quality(root: Path, slices_per_volume: int, margin: int, weights_dir: Pa
     for scale in sorted({c[1] for c in CONDITIONS}):
         models_by_scale[scale], scale_notes = load_methods(scale, weights_dir, baselines)
         notes += scale_notes
-    rows = 0
+    rows, cache = 0, {}
     for image_path, mask_path in HELD_OUT:
         voxels = sitk.GetArrayFromImage(io.read_volume(root / image_path))
         mask = sitk.GetArrayFromImage(io.read_volume(root / mask_path)) > 0
@@ -113,6 +128,9 @@ def run_quality(root: Path, slices_per_volume: int, margin: int, weights_dir: Pa
                 with torch.inference_mode():
                     for name, model in models_by_scale[scale].items():
                         outputs[name] = model(low).float()
+                    noisy_model = noise_trained(baselines, scale, sigma, cache, notes)
+                    if noisy_model is not None:
+                        outputs["lfsr noise-trained"] = noisy_model(low).float()
                     if sigma:  # denoise the LR slice first, then each model (rows "+NLM")
                         denoised = nlm_denoise(low, sigma)
                         for name, model in models_by_scale[scale].items():
