@@ -111,9 +111,11 @@ def test_csv_has_timings_for_every_method_and_scale(run):
 
 def test_models_without_weights_or_scale_are_skipped_with_a_note(tmp_path):
     out = tmp_path / "out"
+    empty = tmp_path / "no_weights"
+    empty.mkdir()
     assert benchmark.main([str(SAMPLE), "--modality", "CT", "--scales", "3", "--models", "srcnn",
                            "hybrid", "--slices-per-volume", "1", "--max-size", "33",
-                           "--device", "cpu", "--out", str(out)]) == 0
+                           "--weights-dir", str(empty), "--device", "cpu", "--out", str(out)]) == 0
     text = (out / "results.md").read_text()
     assert "- srcnn: skipped (model 'srcnn' has no trained weights for x3" in text
     assert "- hybrid: skipped (model 'hybrid' does not support scale x3" in text
