@@ -84,6 +84,11 @@ def test_export_is_safetensors_with_a_complete_model_card(ci_runs, name):
         for scale_metrics in card["metrics"].values():
             assert {"psnr", "ssim", "ms_ssim", "uqi"} <= set(scale_metrics["model"])
             assert scale_metrics["bicubic"]["psnr"] > 20
+    else:  # the card is what roi.detect_lesion_roi reads: scale x1, the recipe's threshold
+        assert card["scales"] == [1]
+        assert card["score_threshold"] == _ci_config(name)["score_threshold"]
+        from MedSRLib import roi
+        assert roi.load_detector(export)[1]["score_threshold"] == card["score_threshold"]
 
 
 def test_validation_patients_never_reach_training():

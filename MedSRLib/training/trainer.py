@@ -522,6 +522,8 @@ class Trainer:
             "distributed": {"world_size": self.context.world_size, "weight_spread": spread},
             "training_config": self.config,
         }
+        if self.spec.kind == "detector":  # slice score that keeps a box at inference (roi.py)
+            card["score_threshold"] = float(self.config.get("score_threshold", 0.5))
         if self.spec.kind == "multi_scale":
             card["scales"] = list(self.spec.scales) if set(self.spec.scales) <= set(self.scales) else list(self.scales)
         stem = zoo.weights_stem(self.spec, max(self.scales))
