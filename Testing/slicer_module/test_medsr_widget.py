@@ -81,17 +81,24 @@ def test_default_roi_model_prefers_shipped_lfsr_generator(MedSR):
     assert MedSR.preferredRoiModels()[0] == medsr_roi.DEFAULT_ROI_MODEL  # the library's choice first
 
 
-def test_lesion_focused_apply_creates_whole_volume_node_and_reports_roi(widget, scene, MedSR, qapp):
-    node, ijk_to_ras = MedSR.MedSRTest.makeObliqueAnisotropicVolume("Liver CT")
-    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "drawn")
-    roi.SetCenter((ijk_to_ras @ [12.0, 10.0, 3.0, 1.0])[:3].tolist())
-    roi.SetSize([4.0, 4.0, 4.0])
+def select_lesion_focused(widget, scene, qapp, node, roi_name, center_ras, size_mm, roi_model):
+    """Draw a markups ROI and set the panel to lesion-focused: linear outside, `roi_model` inside."""
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", roi_name)
+    roi.SetCenter([float(v) for v in center_ras])
+    roi.SetSize(list(size_mm))
     qapp.processEvents()
     widget.ui.inputSelector.setCurrentNode(node)
     widget.ui.roiSelector.setCurrentNode(roi)
     widget.ui.lesionCheckBox.setChecked(True)
     select(widget.ui.modelComboBox, "linear")
-    select(widget.ui.roiModelComboBox, "lanczos")
+    select(widget.ui.roiModelComboBox, roi_model)
+    return roi
+
+
+def test_lesion_focused_apply_creates_whole_volume_node_and_reports_roi(widget, scene, MedSR, qapp):
+    node, ijk_to_ras = MedSR.MedSRTest.makeObliqueAnisotropicVolume("Liver CT")
+    roi = select_lesion_focused(widget, scene, qapp, node, "drawn", (ijk_to_ras @ [12.0, 10.0, 3.0, 1.0])[:3],
+                                [4.0, 4.0, 4.0], roi_model="lanczos")
     box = widget.logic.roiIndexBox(node, roi)
 
     widget.ui.applyButton.click()
@@ -112,15 +119,8 @@ def test_lesion_focused_apply_creates_whole_volume_node_and_reports_roi(widget, 
 
 def test_lesion_focused_roi_off_the_volume_is_shown_and_leaves_no_node(widget, scene, MedSR, qapp):
     node, _ = MedSR.MedSRTest.makeObliqueAnisotropicVolume()
-    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "elsewhere")
-    roi.SetCenter([400.0, 0.0, 0.0])
-    roi.SetSize([10.0, 10.0, 10.0])
-    qapp.processEvents()
-    widget.ui.inputSelector.setCurrentNode(node)
-    widget.ui.roiSelector.setCurrentNode(roi)
-    widget.ui.lesionCheckBox.setChecked(True)
-    select(widget.ui.modelComboBox, "linear")
-    select(widget.ui.roiModelComboBox, "linear")
+    select_lesion_focused(widget, scene, qapp, node, "elsewhere", [400.0, 0.0, 0.0], [10.0, 10.0, 10.0],
+                          roi_model="linear")
     before = scene_state(scene)
     widget.ui.applyButton.click()
     assert isinstance(widget.lastError, ValueError)
