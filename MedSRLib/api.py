@@ -109,15 +109,16 @@ def choose_model(model: str | None, image: sitk.Image, modality: str | None, sca
     return zoo.default_model(modality or io.modality_of(image), scale)
 
 
-def model_loader(name: str, allow_untrained: bool = False, weights: str | None = None
-                 ) -> Callable[[tuple[int, int]], tuple[zoo.SRModel, bool]]:
-    """The engine's `model_for`: loads `name` once per 2-D factor pair, returns (model, learned)."""
+def model_loader(name: str, allow_untrained: bool = False, weights: str | None = None,
+                 modality: str | None = None) -> Callable[[tuple[int, int]], tuple[zoo.SRModel, bool]]:
+    """The engine's `model_for`: loads `name` (its weights for `modality`) once per 2-D factor
+    pair, returns (model, learned)."""
     loaded: dict[tuple[int, int], zoo.SRModel] = {}
 
     def model_for(factors: tuple[int, int]) -> tuple[zoo.SRModel, bool]:
         if factors not in loaded:
             loaded[factors] = zoo.load_model(name, factors, allow_untrained=allow_untrained,
-                                             weights_path=weights)
+                                             weights_path=weights, modality=modality)
         return loaded[factors], loaded[factors].spec.needs_weights
 
     return model_for
@@ -179,8 +180,9 @@ def upscale(
         raise InputError("roi_model is only used with roi (lesion-focused mode)")
     image = validate_image(image)
     plan = plan_scale(scale, axis, image.GetSpacing(), image.GetSize())
+    modality = modality or io.modality_of(image)
     name = choose_model(model, image, modality, plan.network_scale)
-    model_for = model_loader(name, allow_untrained, weights)
+    model_for = model_loader(name, allow_untrained, weights, modality)
     # Load every pass's model before any voxel work, so model/scale errors come first.
     for slice_pass in plan_passes(plan.factors_kji, plan.slice_axis_kji):
         model_for(slice_pass.plane_factors)

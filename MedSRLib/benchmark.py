@@ -176,14 +176,23 @@ def centre_crop(plane: np.ndarray, max_size: int | None) -> np.ndarray:
     return np.ascontiguousarray(plane[y0:y0 + h, x0:x0 + w])
 
 
-def load_slices(path: Path, label: str, count: int, max_size: int | None) -> list[BenchmarkSlice]:
+def resize_plane(plane: np.ndarray, size: int | None) -> np.ndarray:
+    """`plane` resampled to size x size (antialiased bilinear, as training's whole_slice_size)."""
+    if not size:
+        return plane
+    from .networks.lesion_detector import resize_slices
+    return resize_slices(torch.from_numpy(np.ascontiguousarray(plane))[None, None], size)[0, 0].numpy()
+
+
+def load_slices(path: Path, label: str, count: int, max_size: int | None,
+                resize: int | None = None) -> list[BenchmarkSlice]:
     voxels = sitk.GetArrayFromImage(io.read_volume(path))
     unit = intensity.fit_mapping(voxels).to_unit(voxels)
     del voxels
     planes = []
     for z in choose_slices(unit, count):
         name = label if unit.shape[0] == 1 else f"{label} z={z}"
-        planes.append(BenchmarkSlice(name, str(path), centre_crop(unit[z], max_size)))
+        planes.append(BenchmarkSlice(name, str(path), centre_crop(resize_plane(unit[z], resize), max_size)))
     return planes
 
 
@@ -211,13 +220,14 @@ def score_slice(output: torch.Tensor, target: torch.Tensor, border: int, xray: b
 
 
 def load_methods(names: Sequence[str], factors: tuple[int, int], allow_untrained: bool,
-                 weights_dir: Path | None) -> tuple[dict[str, zoo.SRModel], list[str]]:
+                 weights_dir: Path | None, modality: str | None = None
+                 ) -> tuple[dict[str, zoo.SRModel], list[str]]:
     """{column name: model} with bicubic first, plus notes on the models left out."""
     methods: dict[str, zoo.SRModel] = {}
     notes = []
     for name in ["bicubic"] + [n for n in names if n != "bicubic"]:
         try:
-            model = zoo.load_model(name, factors, weights_dir=weights_dir)
+            model = zoo.load_model(name, factors, weights_dir=weights_dir, modality=modality)
             label = name
             if model.card is not None:
                 card = model.card
@@ -253,7 +263,7 @@ def run_scale(slices: Sequence[BenchmarkSlice], scale: int, model_names: Sequenc
               figure_index: int = 0, seed: int = 0) -> ScaleResult:
     steps = degrade.with_scale(degradation, scale)
     factors = degrade.pipeline_factors(steps)
-    methods, notes = load_methods(model_names, factors, allow_untrained, weights_dir)
+    methods, notes = load_methods(model_names, factors, allow_untrained, weights_dir, modality)
     notes += leak_notes(methods, sorted({s.volume for s in slices}))
     upscalers = {m: SliceUpscaler(model, factors, options, learned=model.spec.needs_weights)
                  for m, model in methods.items()}
@@ -323,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slices-per-volume", type=int, default=3)
     parser.add_argument("--max-size", type=int, default=None,
                         help="centre-crop slices to at most PX x PX (default: whole slices)")
+    parser.add_argument("--resize", type=int, default=None, metavar="PX",
+                        help="resample each HR slice to PX x PX first (paper 002's X-ray protocol: 256)")
     parser.add_argument("--degradation", default=None,
                         help='JSON list of degradation steps, e.g. \'[{"type": "bicubic"}]\' '
                              "(the scale is filled in); default: anti-aliased bicubic")
@@ -358,7 +370,7 @@ def expand_model_names(names: Sequence[str], scales: Sequence[int],
             spec = zoo.get_spec(candidate)
             if spec.kind in ("interpolation", "detector"):
                 continue
-            files = [zoo.shipped_weights(spec, s, weights_dir) for s in scales if s in spec.scales]
+            files = [zoo.shipped_weights(spec, s, weights_dir, modality) for s in scales if s in spec.scales]
             files = [f for f in files if f]
             if files and (modality is None or any(
                     not _card_modalities(f) or modality in _card_modalities(f) for f in files)):
@@ -389,7 +401,7 @@ def main(argv: Sequence[str]) -> int:
         raise InputError("no inputs: give files/folders or --held-out DATA_ROOT")
     slices = []
     for path, label in zip(paths, volume_labels(paths)):
-        slices.extend(load_slices(path, label, args.slices_per_volume, args.max_size))
+        slices.extend(load_slices(path, label, args.slices_per_volume, args.max_size, args.resize))
         print(f"read {path}", file=sys.stderr)
     options = EngineOptions(device=args.device, precision=args.precision, tile=args.tile)
     figure_index = figure_slice_index(slices)
@@ -408,7 +420,7 @@ def main(argv: Sequence[str]) -> int:
         "degradation": degradation, "device": args.device, "precision": args.precision,
         "autocast_learned_models": str(resolve_precision(args.precision, resolve_device(args.device),
                                                          learned=True)).replace("torch.", ""),
-        "slices_per_volume": args.slices_per_volume, "max_size": args.max_size,
+        "slices_per_volume": args.slices_per_volume, "max_size": args.max_size, "resize": args.resize,
         "torch_threads": torch.get_num_threads(),
     }
     out_dir = Path(args.out)

@@ -85,6 +85,7 @@ def protocol_text(results: Sequence[ScaleResult], run_info: dict[str, Any]) -> l
         f"Modality {run_info['modality']}; {len(run_info['inputs'])} input(s), "
         f"{len(run_info['images'])} image(s) ({run_info['slices_per_volume']} evenly spaced axial "
         "slice(s) per volume among those with >= 5 % foreground"
+        + (f", resampled to {run_info['resize']} x {run_info['resize']} px" if run_info.get("resize") else "")
         + (f", centre-cropped to {run_info['max_size']} px" if run_info["max_size"] else "") + ").",
         "Intensities: each volume's 0.5th/99.5th percentiles -> 0/1 (the training normalisation); "
         "PSNR with data_range = 1.0 in those units; SSIM: Gaussian 11x11, sigma 1.5.",

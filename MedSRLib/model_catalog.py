@@ -82,7 +82,7 @@ register(ModelSpec(
     kind="post_upsampled", paper="paper 002 (Saeedi), section 2", scales=(2, 4),
     default_config={"in_channels": 1, "num_features": 64, "num_res_blocks": 8,
                     "num_vdsr_layers": 20, "refine_features": 16, "input_upsampling": 2,
-                    "output_activation": "tanh"},
+                    "output_activation": "tanh", "bicubic_residual": False},
     modalities=("XR", "CT", "MR"),
     description="9x9 head, 8 SRGAN blocks, 20-layer VDSR trunk, BN, sum, fixed sharpening, "
                 "upsampling block, 16-filter conv, 5x5 tanh output; bicubic x2 inside."))
@@ -116,7 +116,8 @@ register(ModelSpec(
     name="mdrn", title="MDRN (multi-scale EDSR, 80x64)", builder=MultiScaleEDSR,
     kind="multi_scale", paper="paper 004 (Ren et al.), sections 3.1 and 4.3", scales=(2, 3, 4),
     default_config={"in_channels": 1, "num_features": 64, "num_blocks": 80, "res_scale": 1.0,
-                    "preprocess_blocks": 2, "preprocess_kernel_size": 5},
+                    "preprocess_blocks": 2, "preprocess_kernel_size": 5,
+                    "bicubic_residual": False},
     description="Shared 80-block trunk, per-scale 5x5 pre-processing blocks and parallel "
                 "x2/x3/x4 upsampling heads; scale chosen per call."))
 
@@ -124,7 +125,8 @@ register(ModelSpec(
     name="edsr_multiscale", title="Multi-scale EDSR (16x64)", builder=MultiScaleEDSR,
     kind="multi_scale", paper="paper 004 (MDRN design, baseline depth)", scales=(2, 3, 4),
     default_config={"in_channels": 1, "num_features": 64, "num_blocks": 16, "res_scale": 1.0,
-                    "preprocess_blocks": 2, "preprocess_kernel_size": 5},
+                    "preprocess_blocks": 2, "preprocess_kernel_size": 5,
+                    "bicubic_residual": False},
     description="The MDRN design with a 16-block trunk: the CPU-trainable multi-scale model."))
 
 register(ModelSpec(

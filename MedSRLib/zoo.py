@@ -135,10 +135,31 @@ def weights_stem(spec: ModelSpec, scale: int) -> str:
     return spec.name if spec.multi_scale or spec.kind == "detector" else f"{spec.name}_x{scale}"
 
 
-def shipped_weights(spec: ModelSpec, scale: int, weights_dir: Path | None = None) -> Path | None:
-    """Path of the shipped safetensors file for (spec, scale), or None when none ships."""
-    path = (weights_dir or WEIGHTS_DIR) / f"{weights_stem(spec, scale)}.safetensors"
-    return path if path.is_file() else None
+#: Modalities that may have their own weights file, `<stem>_<modality>.safetensors` (e.g.
+#: srresnet_x4_xr and srresnet_x4_mr); `<stem>.safetensors` serves every modality its card lists.
+MODALITIES = ("CT", "MR", "XR")
+
+
+def weights_files(spec: ModelSpec, scale: int, weights_dir: Path | None = None) -> dict[str, Path]:
+    """The shipped files for (spec, scale): {"": the general file, "MR": an MR-only file, ...}."""
+    folder = weights_dir or WEIGHTS_DIR
+    stem = weights_stem(spec, scale)
+    candidates = {"": folder / f"{stem}.safetensors",
+                  **{m: folder / f"{stem}_{m.lower()}.safetensors" for m in MODALITIES}}
+    return {key: path for key, path in candidates.items() if path.is_file()}
+
+
+def shipped_weights(spec: ModelSpec, scale: int, weights_dir: Path | None = None,
+                    modality: str | None = None) -> Path | None:
+    """The shipped safetensors file for (spec, scale) and `modality`: that modality's own file,
+    else the general one; without a modality, the general file or the only per-modality one.
+    None when none ships (or, without a modality, when several per-modality files do)."""
+    files = weights_files(spec, scale, weights_dir)
+    if modality and modality in files:
+        return files[modality]
+    if "" in files:
+        return files[""]
+    return next(iter(files.values())) if modality is None and len(files) == 1 else None
 
 
 def read_card(weights_path: Path) -> dict[str, Any]:
@@ -257,11 +278,13 @@ class SRModel(nn.Module):
 
 
 def load_model(name: str, factors: int | tuple[int, int], *, allow_untrained: bool = False,
-               weights_path: Path | None = None, weights_dir: Path | None = None) -> SRModel:
+               weights_path: Path | None = None, weights_dir: Path | None = None,
+               modality: str | None = None) -> SRModel:
     """The ready-to-run model `name` for 2-D factors (sy, sx), in eval mode, on CPU.
 
-    Learned models load their shipped weights (or `weights_path`); without any, InputError
-    unless `allow_untrained` (random weights, for tests and demos of the plumbing only).
+    Learned models load their shipped weights for `modality` (see `shipped_weights`) or
+    `weights_path`; without any, InputError unless `allow_untrained` (random weights, for tests
+    and demos of the plumbing only).
     """
     spec = get_spec(name)
     if spec.kind == "detector":
@@ -273,7 +296,12 @@ def load_model(name: str, factors: int | tuple[int, int], *, allow_untrained: bo
     check_scale(spec, scale)
     if spec.kind == "interpolation":
         return SRModel(spec, spec.builder(scale=factors), factors, None).eval()
-    path = weights_path or shipped_weights(spec, scale, weights_dir)
+    path = weights_path or shipped_weights(spec, scale, weights_dir, modality)
+    if path is None and not allow_untrained and weights_files(spec, scale, weights_dir):
+        shipped_for = ", ".join(sorted(weights_files(spec, scale, weights_dir)))
+        raise InputError(
+            f"model {name!r} ships x{scale} weights per modality ({shipped_for}), none for "
+            f"{modality or 'an unknown modality'}: choose one with --modality")
     config = dict(spec.default_config) if path is None else config_from_card(spec, Path(path))
     network = build_network(name, scale=scale, **config)
     card = None
@@ -293,12 +321,14 @@ def describe(spec: ModelSpec, weights_dir: Path | None = None) -> dict[str, Any]
     """Registry metadata of `spec` as plain JSON-able data (for `medsr models` and the UI)."""
     weights = {}
     for scale in spec.scales:
-        path = shipped_weights(spec, scale, weights_dir)
-        if path is not None:
-            card = read_card(path)
-            weights[f"x{scale}"] = {"file": path.name, "modality": card.get("modality"),
-                                    "metrics": card.get("metrics", {}),
-                                    "licence": card.get("licence")}
+        paths = list(weights_files(spec, scale, weights_dir).values())
+        if paths:  # several per-modality files: names joined, modalities and licences merged
+            cards = [read_card(path) for path in paths]
+            weights[f"x{scale}"] = {
+                "file": ", ".join(path.name for path in paths),
+                "modality": sorted({m for card in cards for m in card.get("modality") or []}),
+                "metrics": cards[0].get("metrics", {}),
+                "licence": sorted({lic for card in cards for lic in card.get("licence") or []})}
     try:
         probe_scale = spec.scales[0]
         n_params = parameter_count(build_network(spec.name, scale=probe_scale))
@@ -331,7 +361,7 @@ def default_model(modality: str | None, scale: int) -> str:
         spec = get_spec(name)
         if scale not in spec.scales:
             continue
-        path = shipped_weights(spec, scale)
+        path = shipped_weights(spec, scale, modality=modality)
         if path is None:
             continue
         card_modality = read_card(path).get("modality", [])

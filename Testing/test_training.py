@@ -254,3 +254,26 @@ def test_whole_slice_sampler_resizes_slices_and_prefers_lesion_slices():
     empty = [item for item in sampler({"image": volume, "mask": mask, "foreground_indices": foreground})
              if item["mask"].sum() == 0]
     assert len(empty) > 20          # 11 of 12 slices hold no lesion
+
+
+def test_recipe_extends_another_and_a_new_optimizer_type_replaces_the_old(tmp_path):
+    base = load_config("vdsr_x2")
+    child = load_config("vdsr_cpu_x2")
+    assert base["optimizer"]["type"] == "sgd" and "grad_clip" in base["optimizer"]
+    assert child["optimizer"] == {"type": "adam", "lr": 1.0e-4, "betas": [0.9, 0.999], "weight_decay": 0.0}
+    assert child["data"]["sources"] == base["data"]["sources"]       # inherited
+    assert child["data"]["patch_size"] == 48 and child["name"] == "vdsr_cpu_x2"
+    assert load_config("vdsr_cpu_x4")["init_from"].endswith("vdsr_x2.safetensors")
+    (tmp_path / "a.yaml").write_text("extends: " + str(tmp_path / "b.yaml") + "\nmodel: srcnn\n")
+    (tmp_path / "b.yaml").write_text("extends: " + str(tmp_path / "a.yaml") + "\nmodel: srcnn\n")
+    with pytest.raises(ValueError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_whole_slice_sr_validation_uses_the_resized_slice():
+    """Paper 002's protocol (whole X-rays at 256x256 HR) holds for validation slices too."""
+    config = load_config("srresnet_xr_x4", [f"data.root={DATA_ROOT}"])
+    split = tdata.split_sources(config["data"]["sources"], DATA_ROOT)
+    volumes = tdata.volume_dataset([i.as_dict(DATA_ROOT) for i in split.validation[:2]], config["data"])
+    slices = tdata.validation_slices(volumes, config["data"], 4)
+    assert slices and all(tuple(s.image.shape[-2:]) == (256, 256) for s in slices)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,61 @@ def test_card_config_builds_a_smaller_network_and_must_match_its_tensors(tmp_pat
     zoo.save_weights(big, path, _card("srresnet", config=config))
     with pytest.raises(WeightsError, match="do not match architecture 'srresnet'"):
         zoo.load_model("srresnet", 2, weights_path=path)
+
+
+def test_per_modality_weights_files_are_chosen_by_modality(tmp_path, monkeypatch):
+    """srresnet_x4_xr / srresnet_x4_mr style files: the modality picks one; without a modality
+    the choice is refused with the shipped modalities named; a general file serves all."""
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)
+    nets = {}
+    for modality, seed in (("XR", 1), ("MR", 2)):
+        torch.manual_seed(seed)
+        nets[modality] = zoo.build_network("srcnn", scale=2)
+        card = {**_card(), "modality": [modality]}
+        zoo.save_weights(nets[modality], tmp_path / f"srcnn_x2_{modality.lower()}.safetensors", card)
+    for modality, net in nets.items():
+        loaded = zoo.load_model("srcnn", 2, modality=modality).network.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(InputError, match=r"per modality \(MR, XR\).*--modality"):
+        zoo.load_model("srcnn", 2)
+    with pytest.raises(InputError, match="none for CT"):
+        zoo.load_model("srcnn", 2, modality="CT")
+    assert zoo.describe(zoo.get_spec("srcnn"))["weights"]["x2"]["modality"] == ["MR", "XR"]
+    # a general file serves the modalities without their own file
+    zoo.save_weights(nets["MR"], tmp_path / "srcnn_x2.safetensors", _card())
+    assert zoo.shipped_weights(zoo.get_spec("srcnn"), 2, modality="CT").name == "srcnn_x2.safetensors"
+    assert zoo.shipped_weights(zoo.get_spec("srcnn"), 2, modality="XR").name == "srcnn_x2_xr.safetensors"
+
+
+@pytest.mark.parametrize("name,config", [
+    ("srresnet", {"num_blocks": 2, "bicubic_residual": True}),
+    ("hybrid", {"num_res_blocks": 1, "num_vdsr_layers": 2, "output_activation": None, "bicubic_residual": True}),
+])
+def test_bicubic_residual_generators_start_exactly_at_bicubic(name, config):
+    torch.manual_seed(0)
+    network = zoo.build_network(name, scale=4, **config).eval()
+    lr = torch.rand(2, 1, 12, 10)
+    bicubic = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False)
+    assert torch.equal(network(lr), bicubic)
+    with pytest.raises(ValueError, match="output_activation=None"):
+        zoo.build_network("hybrid", scale=4, bicubic_residual=True)
+
+
+def test_multiscale_edsr_from_single_scale_weights_reproduces_them():
+    """The pre-processing blocks start as the identity, so head/trunk/tail copied (renamed) from
+    an EDSR(bicubic_residual) give the same output at that scale."""
+    from MedSRLib.training.trainer import load_matching_weights
+
+    torch.manual_seed(0)
+    single = zoo.build_network("edsr_lite", scale=3, num_blocks=2).eval()
+    multi = zoo.build_network("edsr_multiscale", scale=4, num_features=48, num_blocks=2,
+                              preprocess_blocks=1, bicubic_residual=True).eval()
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "edsr_lite_x3.safetensors"
+        zoo.save_weights(single, path, _card("edsr_lite", (3,),
+                                             {**zoo.get_spec("edsr_lite").default_config, "num_blocks": 2}))
+        copied, _ = load_matching_weights(multi, path, {"tail.": "tails.x3."})
+    assert copied == len(single.state_dict())
+    lr = torch.rand(1, 1, 16, 14)
+    torch.testing.assert_close(multi(lr, 3), single(lr))

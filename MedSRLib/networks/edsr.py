@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
+from .srresnet import zero_last_conv
 from .upsampling import subpixel_upsampler
 
 
@@ -117,12 +118,20 @@ class MultiScaleEDSR(nn.Module):
         scales: the supported factors, one pre-processing module and one head each.
         preprocess_blocks: residual blocks per pre-processing module (2).
         preprocess_kernel_size: their kernel size (5).
+        bicubic_residual: add the bicubic-upsampled input to every head's output (as in
+            `EDSR`; not in paper 004, off by default). The pre-processing blocks then start as
+            the identity (last conv zeroed), so a trunk and heads copied from single-scale
+            `EDSR(bicubic_residual=True)` weights keep their output at the start of training.
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_features: int = 64,
                  num_blocks: int = 80, res_scale: float = 1.0, scales: Sequence[int] = (2, 3, 4),
-                 preprocess_blocks: int = 2, preprocess_kernel_size: int = 5):
+                 preprocess_blocks: int = 2, preprocess_kernel_size: int = 5,
+                 bicubic_residual: bool = False):
         super().__init__()
+        if bicubic_residual and spatial_dims != 2:
+            raise ValueError("bicubic_residual needs spatial_dims=2")
+        self.bicubic_residual = bicubic_residual
         self.scales = tuple(int(s) for s in scales)
         self.head = Convolution(spatial_dims, in_channels, num_features, kernel_size=3,
                                 conv_only=True)
@@ -135,10 +144,17 @@ class MultiScaleEDSR(nn.Module):
         self.tails = nn.ModuleDict({
             f"x{s}": _upsampling_head(spatial_dims, num_features, in_channels, s)
             for s in self.scales})
+        if bicubic_residual:
+            for block in self.preprocess.modules():
+                if isinstance(block, ResidualBlockNoBN):
+                    zero_last_conv(block.body)
 
     def forward(self, x: torch.Tensor, scale: int) -> torch.Tensor:
         key = f"x{int(scale)}"
         if key not in self.tails:
             raise ValueError(f"scale must be one of {self.scales}, got {scale!r}")
         features = self.preprocess[key](self.head(x))
-        return self.tails[key](self.trunk(features))
+        out = self.tails[key](self.trunk(features))
+        if self.bicubic_residual:
+            out = out + F.interpolate(x, scale_factor=int(scale), mode="bicubic", align_corners=False)
+        return out

@@ -25,6 +25,10 @@ Choices where the paper is ambiguous (ours, stated here):
     (the block is then a conv 3x3 + PReLU without shuffle) and x4; x3 needs input_upsampling 1
     or 3.
   - Line 9: tanh output, as in the paper (targets in [-1, 1]); `output_activation=None` drops it.
+  - `bicubic_residual=True` (not in the paper, off by default) adds the bicubic-upsampled LR
+    slice to the output and zeroes the output conv, so the untrained network is bicubic and
+    learns only the residual: what a CPU budget of a few hundred steps needs. It needs
+    `output_activation=None` (a tanh on top would bend the intensities).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from .srresnet import SRResidualBlock
+from .srresnet import SRResidualBlock, zero_last_conv
 from .upsampling import subpixel_upsampler
 
 SHARPEN_KERNEL = ((0.0, -1.0, 0.0), (-1.0, 5.0, -1.0), (0.0, -1.0, 0.0))
@@ -66,12 +70,16 @@ class HybridSRGANVDSR(nn.Module):
         scale: total factor; must be a multiple of `input_upsampling`.
         input_upsampling: bicubic pre-upsampling factor applied in `forward` (2, paper 3.1).
         output_activation: "tanh" (paper) or None.
+        bicubic_residual: learn only the residual over bicubic (see the module docstring).
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_features: int = 64,
                  num_res_blocks: int = 8, num_vdsr_layers: int = 20, refine_features: int = 16,
-                 scale: int = 4, input_upsampling: int = 2, output_activation: str | None = "tanh"):
+                 scale: int = 4, input_upsampling: int = 2, output_activation: str | None = "tanh",
+                 bicubic_residual: bool = False):
         super().__init__()
+        if bicubic_residual and output_activation is not None:
+            raise ValueError("bicubic_residual needs output_activation=None")
         if spatial_dims != 2:
             raise ValueError(f"spatial_dims must be 2 for HybridSRGANVDSR, got {spatial_dims}")
         if scale % input_upsampling != 0:
@@ -93,12 +101,20 @@ class HybridSRGANVDSR(nn.Module):
         self.refine = Convolution(2, f, refine_features, kernel_size=3, act="prelu", norm=None)
         self.output = Convolution(2, refine_features, in_channels, kernel_size=5, conv_only=True)
         self.output_activation = nn.Tanh() if output_activation == "tanh" else nn.Identity()
+        self.scale = scale
+        self.bicubic_residual = bicubic_residual
+        if bicubic_residual:
+            zero_last_conv(self.output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lr = x
         if self.input_upsampling > 1:
             x = F.interpolate(x, scale_factor=self.input_upsampling, mode="bicubic",
                               align_corners=False)
         features = self.head(x)
         features = features + self.trunk_norm(self.vdsr_trunk(self.blocks(features)))
         features = torch.tanh(self.sharpen(features))
-        return self.output_activation(self.output(self.refine(self.upsample(features))))
+        out = self.output(self.refine(self.upsample(features)))
+        if self.bicubic_residual:
+            out = out + F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return self.output_activation(out)

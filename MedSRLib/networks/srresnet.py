@@ -33,6 +33,14 @@ from torch import nn
 from .upsampling import subpixel_upsampler
 
 
+def zero_last_conv(module: nn.Module) -> None:
+    """Zero the weights and bias of the last conv in `module` (a residual branch that starts as 0)."""
+    convs = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    nn.init.zeros_(convs[-1].weight)
+    if convs[-1].bias is not None:
+        nn.init.zeros_(convs[-1].bias)
+
+
 class SRResidualBlock(nn.Module):
     """conv-BN-PReLU-conv-BN with an identity skip (Ledig et al. Fig. 4)."""
 
@@ -62,7 +70,8 @@ class SRResNet(nn.Module):
         output_activation: None or "tanh".
         bicubic_residual: add the bicubic-upsampled input to the output (before the output
             activation), so the network learns only the residual (as `EDSR(bicubic_residual=True)`;
-            not in Ledig et al., off by default). Short CPU training needs it to beat bicubic.
+            not in Ledig et al., off by default). The last conv then starts at zero, so the
+            untrained network is exactly bicubic. Short CPU training needs both to beat bicubic.
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_features: int = 64,
@@ -84,6 +93,8 @@ class SRResNet(nn.Module):
         self.tail = Convolution(spatial_dims, f, in_channels, kernel_size=head_kernel_size,
                                 conv_only=True)
         self.output_activation = nn.Tanh() if output_activation == "tanh" else nn.Identity()
+        if bicubic_residual:
+            zero_last_conv(self.tail)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.head(x)

@@ -71,12 +71,43 @@ def apply_override(config: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
-def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a recipe (YAML or JSON), fill defaults, apply overrides."""
+def _read_recipe(name_or_path: str | Path, chain: tuple[Path, ...] = ()) -> tuple[Path, dict[str, Any]]:
+    """The recipe's mapping, merged over the recipe it names in `extends` (recursively; lists such
+    as `data.sources` or `loss` are replaced, not appended)."""
     path = find_config(name_or_path)
+    if path in chain:
+        raise ValueError(f"{path}: 'extends' loops back to itself")
     text = path.read_text()
     raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    if not isinstance(raw, Mapping) or "model" not in raw:
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{path}: a config is a mapping")
+    raw = dict(raw)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return path, raw
+    _, base = _read_recipe(parent, chain + (path,))
+    base.pop("name", None)
+    return path, _merge_recipe(base, raw)
+
+
+def _merge_recipe(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """deep_merge, except that a mapping naming another `type` (e.g. optimizer sgd -> adam)
+    replaces the parent's instead of inheriting its other keys."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        old = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(old, Mapping) and old.get("type", value.get("type")) == value.get("type", old.get("type")):
+            merged[key] = _merge_recipe(old, value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a recipe (YAML or JSON; `extends: other_recipe` merges it over another), fill
+    defaults, apply overrides."""
+    path, raw = _read_recipe(name_or_path)
+    if "model" not in raw:
         raise ValueError(f"{path}: a config is a mapping with at least 'model'")
     config = deep_merge(DEFAULTS, raw)
     for assignment in overrides:

@@ -510,6 +510,11 @@ def validation_slices(volumes: Dataset, data_config: Mapping[str, Any], multiple
                 result.append(ValidationSlice(d["patient"], torch.from_numpy(image.copy())[None, None],
                                               torch.from_numpy(mask_patch > 0)[None, None], box[None]))
                 continue
+            if data_config.get("whole_slice_size"):  # SR on whole resized slices (paper 002)
+                from ..networks.lesion_detector import resize_slices
+                resized = resize_slices(torch.from_numpy(np.ascontiguousarray(plane))[None, None],
+                                        int(data_config["whole_slice_size"]))
+                plane = resized[0, 0].numpy()
             h = min(plane.shape[0], max_size) // multiple * multiple
             w = min(plane.shape[1], max_size) // multiple * multiple
             if h < 16 or w < 16:

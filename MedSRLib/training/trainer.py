@@ -58,16 +58,21 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
-def load_matching_weights(module: nn.Module, path: str | Path) -> tuple[int, int]:
+def load_matching_weights(module: nn.Module, path: str | Path,
+                          rename: Mapping[str, str] | None = None) -> tuple[int, int]:
     """Initialise `module` from a safetensors export or a training checkpoint, copying every
     tensor whose name and shape match (e.g. an x4 EDSR from its x2 weights: all but the
-    upsampler). Returns (copied, total)."""
+    upsampler). `rename` maps name prefixes of the file to the module's (e.g. an EDSR's
+    "tail." to a multi-scale EDSR's "tails.x4."); renamed tensors replace the originals.
+    Returns (copied, total)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         state = load_file(str(path))
     else:
         state = ckpt.load_checkpoint(path)["model"]
+    for old, new in (rename or {}).items():
+        state = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state.items()}
     own = module.state_dict()
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matching:
@@ -115,9 +120,13 @@ class Trainer:
         overrides = dict(self.config.get("model_config", {}))
         self.model_config = {**self.spec.default_config, **overrides}
         network = zoo.build_network(self.spec.name, scale=max(self.scales), **overrides)
-        if self.config.get("init_from"):
-            copied, total = load_matching_weights(network, self.config["init_from"])
-            self._log_main(f"initialised {copied}/{total} tensors from {self.config['init_from']}")
+        init_from = self.config.get("init_from")
+        # one file, or a list of {path, rename: {file prefix: network prefix}} applied in order
+        for source in ([] if not init_from else init_from if isinstance(init_from, list) else [init_from]):
+            path, rename = ((source["path"], source.get("rename")) if isinstance(source, Mapping)
+                            else (source, None))
+            copied, total = load_matching_weights(network, path, rename)
+            self._log_main(f"initialised {copied}/{total} tensors from {path}")
         self.network = network.to(self.context.device)
         self.discriminator = None
         if self.task == "gan":
