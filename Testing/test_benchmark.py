@@ -182,3 +182,12 @@ def test_shipped_expands_to_the_models_with_weights_for_a_requested_scale(tmp_pa
                      {"model": "srresnet", "scales": [2], "modality": ["MR"]})
     assert benchmark.expand_model_names(["shipped"], [2], modality="MR") == ["srcnn", "srresnet"]
     assert benchmark.expand_model_names(["shipped"], [2], modality="CT") == ["srcnn"]
+
+
+def test_resize_resamples_each_hr_slice_before_cropping():
+    """--resize PX (paper 002's 256x256 X-ray protocol) resamples the whole slice first."""
+    plain = benchmark.load_slices(SAMPLE, "ct", 1, None)[0].hr_unit
+    resized = benchmark.load_slices(SAMPLE, "ct", 1, None, resize=96)[0].hr_unit
+    cropped = benchmark.load_slices(SAMPLE, "ct", 1, 64, resize=96)[0].hr_unit
+    assert plain.shape != (96, 96) and resized.shape == (96, 96) and cropped.shape == (64, 64)
+    np.testing.assert_allclose(resized.mean(), plain.mean(), atol=0.02)  # same image, resampled
