@@ -35,7 +35,11 @@ SRCNN_CPU_ARGS := --steps 1500 --set optimizer.lr=5.0e-4 \
 	--set train.val_every=250 --set train.checkpoint_every=250
 MR_X4 := --set scale=4 --set init_from=runs/edsr_lite_x4/edsr_lite_x4.safetensors
 SHIPPED_RUNS := edsr_lite_x2_stage2 edsr_lite_x4 edsr_lite_x3 srcnn_x2 srcnn_x3 srcnn_x4 \
-	improved_srcnn_x2 lesion_detector lfsr_x2 lfsr_x4
+	improved_srcnn_x2 improved_srcnn_x3 improved_srcnn_x4 lesion_detector lfsr_x2 lfsr_x4 \
+	vdsr_cpu_x2 vdsr_cpu_x3 vdsr_cpu_x4 edsr_multiscale_lite
+# run:modality -> MedSRLib/weights/<stem>_<modality>.safetensors (one file per modality, zoo.weights_files)
+MODALITY_RUNS := srresnet_mr_x2:mr srresnet_mr_x4:mr srresnet_xr_x4:xr srgan_mr_x2:mr srgan_mr_x4:mr \
+	srgan_xr_x4:xr hybrid_mr_x2:mr hybrid_mr_x4:mr hybrid_xr_x4:xr
 weights: $(VENV)/.installed
 	$(TRAIN) edsr_lite_x2
 	$(TRAIN) edsr_lite_x2_stage2
@@ -45,11 +49,21 @@ weights: $(VENV)/.installed
 	$(TRAIN) srcnn_x2 $(SRCNN_CPU_ARGS) --set scale=3 --set name=srcnn_x3 --set output.dir=runs/srcnn_x3
 	$(TRAIN) srcnn_x2 $(SRCNN_CPU_ARGS) --set scale=4 --set name=srcnn_x4 --set output.dir=runs/srcnn_x4
 	$(TRAIN) improved_srcnn_x2 $(SRCNN_CPU_ARGS)
+	$(TRAIN) improved_srcnn_x2 $(SRCNN_CPU_ARGS) --set scale=3 --set name=improved_srcnn_x3 --set output.dir=runs/improved_srcnn_x3
+	$(TRAIN) improved_srcnn_x2 $(SRCNN_CPU_ARGS) --set scale=4 --set name=improved_srcnn_x4 --set output.dir=runs/improved_srcnn_x4
 	$(TRAIN) lesion_detector
 	$(TRAIN) lfsr_x2
 	$(TRAIN) lfsr_x2 $(MR_X4) --set name=lfsr_x4 --set output.dir=runs/lfsr_x4
+	for run in vdsr_cpu_x2 vdsr_cpu_x3 vdsr_cpu_x4 edsr_multiscale_lite srresnet_mr_x2 srresnet_mr_x4 \
+	  srresnet_xr_x4 srgan_mr_x2 srgan_mr_x4 srgan_xr_x4 hybrid_mr_x2 hybrid_mr_x4 hybrid_xr_x4; do $(TRAIN) $$run; done
 	for run in $(SHIPPED_RUNS); do \
 	  for f in runs/$$run/*.safetensors; do cp "$$f" "$${f%.safetensors}.json" MedSRLib/weights/; done; \
+	done
+	for pair in $(MODALITY_RUNS); do run=$${pair%%:*}; mod=$${pair##*:}; \
+	  for f in runs/$$run/*.safetensors; do stem=$$(basename "$${f%.safetensors}"); \
+	    cp "$$f" MedSRLib/weights/$${stem}_$$mod.safetensors; sed 's/"weights_file": "[^"]*"/"weights_file": "'$${stem}_$$mod'.safetensors"/' \
+	      "$${f%.safetensors}.json" > MedSRLib/weights/$${stem}_$$mod.json; \
+	  done; \
 	done
 
 # Benchmark-only runs for benchmarks/bench_lfsr.py (not shipped): paper 003's whole-slice GAN

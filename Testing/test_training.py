@@ -277,3 +277,19 @@ def test_whole_slice_sr_validation_uses_the_resized_slice():
     volumes = tdata.volume_dataset([i.as_dict(DATA_ROOT) for i in split.validation[:2]], config["data"])
     slices = tdata.validation_slices(volumes, config["data"], 4)
     assert slices and all(tuple(s.image.shape[-2:]) == (256, 256) for s in slices)
+
+
+def test_scheduler_warmup_ramps_linearly_then_follows_the_milestones():
+    from types import SimpleNamespace
+
+    from MedSRLib.training.trainer import Trainer
+
+    fake = SimpleNamespace(config={"scheduler": {"warmup": 4, "milestones": [6], "gamma": 0.5}})
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = Trainer._scheduler(fake, optimizer)
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 0.5, 0.5]

@@ -191,9 +191,11 @@ class Trainer:
         cfg = self.config.get("scheduler") or {}
         milestones = sorted(int(m) for m in cfg.get("milestones", []))
         gamma = float(cfg.get("gamma", 0.5))
+        warmup = int(cfg.get("warmup", 0))  # linear ramp over the first steps (Adam's first updates)
 
         def factor(step: int) -> float:
-            return gamma ** sum(step >= m for m in milestones)
+            ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+            return ramp * gamma ** sum(step >= m for m in milestones)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     def _build_optimisation(self) -> None:
