@@ -293,3 +293,11 @@ def test_scheduler_warmup_ramps_linearly_then_follows_the_milestones():
         optimizer.step()
         scheduler.step()
     assert rates == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 0.5, 0.5]
+
+
+def test_data_root_flag_wins_over_the_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSR_DATA_ROOT", str(tmp_path / "nowhere"))
+    status = train_main(["ci/srcnn", "--data-root", str(DATA_ROOT), "--steps", "1", "--no-progress",
+                         "--out", str(tmp_path / "run"), "--set", "train.val_every=1"])
+    assert status == 0 and (tmp_path / "run" / "srcnn_x2.safetensors").is_file()
+    assert os.environ["MEDSR_DATA_ROOT"] == str(tmp_path / "nowhere")  # restored afterwards

@@ -75,7 +75,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(config, indent=2))
         return 0
     from .trainer import train
-    summary = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    saved_root = os.environ.get("MEDSR_DATA_ROOT")
+    if args.data_root:  # the explicit flag wins over MEDSR_DATA_ROOT, which resolve_data_root reads first
+        os.environ["MEDSR_DATA_ROOT"] = str(args.data_root)
+    try:
+        summary = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    finally:
+        if saved_root is None:
+            os.environ.pop("MEDSR_DATA_ROOT", None)
+        else:
+            os.environ["MEDSR_DATA_ROOT"] = saved_root
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     return 0
