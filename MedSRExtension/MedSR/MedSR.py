@@ -39,6 +39,16 @@ DIRECTIONS = (("in-plane", "In-plane"), ("through-plane", "Through-plane"))
 SLICE_AXES = (("auto", "Auto (largest spacing)"), ("x", "I (x)"), ("y", "J (y)"), ("z", "K (z)"))
 DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "GPU (CUDA)"))
 PRECISIONS = (("auto", "Auto"), ("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16"))
+#: Modality choices; "auto" = the input node's DICOM modality when Slicer knows it (else none).
+MODALITIES = (("auto", "Auto"), ("CT", "CT"), ("MR", "MR"), ("XR", "XR"))
+
+#: Node attribute that Slicer's DICOM plugins set on a volume loaded from DICOM (UIDs, spaces).
+DICOM_INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
+#: DICOM Modality tag (group,element) as `slicer.dicomDatabase.fileValue` takes it.
+DICOM_MODALITY_TAG = "0008,0060"
+#: DICOM Modality value -> MedSRLib modality: radiographs (CR, DX, RG) are "XR", as in
+#: `MedSRLib.io.modality_of`; any other value (PT, US, MG, ...) has no MedSRLib modality.
+MEDSR_MODALITY_FROM_DICOM = {"CT": "CT", "MR": "MR", "CR": "XR", "DX": "XR", "RG": "XR"}
 
 #: ROI-model choice meaning "the same model as outside the ROI" (not a registry name).
 SAME_AS_MODEL = "(same)"
@@ -136,6 +146,22 @@ def roiObjectToNodeFromIndexBox(ijkToRAS, box):
     objectToNode[:3, :3] = axes
     objectToNode[:3, 3] = (matrix @ np.r_[(lower + upper - 1.0) / 2.0, 1.0])[:3]
     return objectToNode, (upper - lower) * spacing
+
+
+def modalityFromDICOMInstances(instanceUIDs, dicomModalityOfInstance):
+    """MedSRLib modality ("CT", "MR" or "XR") of a volume loaded from DICOM, or None.
+
+    Pure (no Slicer): `instanceUIDs` is the node's "DICOM.instanceUIDs" attribute (SOP instance
+    UIDs separated by spaces; None or "" for a volume not loaded from DICOM) and
+    `dicomModalityOfInstance(uid)` returns the DICOM Modality (0008,0060) of one instance
+    ("" or None when unknown). The first instance decides (a series has one modality); CR, DX
+    and RG radiographs are "XR"; other modalities and unknown ones give None.
+    """
+    uids = (instanceUIDs or "").split()
+    if not uids:
+        return None
+    value = (dicomModalityOfInstance(uids[0]) or "").strip().upper()
+    return MEDSR_MODALITY_FROM_DICOM.get(value)
 
 
 def roiReportFromImage(image):
@@ -236,6 +262,8 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.setMRMLScene(slicer.mrmlScene)
 
         self.logic = MedSRLogic()
+        self._fillCombo(self.ui.modalityComboBox, MODALITIES)
+        self.modalityToolTip = _widgetProperty(self.ui.modalityComboBox, "toolTip")
         self._fillCombo(self.ui.scaleComboBox, [(s, f"x{s}") for s in SCALES])
         self._fillCombo(self.ui.directionComboBox, DIRECTIONS)
         self._fillCombo(self.ui.sliceAxisComboBox, SLICE_AXES)
@@ -246,6 +274,7 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.inputSelector.currentNodeChanged.connect(self.onInputChanged)
         for combo in (self.ui.modelComboBox, self.ui.scaleComboBox, self.ui.roiModelComboBox):
             combo.currentIndexChanged.connect(self.updateModelDescription)
+        self.ui.modalityComboBox.currentIndexChanged.connect(self.updateModalityToolTip)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.detectButton.clicked.connect(self.onDetectButton)
         self.ui.progressBar.setVisible(False)
@@ -253,6 +282,7 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer.setInterval(self.POLL_INTERVAL_MS)
         self.pollTimer.timeout.connect(self.onPollTimer)
         self.restoreParametersFromNode()
+        self.updateModalityToolTip()
         for combo in self._parameterCombos().values():
             combo.currentIndexChanged.connect(self.saveParametersToNode)
         self.ui.lesionCheckBox.toggled.connect(self.saveParametersToNode)
@@ -319,6 +349,24 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "Model inside the ROI (plus a margin, feathered); the model above runs elsewhere. "
                 + describeModelCard(roiModel, scale))
 
+    def modalityChoice(self):
+        """The Modality selector's choice: "auto", "CT", "MR" or "XR"."""
+        return self._comboData(self.ui.modalityComboBox) or "auto"
+
+    def updateModalityToolTip(self, *args):
+        """Say in the selector's tooltip what Auto means for the current input."""
+        if self.modalityChoice() != "auto":
+            self.ui.modalityComboBox.setToolTip(self.modalityToolTip)
+            return
+        inputVolume = self.ui.inputSelector.currentNode()
+        modality = self.logic.inputModality(inputVolume)
+        if modality:
+            now = f"{modality}, from the DICOM header of {inputVolume.GetName()!r}."
+        else:
+            now = ("unknown (the input was not loaded from DICOM, or its modality is not CT, MR or "
+                   "X-ray): models that ship weights per modality need a choice here.")
+        self.ui.modalityComboBox.setToolTip(f"{self.modalityToolTip} Auto now: {now}")
+
     def roiModelName(self):
         """Registry name of the model chosen for inside the ROI ("Same as model" resolved)."""
         data = self._comboData(self.ui.roiModelComboBox)
@@ -329,7 +377,8 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- parameter node (choices persist in the scene) -----------------------------------------
 
     def _parameterCombos(self):
-        return {"Model": self.ui.modelComboBox, "ROIModel": self.ui.roiModelComboBox,
+        return {"Modality": self.ui.modalityComboBox,
+                "Model": self.ui.modelComboBox, "ROIModel": self.ui.roiModelComboBox,
                 "Scale": self.ui.scaleComboBox,
                 "Direction": self.ui.directionComboBox, "SliceAxis": self.ui.sliceAxisComboBox,
                 "Device": self.ui.deviceComboBox, "Precision": self.ui.precisionComboBox}
@@ -370,6 +419,7 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- GUI state ------------------------------------------------------------------------------
 
     def onInputChanged(self, *args):
+        self.updateModalityToolTip()
         self.updateApplyButton()
 
     def updateApplyButton(self):
@@ -390,6 +440,7 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             inputVolume=self.ui.inputSelector.currentNode(),
             outputVolume=self.ui.outputSelector.currentNode(),
             model=self._comboData(self.ui.modelComboBox) or None,
+            modality=self.modalityChoice(),
             scale=int(self._comboData(self.ui.scaleComboBox)),
             direction=self._comboData(self.ui.directionComboBox),
             sliceAxis=self._comboData(self.ui.sliceAxisComboBox),
@@ -482,8 +533,13 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showFailure(self, error):
         self.lastError = error
-        self.ui.statusLabel.setText(f"Error: {error}")
+        self.ui.statusLabel.setText(f"Error: {panelMessage(str(error))}")
         logging.error("MedSR: %s", error)
+
+
+def panelMessage(message):
+    """A MedSRLib error message worded for the panel (the CLI's --modality is its selector)."""
+    return message.replace("with --modality", "in the Modality selector")
 
 
 def preferredRoiModels():
@@ -514,14 +570,24 @@ def describeModelCard(model, scale):
     if isinstance(modalities, str):
         modalities = [modalities]
     parts.append("Modality: " + (", ".join(modalities) or "any"))
+    files = [name.strip() for name in str((card or {}).get("file") or "").split(",") if name.strip()]
     if scale not in model.get("scales", []):
         parts.append(f"does not support x{scale} (supports "
                      + ", ".join(f"x{s}" for s in model.get("scales", [])) + ")")
     elif model.get("kind") != "interpolation" and card is None:
         parts.append(f"no trained weights for x{scale}")
+    else:
+        perModality = [m for _, m in MODALITIES[1:]
+                       if any(name.lower().endswith(f"_{m.lower()}.safetensors") for name in files)]
+        if perModality:
+            general = len(files) > len(perModality)
+            parts.append(f"x{scale} weights per modality ({', '.join(perModality)})"
+                         + ("" if general else ": choose the Modality"))
     metrics = (card or {}).get("metrics") or {}
     if metrics:
-        parts.append("Measured: " + ", ".join(f"{k} {_formatMetric(v)}" for k, v in metrics.items()))
+        # MedSRLib lists several files' merged modalities but the first file's metrics.
+        measuredOn = f" ({files[0]})" if len(files) > 1 else ""
+        parts.append(f"Measured{measuredOn}: " + ", ".join(f"{k} {_formatMetric(v)}" for k, v in metrics.items()))
     return ". ".join(part.rstrip(". ") for part in parts) + "."
 
 
@@ -714,6 +780,36 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
 
     # -- what to run ----------------------------------------------------------------------------
 
+    @staticmethod
+    def inputModality(volumeNode):
+        """MedSRLib modality ("CT", "MR", "XR") of `volumeNode` from Slicer's DICOM database.
+
+        None when the node was not loaded from DICOM (no "DICOM.instanceUIDs" attribute), no
+        DICOM database is open, or the DICOM modality is none of CT, MR and radiography.
+        """
+        database = getattr(slicer, "dicomDatabase", None)
+        if volumeNode is None or database is None:
+            return None
+
+        def dicomModalityOfInstance(uid):
+            return database.fileValue(database.fileForInstance(uid), DICOM_MODALITY_TAG)
+
+        return modalityFromDICOMInstances(volumeNode.GetAttribute(DICOM_INSTANCE_UIDS_ATTRIBUTE),
+                                          dicomModalityOfInstance)
+
+    def resolveModality(self, inputVolume, modality="auto"):
+        """The `modality` argument of MedSRLib.upscale: "CT", "MR", "XR" or None (unknown).
+
+        `modality` "CT", "MR" or "XR" is used as given; "auto" or None reads the input's DICOM
+        modality (`inputModality`).
+        """
+        if modality is None or str(modality).lower() == "auto":
+            return self.inputModality(inputVolume)
+        known = [m for _, m in MODALITIES[1:]]
+        if str(modality).upper() not in known:
+            raise ValueError(f"modality must be 'auto' or one of {', '.join(known)}, got {modality!r}")
+        return str(modality).upper()
+
     def scaleAndAxis(self, image, scale, direction, sliceAxis):
         """(scale, axis) arguments of MedSRLib.upscale for the panel's choices.
 
@@ -783,8 +879,11 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
 
     def process(self, inputVolume, outputVolume=None, model=None, scale=2, direction="in-plane",
                 sliceAxis="auto", device="auto", precision="auto", roiNode=None, roiModel=None,
-                allowUntrained=False, progress=None, cancel=None, show=True):
+                allowUntrained=False, progress=None, cancel=None, show=True, modality="auto"):
         """Super-resolve `inputVolume` in this process (blocking); return the output node.
+
+        `modality` ("auto", "CT", "MR" or "XR"; see `resolveModality`) picks the default model
+        and a model's per-modality weights; MedSRLib.upscale gets it only when it is known.
 
         With `roiNode` (a markups ROI) the run is lesion-focused (LFSR): MedSRLib.upscale gets
         the ROI as an input voxel index box and runs `roiModel` inside it (plus a margin,
@@ -798,13 +897,15 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
         image, scaleArgument, axisArgument, roiBox = self.prepareImage(
             inputVolume, scale, direction, sliceAxis, roiNode)
         roiArguments = dict(roi=roiBox, roi_model=roiModel or None) if roiBox is not None else {}
+        modality = self.resolveModality(inputVolume, modality)
+        modalityArguments = dict(modality=modality) if modality else {}
         startTime = time.time()
         self.lastRoiReport = None
         try:
             result = MedSRLib.upscale(image, model=model, scale=scaleArgument, axis=axisArgument,
                                       device=device, precision=precision,
                                       allow_untrained=allowUntrained, progress=progress, cancel=cancel,
-                                      **roiArguments)
+                                      **modalityArguments, **roiArguments)
         except (MemoryError, RuntimeError) as error:
             if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
                 raise MemoryError(outOfMemoryMessage(str(error))) from error
@@ -817,7 +918,7 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
 
     def startProcessing(self, inputVolume, outputVolume=None, model=None, scale=2,
                         direction="in-plane", sliceAxis="auto", device="auto", precision="auto",
-                        roiNode=None, roiModel=None, allowUntrained=False, show=True):
+                        roiNode=None, roiModel=None, allowUntrained=False, show=True, modality="auto"):
         """Start super-resolution in a background process; return the MedSRBackgroundRun.
 
         Arguments as `process`. Call `run.poll()` from a QTimer until it returns True (the
@@ -828,6 +929,7 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
             inputVolume, scale, direction, sliceAxis, roiNode)
         arguments = dict(model=model, scale=scaleArgument, axis=axisArgument, device=device,
                          precision=precision, allowUntrained=allowUntrained, roi=roiBox,
+                         modality=self.resolveModality(inputVolume, modality),
                          roiModel=(roiModel or None) if roiBox is not None else None)
         run = MedSRBackgroundRun(self, inputVolume, image, arguments, outputVolume,
                                  self.outputName(inputVolume, scale, roiBox is not None), show)
@@ -912,6 +1014,8 @@ class MedSRBackgroundRun:
                    "--precision", a["precision"], "--progress", "json"]
         if a["model"]:
             command += ["--model", a["model"]]
+        if a.get("modality"):  # known only: else MedSRLib reads DICOM tags (an .nrrd has none)
+            command += ["--modality", a["modality"]]
         if a.get("roi") is not None:  # lesion-focused: the same box MedSRLib.upscale(roi=...) gets
             command += ["--roi", ",".join(str(int(v)) for v in a["roi"])]
             if a.get("roiModel"):
@@ -1024,6 +1128,8 @@ class MedSRTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_SuperResolvedNodeHasExpectedGeometryAndVoxels()
         self.setUp()
+        self.test_ModalityFromDICOMAndExplicitChoice()
+        self.setUp()
         self.test_LesionFocusedRunCoversWholeVolumeAndChangesOnlyTheROI()
 
     @staticmethod
@@ -1066,6 +1172,25 @@ class MedSRTest(ScriptedLoadableModuleTest):
         reference = MedSRLib.upscale(logic.volumeNodeToImage(inputVolume), model="linear", scale=2)
         np.testing.assert_array_equal(outputVoxels, sitk.GetArrayFromImage(reference))
         self.assertAlmostEqual(float(outputVoxels.mean()), float(inputVoxels.mean()), delta=5.0)
+        self.delayDisplay("Test passed")
+
+    def test_ModalityFromDICOMAndExplicitChoice(self):
+        self.delayDisplay("Modality: DICOM header mapping and explicit choice")
+        modalities = {"1.2.1": "CT", "1.2.2": "CR", "1.2.3": "DX", "1.2.4": "MR", "1.2.5": "US"}
+        self.assertEqual(modalityFromDICOMInstances("1.2.1 1.2.9", modalities.get), "CT")
+        self.assertEqual(modalityFromDICOMInstances("1.2.2", modalities.get), "XR")
+        self.assertEqual(modalityFromDICOMInstances("1.2.3", modalities.get), "XR")
+        self.assertIsNone(modalityFromDICOMInstances("1.2.5", modalities.get))
+        self.assertIsNone(modalityFromDICOMInstances(None, modalities.get))
+
+        inputVolume, _ = self.makeObliqueAnisotropicVolume()
+        logic = MedSRLogic()
+        self.assertIsNone(logic.resolveModality(inputVolume, "auto"))  # not loaded from DICOM
+        self.assertEqual(logic.resolveModality(inputVolume, "MR"), "MR")
+        with self.assertRaises(ValueError):
+            logic.resolveModality(inputVolume, "PET")
+        outputVolume = logic.process(inputVolume, model="linear", scale=2, modality="MR", show=False)
+        self.assertEqual(outputVolume.GetName(), "MedSRTestInput_SRx2")
         self.delayDisplay("Test passed")
 
     def test_LesionFocusedRunCoversWholeVolumeAndChangesOnlyTheROI(self):

@@ -13,6 +13,7 @@ import vtk
 import MedSRLib
 from MedSRLib import roi as medsr_roi
 from scene_state import scene_state
+from fakes.fake_dicom_database import FakeDICOMDatabase
 
 
 def oblique_anisotropic_volume(MedSR, name="CT chest"):
@@ -123,9 +124,9 @@ def test_cancel_through_token_leaves_scene_unchanged(scene, MedSR):
     (dict(model="srcnn"), "no trained weights"),
     (dict(model="hybrid", scale=3), "does not support scale x3"),
 ])
-def test_failing_run_leaves_no_node(scene, MedSR, arguments, message, monkeypatch):
+def test_failing_run_leaves_no_node(scene, MedSR, arguments, message, monkeypatch, tmp_path):
     node, _ = oblique_anisotropic_volume(MedSR)
-    monkeypatch.setattr(MedSRLib.zoo, "shipped_weights", lambda *args, **kwargs: None)
+    monkeypatch.setattr(MedSRLib.zoo, "WEIGHTS_DIR", tmp_path)  # no weights ship at all
     before = scene_state(scene)
     with pytest.raises(ValueError, match=message):
         MedSR.MedSRLogic().process(node, **{"scale": 2, **arguments})
@@ -148,6 +149,144 @@ def test_failure_while_filling_new_node_removes_it(scene, MedSR, monkeypatch):
 def test_missing_input_is_a_clear_error(scene, MedSR):
     with pytest.raises(ValueError, match="No input volume"):
         MedSR.MedSRLogic().process(None, model="nearest")
+
+
+# -- modality: Auto (the node's DICOM modality) or the panel's choice -> MedSRLib.upscale(modality=...) --
+
+
+def dicom_loaded_volume(MedSR, monkeypatch, dicom_modality, name="from DICOM"):
+    """A volume node as Slicer's DICOM plugin leaves it (DICOM.instanceUIDs), and a DICOM
+    database (FAKE, see fakes/fake_dicom_database.py) that knows its instances' Modality."""
+    node, _ = oblique_anisotropic_volume(MedSR, name)
+    node.SetAttribute("DICOM.instanceUIDs", "1.2.840.99.1 1.2.840.99.2")
+    database = FakeDICOMDatabase({"1.2.840.99.1": dicom_modality, "1.2.840.99.2": dicom_modality})
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    return node, database
+
+
+def spy_on_upscale(monkeypatch):
+    """Record the keyword arguments of every MedSRLib.upscale call; the real upscale still runs."""
+    calls = []
+    real_upscale = MedSRLib.upscale
+
+    def recording_upscale(image, **kwargs):
+        calls.append(kwargs)
+        return real_upscale(image, **kwargs)
+
+    monkeypatch.setattr(MedSRLib, "upscale", recording_upscale)
+    return calls
+
+
+def test_dicom_modality_maps_to_medsrlib_modality(MedSR):
+    modalities = {"1.1": "CT", "1.2": "MR", "1.3": "CR", "1.4": "DX", "1.5": "RG", "1.6": "PT",
+                  "1.7": " ct ", "1.8": ""}
+    resolve = MedSR.modalityFromDICOMInstances
+    assert [resolve(uid, modalities.get) for uid in sorted(modalities)] == [
+        "CT", "MR", "XR", "XR", "XR", None, "CT", None]
+    assert resolve("1.3 1.1", modalities.get) == "XR"  # the first instance decides
+    assert resolve("9.9", modalities.get) is None  # not in the database
+    assert resolve(None, modalities.get) is None and resolve("", modalities.get) is None
+    asked = []
+    resolve("1.1 1.2 1.3", lambda uid: asked.append(uid) or "CT")
+    assert asked == ["1.1"]  # one look-up per node, not one per slice
+
+
+@pytest.mark.parametrize("dicom_modality, expected", [("CT", "CT"), ("CR", "XR"), ("DX", "XR"), ("US", None)])
+def test_auto_modality_reads_dicom_database(scene, MedSR, monkeypatch, dicom_modality, expected):
+    node, database = dicom_loaded_volume(MedSR, monkeypatch, dicom_modality)
+    logic = MedSR.MedSRLogic()
+    assert logic.inputModality(node) == expected
+    assert database.asked == [("/fake-dicom/1.2.840.99.1.dcm", "0008,0060")]  # Modality of instance 1
+    assert logic.resolveModality(node, "auto") == expected
+    assert logic.resolveModality(node, None) == expected
+    assert logic.resolveModality(node, "MR") == "MR"  # an explicit choice wins over DICOM
+    run = logic.startProcessing(node, model="linear", scale=2, show=False)
+    command = run.commandLine("in.nrrd", "out.nrrd")
+    run.cancel()
+    if expected:
+        assert command[command.index("--modality") + 1] == expected
+    else:
+        assert "--modality" not in command
+
+
+def test_auto_modality_is_unknown_without_dicom_information(scene, MedSR, monkeypatch):
+    node, _ = oblique_anisotropic_volume(MedSR)
+    logic = MedSR.MedSRLogic()
+    assert not hasattr(slicer, "dicomDatabase") or slicer.dicomDatabase is None
+    assert logic.inputModality(node) is None  # no DICOM database at all
+    monkeypatch.setattr(slicer, "dicomDatabase", FakeDICOMDatabase({"1.2.3": "CT"}), raising=False)
+    assert logic.inputModality(node) is None  # a database, but the node is not from DICOM
+    node.SetAttribute("DICOM.instanceUIDs", "4.5.6")
+    assert logic.inputModality(node) is None  # from DICOM, but not in this database
+    with pytest.raises(ValueError, match="modality must be 'auto' or one of CT, MR, XR, got 'PET'"):
+        logic.resolveModality(node, "PET")
+
+
+def test_explicit_modality_reaches_upscale_in_process(scene, MedSR, monkeypatch):
+    node, _ = oblique_anisotropic_volume(MedSR)
+    calls = spy_on_upscale(monkeypatch)
+    logic = MedSR.MedSRLogic()
+    logic.process(node, model="linear", scale=2, modality="MR", show=False)
+    logic.process(node, model="linear", scale=2, show=False)  # Auto; the node is not from DICOM
+    assert [call.get("modality", "(not passed)") for call in calls] == ["MR", "(not passed)"]
+
+
+def test_auto_modality_from_dicom_reaches_upscale_in_process(scene, MedSR, monkeypatch):
+    node, _ = dicom_loaded_volume(MedSR, monkeypatch, "DX")
+    calls = spy_on_upscale(monkeypatch)
+    MedSR.MedSRLogic().process(node, model="linear", scale=2, show=False)
+    assert [call.get("modality") for call in calls] == ["XR"]
+
+
+def test_background_run_passes_explicit_modality_to_cli(scene, MedSR):
+    node, ijk_to_ras = oblique_anisotropic_volume(MedSR)
+    logic = MedSR.MedSRLogic()
+    run = logic.startProcessing(node, model="linear", scale=2, modality="MR", show=False)
+    command = run.commandLine("in.nrrd", "out.nrrd")
+    assert command[command.index("--modality") + 1] == "MR"
+    run_to_end(run)  # the CLI accepts it
+    reference = MedSRLib.upscale(logic.volumeNodeToImage(node), model="linear", scale=2, modality="MR")
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(run.outputVolume), sitk.GetArrayFromImage(reference))
+    auto = logic.startProcessing(node, model="linear", scale=2, show=False)
+    assert "--modality" not in auto.commandLine("in.nrrd", "out.nrrd")
+    auto.cancel()
+
+
+def per_modality_weights_dir(tmp_path, stem="srcnn_x2", modalities=("MR", "XR")):
+    """A weights folder in which `stem` ships only per-modality copies (<stem>_<mod>.safetensors)
+    of the real shipped file, each card listing its one modality."""
+    import json
+    import shutil
+
+    for modality in modalities:
+        target = tmp_path / f"{stem}_{modality.lower()}.safetensors"
+        shutil.copyfile(MedSRLib.zoo.WEIGHTS_DIR / f"{stem}.safetensors", target)
+        card = json.loads((MedSRLib.zoo.WEIGHTS_DIR / f"{stem}.json").read_text())
+        card.update(modality=[modality], weights_file=target.name)
+        target.with_suffix(".json").write_text(json.dumps(card))
+    return tmp_path
+
+
+def test_per_modality_weights_need_a_known_modality(scene, MedSR, monkeypatch, tmp_path):
+    """The library's real per-modality rule, through the module: unknown -> its error, no node;
+    the panel's choice (or the DICOM modality) -> that modality's weights."""
+    monkeypatch.setattr(MedSRLib.zoo, "WEIGHTS_DIR", per_modality_weights_dir(tmp_path))
+    node, _ = oblique_anisotropic_volume(MedSR)
+    logic = MedSR.MedSRLogic()
+    before = scene_state(scene)
+    with pytest.raises(ValueError, match=r"ships x2 weights per modality \(MR, XR\), none for an unknown modality"):
+        logic.process(node, model="srcnn", scale=2, show=False)
+    assert scene_state(scene) == before
+
+    output = logic.process(node, model="srcnn", scale=2, modality="MR", show=False)
+    reference = MedSRLib.upscale(logic.volumeNodeToImage(node), model="srcnn", scale=2, modality="MR")
+    assert reference.GetMetaData("medsr_model") == "srcnn"
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(output), sitk.GetArrayFromImage(reference))
+
+    node.SetAttribute("DICOM.instanceUIDs", "7.7.7")
+    monkeypatch.setattr(slicer, "dicomDatabase", FakeDICOMDatabase({"7.7.7": "MR"}), raising=False)
+    from_dicom = logic.process(node, model="srcnn", scale=2, show=False)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(from_dicom), slicer.util.arrayFromVolume(output))
 
 
 # -- lesion-focused (LFSR): markups ROI -> input voxel index box -> MedSRLib.upscale(roi=...) --

@@ -10,6 +10,7 @@ import slicer
 import MedSRLib
 from MedSRLib import roi as medsr_roi
 from scene_state import scene_state
+from fakes.fake_dicom_database import FakeDICOMDatabase
 
 
 @pytest.fixture
@@ -139,6 +140,93 @@ def test_model_card_line_reports_scale_support_and_metrics(MedSR):
     assert "no trained weights for x4" in MedSR.describeModelCard(card, 4)
 
 
+def test_model_card_line_with_weights_per_modality(MedSR):
+    """`MedSRLib.zoo.describe` joins several per-modality files with ", " and merges their
+    modalities; the metrics are the first file's."""
+    card = {"name": "srresnet", "title": "SRResNet", "kind": "post_upsampled", "scales": [2, 4],
+            "modalities": ["CT", "MR", "XR"], "description": "SRResNet generator.",
+            "weights": {"x4": {"file": "srresnet_x4_mr.safetensors, srresnet_x4_xr.safetensors",
+                               "modality": ["MR", "XR"], "metrics": {"psnr_db": 31.25}}}}
+    assert MedSR.describeModelCard(card, 4) == (
+        "SRResNet generator. Modality: MR, XR. x4 weights per modality (MR, XR): choose the Modality. "
+        "Measured (srresnet_x4_mr.safetensors): psnr_db 31.2.")
+    card["weights"]["x4"]["file"] = "srresnet_x4.safetensors, srresnet_x4_xr.safetensors"
+    assert "x4 weights per modality (XR). Measured (srresnet_x4.safetensors)" in MedSR.describeModelCard(card, 4)
+    assert "no trained weights for x2" in MedSR.describeModelCard(card, 2)
+    # one file: as before
+    card["weights"]["x4"] = {"file": "srresnet_x4.safetensors", "modality": ["CT"], "metrics": {"psnr_db": 30.0}}
+    assert MedSR.describeModelCard(card, 4) == "SRResNet generator. Modality: CT. Measured: psnr_db 30."
+
+
+def test_modality_selector_offers_auto_ct_mr_xr(widget, scene, MedSR):
+    combo = widget.ui.modalityComboBox
+    assert [combo.itemText(i) for i in range(combo.count())] == ["Auto", "CT", "MR", "XR"]
+    assert [combo.itemData(i) for i in range(combo.count())] == ["auto", "CT", "MR", "XR"]
+    assert widget._comboData(combo) == "auto"  # the default
+    assert widget.currentParameters()["modality"] == "auto"
+    select(combo, "XR")
+    assert widget.currentParameters()["modality"] == "XR"
+    assert widget.logic.getParameterNode().GetParameter("Modality") == "XR"
+    select(combo, "auto")  # back to Auto persists too
+    assert widget.logic.getParameterNode().GetParameter("Modality") == "auto"
+
+
+def test_auto_modality_follows_input_dicom_header(widget, scene, MedSR, qapp, monkeypatch):
+    monkeypatch.setattr(slicer, "dicomDatabase", FakeDICOMDatabase({"1.2.3.1": "CR"}), raising=False)
+    plain, _ = MedSR.MedSRTest.makeObliqueAnisotropicVolume("Knee MR")
+    radiograph, _ = MedSR.MedSRTest.makeObliqueAnisotropicVolume("Chest CR")
+    radiograph.SetAttribute("DICOM.instanceUIDs", "1.2.3.1")
+    qapp.processEvents()
+    combo = widget.ui.modalityComboBox
+
+    widget.ui.inputSelector.setCurrentNode(radiograph)
+    assert "Auto now: XR, from the DICOM header of 'Chest CR'" in combo.toolTip()
+    calls = []
+    real_upscale = MedSRLib.upscale
+    monkeypatch.setattr(MedSRLib, "upscale", lambda image, **kwargs: calls.append(kwargs) or real_upscale(image, **kwargs))
+    select(widget.ui.modelComboBox, "linear")
+    widget.logic.process(**widget.currentParameters(), show=False)  # the panel's choices, in-process
+    assert calls[-1]["modality"] == "XR"
+
+    widget.ui.inputSelector.setCurrentNode(plain)
+    assert "Auto now: unknown" in combo.toolTip()
+    widget.logic.process(**widget.currentParameters(), show=False)
+    assert "modality" not in calls[-1]  # unknown: MedSRLib is not told one
+    select(combo, "MR")
+    assert "Auto now" not in combo.toolTip()
+    widget.logic.process(**widget.currentParameters(), show=False)
+    assert calls[-1]["modality"] == "MR"
+
+
+def test_apply_with_chosen_modality_passes_it_to_background_cli(widget, scene, MedSR, qapp):
+    node, _ = MedSR.MedSRTest.makeObliqueAnisotropicVolume("Knee MR")
+    qapp.processEvents()
+    widget.ui.inputSelector.setCurrentNode(node)
+    select(widget.ui.modelComboBox, "linear")
+    widget.ui.applyButton.click()  # Auto, the node not from DICOM: no --modality
+    assert widget.lastError is None, widget.lastError
+    assert "--modality" not in widget.run.commandLine("in.nrrd", "out.nrrd")
+    widget.ui.applyButton.click()  # Cancel
+
+    select(widget.ui.modalityComboBox, "MR")
+    widget.ui.applyButton.click()
+    assert widget.lastError is None, widget.lastError
+    command = widget.run.commandLine("in.nrrd", "out.nrrd")
+    assert command[command.index("--modality"):command.index("--modality") + 2] == ["--modality", "MR"]
+    wait_until_idle(widget, qapp)
+    assert widget.lastError is None, widget.lastError
+    assert slicer.util.getFirstNodeByName("Knee MR_SRx2") is not None
+
+
+def test_per_modality_weights_error_points_to_the_selector(widget, MedSR):
+    library_message = ("model 'srresnet' ships x4 weights per modality (MR, XR), none for an unknown "
+                       "modality: choose one with --modality")
+    widget._showFailure(MedSRLib.InputError(library_message))
+    assert widget.ui.statusLabel.text() == (
+        "Error: model 'srresnet' ships x4 weights per modality (MR, XR), none for an unknown "
+        "modality: choose one in the Modality selector")
+
+
 def test_apply_creates_output_node(widget, scene, MedSR, qapp):
     node, _ = MedSR.MedSRTest.makeObliqueAnisotropicVolume("Knee MR")
     qapp.processEvents()
@@ -225,6 +313,7 @@ def test_choices_persist_in_parameter_node(widget, scene, MedSR, qapp):
     select(widget.ui.scaleComboBox, 4)
     select(widget.ui.directionComboBox, "through-plane")
     select(widget.ui.roiModelComboBox, "fmen")
+    select(widget.ui.modalityComboBox, "CT")
     parameters = widget.logic.getParameterNode()
     assert (parameters.GetParameter("Model"), parameters.GetParameter("Scale")) == ("lanczos", "4")
     assert parameters.GetNodeReference("InputVolume") is node
@@ -235,6 +324,7 @@ def test_choices_persist_in_parameter_node(widget, scene, MedSR, qapp):
     assert fresh._comboData(fresh.ui.scaleComboBox) == 4
     assert fresh._comboData(fresh.ui.directionComboBox) == "through-plane"
     assert fresh._comboData(fresh.ui.roiModelComboBox) == "fmen"
+    assert fresh._comboData(fresh.ui.modalityComboBox) == "CT"
     assert fresh.ui.inputSelector.currentNode() is node
     fresh.cleanup()
 

@@ -9,6 +9,8 @@ CI. The MRML scene, the node classes and `slicer.util` are the real ones from sl
   QUiLoader that `slicer.util.loadUI` uses (fake_widgets.py).
 - `slicer.app`: testing mode on, cursor and event-loop calls (fake_app.py).
 - `slicer.ScriptedLoadableModule`: the four base classes, minimal (fake_scripted_module.py).
+- `slicer.dicomDatabase`: fileForInstance / fileValue over a dict, installed per test
+  (fake_dicom_database.py; Slicer has one only once its DICOM module has opened a database).
 """
 
 import sys
