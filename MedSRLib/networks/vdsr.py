@@ -40,6 +40,15 @@ class VDSR(nn.Module):
         layers.append(Convolution(spatial_dims, num_features, in_channels, kernel_size=3,
                                   conv_only=True, bias=bias))
         self.residual = nn.Sequential(*layers)
+        # He et al. initialisation, as Kim et al.: PyTorch's default conv init shrinks the signal
+        # ~6x per ReLU layer, so after 20 layers the residual (and its gradient) is ~0 in bf16.
+        # The last conv starts at zero instead (ours): the untrained network is the bicubic input.
+        convs = [m for m in self.residual.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+        for conv in convs:
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+        nn.init.zeros_(convs[-1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.residual(x)
