@@ -459,10 +459,10 @@ def test_roi_outside_volume_is_a_clear_error_and_leaves_no_node(scene, MedSR):
     assert scene_state(scene) == before
 
 
-def test_missing_roi_model_weights_is_the_librarys_error_and_leaves_no_node(scene, MedSR, monkeypatch):
+def test_missing_roi_model_weights_is_the_librarys_error_and_leaves_no_node(scene, MedSR, monkeypatch, tmp_path):
     node, ijk_to_ras = oblique_anisotropic_volume(MedSR)
     roi = drawn_roi(scene, (ijk_to_ras @ [12.0, 10.0, 3.0, 1])[:3], [4.0, 4.0, 4.0])
-    monkeypatch.setattr(MedSRLib.zoo, "shipped_weights", lambda *args, **kwargs: None)
+    monkeypatch.setattr(MedSRLib.zoo, "WEIGHTS_DIR", tmp_path)  # nothing ships
     before = scene_state(scene)
     with pytest.raises(ValueError, match="no trained weights"):
         MedSR.MedSRLogic().process(node, model="linear", roiNode=roi, roiModel="srresnet")
