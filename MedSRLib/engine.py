@@ -13,6 +13,7 @@ Peak memory is the input, the output, and one batch of tiles, whatever the numbe
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -124,18 +125,18 @@ def receptive_radius(model: nn.Module, factors: tuple[int, int], probe: int = 48
     return None
 
 
-_RADIUS_CACHE: dict[tuple, int | None] = {}
+#: Measured radii per loaded model and factors. Keyed by the model object itself: the radius
+#: depends on its config (a card may record a smaller depth) and on its weights (a zeroed last
+#: conv hides the rest of the network), so models of one registry name may differ.
+_RADIUS_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int], int | None]]" = weakref.WeakKeyDictionary()
 
 
 def _cached_radius(model: nn.Module, factors: tuple[int, int]) -> int | None:
-    """receptive_radius, memoised per architecture (registry name + config) and factors."""
-    spec = getattr(model, "spec", None)
-    if spec is None:
-        return receptive_radius(model, factors)
-    key = (spec.name, repr(sorted(spec.default_config.items())), tuple(factors))
-    if key not in _RADIUS_CACHE:
-        _RADIUS_CACHE[key] = receptive_radius(model, factors)
-    return _RADIUS_CACHE[key]
+    """receptive_radius, memoised per model object and factors."""
+    per_model = _RADIUS_CACHE.setdefault(model, {})
+    if tuple(factors) not in per_model:
+        per_model[tuple(factors)] = receptive_radius(model, factors)
+    return per_model[tuple(factors)]
 
 
 class SliceUpscaler:

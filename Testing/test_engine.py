@@ -107,3 +107,16 @@ def test_bf16_autocast_stays_close_to_fp32():
     bf16 = SliceUpscaler(model, (2, 2), EngineOptions(precision="bf16", tile=0)).upscale(volume)
     assert bf16.dtype == np.float32
     assert 0 < np.abs(fp32 - bf16).max() < 0.05
+
+
+def test_receptive_radius_cache_tells_models_of_one_name_apart():
+    """The tile halo is measured per loaded model: two edsr_lite of different depths (a card may
+    record a smaller config) must not share one cached radius."""
+    from MedSRLib import engine
+
+    spec = zoo.get_spec("edsr_lite")
+    shallow, deep = (zoo.SRModel(spec, zoo.build_network("edsr_lite", scale=2, num_blocks=n), (2, 2), None).eval()
+                     for n in (1, 6))
+    small, large = engine._cached_radius(shallow, (2, 2)), engine._cached_radius(deep, (2, 2))
+    assert small is not None and large is not None and small < large
+    assert engine._cached_radius(deep, (2, 2)) == large
