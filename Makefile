@@ -39,7 +39,7 @@ SHIPPED_RUNS := edsr_lite_x2_stage2 edsr_lite_x4 edsr_lite_x3 srcnn_x2 srcnn_x3 
 	vdsr_cpu_x2 vdsr_cpu_x3 vdsr_cpu_x4 edsr_multiscale_lite
 # run:modality -> MedSRLib/weights/<stem>_<modality>.safetensors (one file per modality, zoo.weights_files)
 MODALITY_RUNS := srresnet_mr_x2:mr srresnet_mr_x4:mr srresnet_xr_x4:xr srgan_mr_x2:mr srgan_mr_x4:mr \
-	srgan_xr_x4:xr hybrid_mr_x2:mr hybrid_mr_x4:mr hybrid_xr_x4:xr
+	srgan_xr_x4:xr hybrid_mr_x2:mr hybrid_mr_x4:mr hybrid_xr_x4_from_mr:xr
 weights: $(VENV)/.installed
 	$(TRAIN) edsr_lite_x2
 	$(TRAIN) edsr_lite_x2_stage2
@@ -55,7 +55,7 @@ weights: $(VENV)/.installed
 	$(TRAIN) lfsr_x2
 	$(TRAIN) lfsr_x2 $(MR_X4) --set name=lfsr_x4 --set output.dir=runs/lfsr_x4
 	for run in vdsr_cpu_x2 vdsr_cpu_x3 vdsr_cpu_x4 edsr_multiscale_lite srresnet_mr_x2 srresnet_mr_x4 \
-	  srresnet_xr_x4 srgan_mr_x2 srgan_mr_x4 srgan_xr_x4 hybrid_mr_x2 hybrid_mr_x4 hybrid_xr_x4; do $(TRAIN) $$run; done
+	  srresnet_xr_x4 srgan_mr_x2 srgan_mr_x4 srgan_xr_x4 hybrid_mr_x2 hybrid_mr_x4 hybrid_xr_x4_from_mr; do $(TRAIN) $$run; done
 	for run in $(SHIPPED_RUNS); do \
 	  for f in runs/$$run/*.safetensors; do cp "$$f" "$${f%.safetensors}.json" MedSRLib/weights/; done; \
 	done
