@@ -207,9 +207,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for row in rows:
         weights = ", ".join(f"{k}:{v['modality']}" for k, v in row["weights"].items()) or (
             "-" if row["kind"] == "interpolation" else "none (untrained)")
+        # the shipped networks' sizes (a card's config may be smaller than the registry default)
+        shipped = sorted({n for v in row["weights"].values() for n in v.get("parameters", [])})
+        counts = shipped or ([row["parameters"]] if row["parameters"] else [0])
         table.append((row["name"], row["kind"], ",".join(f"x{s}" for s in row["scales"]),
-                      f"{row['parameters']:,}" if row["parameters"] else "0",
-                      weights, row["paper"][:40]))
+                      "/".join(f"{n:,}" for n in counts), weights, row["paper"][:40]))
     widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
     for row in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())

@@ -328,7 +328,9 @@ def describe(spec: ModelSpec, weights_dir: Path | None = None) -> dict[str, Any]
                 "file": ", ".join(path.name for path in paths),
                 "modality": sorted({m for card in cards for m in card.get("modality") or []}),
                 "metrics": cards[0].get("metrics", {}),
-                "licence": sorted({lic for card in cards for lic in card.get("licence") or []})}
+                "licence": sorted({lic for card in cards for lic in card.get("licence") or []}),
+                "parameters": sorted({card["parameter_count"] for card in cards
+                                      if isinstance(card.get("parameter_count"), int)})}
     try:
         probe_scale = spec.scales[0]
         n_params = parameter_count(build_network(spec.name, scale=probe_scale))

@@ -138,6 +138,14 @@ def test_models_table_and_json_list_the_registry(capsys):
     assert {"nearest", "linear", "bicubic", "lanczos", "srcnn"} <= names
     srcnn = next(r for r in rows if r["name"] == "srcnn")
     assert srcnn["pre_upsampled"] is True and srcnn["parameters"] > 50_000
+    # the table shows the shipped network's size, not the registry default's (edsr_multiscale
+    # ships a smaller 8x48 config than its default)
+    multiscale = next(r for r in rows if r["name"] == "edsr_multiscale")
+    shipped = multiscale["weights"]["x2"]["parameters"]
+    assert shipped and shipped[0] < multiscale["parameters"]
+    table_row = next(line for line in run_cli(["models"], capsys)[1].splitlines()
+                     if line.startswith("edsr_multiscale "))
+    assert f"{shipped[0]:,}" in table_row and f"{multiscale['parameters']:,}" not in table_row
 
 
 def test_info_reports_geometry_and_range(input_volume, capsys):

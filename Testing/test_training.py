@@ -116,6 +116,22 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
         assert torch.equal(value, b["model"][key]), key
 
 
+def test_metrics_log_holds_one_run_history(tmp_path):
+    from MedSRLib.training.trainer import _Logger
+
+    def steps_in_file():
+        return [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first = _Logger(tmp_path, True, "run")
+    for step in (1, 2, 3, 4):
+        first.write({"step": step, "loss": 1.0})
+    with (tmp_path / "metrics.jsonl").open("a") as stream:
+        stream.write('{"step": 5, "lo')  # torn line of an interrupted run
+    _Logger(tmp_path, True, "run", start_step=2).write({"step": 3, "loss": 0.5})  # resumed at 2
+    assert steps_in_file() == [1, 2, 3]
+    _Logger(tmp_path, True, "run").write({"step": 1, "loss": 0.1})  # a new run in the same folder
+    assert steps_in_file() == [1]
+
+
 def test_torchrun_two_ranks_end_identical_and_only_rank0_writes(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDSR_DATA_ROOT": str(DATA_ROOT)}

@@ -451,7 +451,8 @@ class Trainer:
         log_every = int(train_cfg.get("log_every", 10))
         val_every = int(train_cfg.get("val_every", 500))
         checkpoint_every = int(train_cfg.get("checkpoint_every", 500))
-        writer = _Logger(self.output_dir, self.context.is_main, self.config.get("name", "run"))
+        writer = _Logger(self.output_dir, self.context.is_main, self.config.get("name", "run"),
+                         start_step=self.step)
         bar = tqdm(total=total_steps, initial=self.step, disable=not (self.context.is_main and self.progress),
                    desc=self.config.get("name", "train"), dynamic_ncols=True)
         data_seconds = compute_seconds = 0.0
@@ -570,19 +571,37 @@ def _mean_scores(scores: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 
 class _Logger:
-    """metrics.jsonl (and TensorBoard when installed), rank 0 only."""
+    """metrics.jsonl (and TensorBoard when installed), rank 0 only.
 
-    def __init__(self, output_dir: Path, enabled: bool, name: str):
+    The file holds one run's history: a run starting at step 0 replaces an old file in the same
+    folder; a resumed run keeps the records up to its checkpoint's step and drops later ones.
+    """
+
+    def __init__(self, output_dir: Path, enabled: bool, name: str, start_step: int = 0):
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
         self.tensorboard = None
         if enabled:
             output_dir.mkdir(parents=True, exist_ok=True)
+            self._keep_records_up_to(start_step)
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
             except ImportError:
                 pass
+
+    def _keep_records_up_to(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        kept = []
+        if step > 0:
+            for line in self.path.read_text().splitlines():
+                try:
+                    if int(json.loads(line)["step"]) <= step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line of an interrupted run
+        self.path.write_text("".join(kept))
 
     def write(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
