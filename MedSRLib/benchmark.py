@@ -21,6 +21,7 @@ Protocol (stated again in every results.md):
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import shlex
 import sys
@@ -36,6 +37,7 @@ import torch
 from . import intensity, io, metrics, zoo
 from .engine import EngineOptions, SliceUpscaler, resolve_device, resolve_precision
 from .errors import InputError, WeightsError
+from .training import data as tdata
 from .training import degrade
 
 #: Unit-intensity threshold of foreground pixels (the training default `foreground_threshold`).
@@ -245,15 +247,54 @@ def load_methods(names: Sequence[str], factors: tuple[int, int], allow_untrained
     return methods, notes
 
 
+def _training_patients(card: dict[str, Any]) -> list[tuple[str, str, set[str]]]:
+    """(glob, patient rule, ids of the patients it trained on) per data source of a card's recipe."""
+    training = card.get("training_data") or []
+    sources = ((card.get("training_config") or {}).get("data") or {}).get("sources") or []
+    result = []
+    for source in sources:
+        pattern, rule = source.get("glob"), source.get("patient", "stem")
+        if not pattern:
+            continue
+        ids = set()
+        for path in training:
+            if fnmatch.fnmatch(path, pattern):
+                try:
+                    ids.add(tdata.patient_of(path, rule))
+                except ValueError:
+                    continue
+        result.append((pattern, rule, ids))
+    return result
+
+
 def leak_notes(methods: dict[str, zoo.SRModel], inputs: Sequence[str]) -> list[str]:
-    """Warnings for inputs that a model card lists among the model's training files."""
+    """Warnings for inputs that a model trained on: the same file (the card's training files), or
+    another file of a training patient of the same data source (e.g. a resampled copy), by the
+    patient rules of the card's recipe."""
     notes = []
     for label, model in methods.items():
-        training = (model.card or {}).get("training_data", [])
+        card = model.card or {}
+        training = card.get("training_data", [])
+        sources = _training_patients(card)
         for path in inputs:
             resolved = Path(path).resolve().as_posix()
             if any(resolved.endswith("/" + t.strip("/")) for t in training):
                 notes.append(f"WARNING: {label} was trained on {path}: not a held-out result")
+                continue
+            parts = resolved.strip("/").split("/")
+            tails = ["/".join(parts[-n:]) for n in range(1, len(parts) + 1)]
+            for pattern, rule, ids in sources:
+                tail = next((t for t in tails if fnmatch.fnmatch(t, pattern)), None)
+                if tail is None:
+                    continue
+                try:
+                    patient = tdata.patient_of(tail, rule)
+                except ValueError:
+                    continue
+                if patient in ids:
+                    notes.append(f"WARNING: {label} was trained on patient {patient!r} of {path}: "
+                                 "not a held-out result")
+                    break
     return notes
 
 

