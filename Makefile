@@ -28,8 +28,8 @@ benchmark: $(VENV)/.installed
 # cpu_seconds) and copy the exports into MedSRLib/weights/. Same commands, in the same order, as
 # the sessions that produced the shipped files (x3/x4 runs start from the x2 exports; LFSR from
 # the edsr_lite exports; the multi-scale EDSR from all three; SRGAN from SRResNet; hybrid X-ray
-# from hybrid MR x4). About 6 CPU hours on 2 cores (the cards' cpu_seconds sum to 4.7 h, plus the
-# 64-minute edsr_lite x2 stage 1).
+# from hybrid MR x4). About 8.6 CPU hours on 2 cores (the cards' cpu_seconds sum to 5.1 h, plus
+# 3.5 h of the earlier edsr_lite stages whose exports the later stages start from).
 DATA_ROOT ?= ../shared/data
 TRAIN := $(VENV)/bin/medsr train --data-root $(DATA_ROOT) --no-progress
 SRCNN_CPU_ARGS := --steps 1500 --set optimizer.lr=5.0e-4 \
