@@ -28,15 +28,15 @@ benchmark: $(VENV)/.installed
 # cpu_seconds) and copy the exports into MedSRLib/weights/. Same commands, in the same order, as
 # the sessions that produced the shipped files (x3/x4 runs start from the x2 exports; LFSR from
 # the edsr_lite exports; the multi-scale EDSR from all three; SRGAN from SRResNet; hybrid X-ray
-# from hybrid MR x4). About 8.6 CPU hours on 2 cores (the cards' cpu_seconds sum to 5.1 h, plus
-# 3.5 h of the earlier edsr_lite stages whose exports the later stages start from).
+# from hybrid MR x4). About 9 CPU hours on 2 cores (the cards' cpu_seconds sum to 5.1 h, plus
+# 3.8 h of the earlier edsr_lite stages whose exports the later stages start from).
 DATA_ROOT ?= ../shared/data
 TRAIN := $(VENV)/bin/medsr train --data-root $(DATA_ROOT) --no-progress
 SRCNN_CPU_ARGS := --steps 1500 --set optimizer.lr=5.0e-4 \
 	--set 'scheduler={milestones: [1000, 1300], gamma: 0.5}' \
 	--set train.val_every=250 --set train.checkpoint_every=250
 MR_X4 := --set scale=4 --set init_from=runs/edsr_lite_x4/edsr_lite_x4.safetensors
-SHIPPED_RUNS := edsr_lite_x2_stage4 edsr_lite_x4_stage3 edsr_lite_x3_stage2 srcnn_x2 srcnn_x3 srcnn_x4 \
+SHIPPED_RUNS := edsr_lite_x2_stage4 edsr_lite_x4_stage4 edsr_lite_x3_stage2 srcnn_x2 srcnn_x3 srcnn_x4 \
 	improved_srcnn_x2 improved_srcnn_x3 improved_srcnn_x4 lesion_detector lfsr_x2 lfsr_x4 \
 	vdsr_cpu_x2 vdsr_cpu_x3 vdsr_cpu_x4 edsr_multiscale_lite
 # run:modality -> MedSRLib/weights/<stem>_<modality>.safetensors (one file per modality, zoo.weights_files)
@@ -52,6 +52,7 @@ weights: $(VENV)/.installed
 	$(TRAIN) edsr_lite_x4_stage2
 	$(TRAIN) edsr_lite_x4_stage3
 	$(TRAIN) edsr_lite_x3_stage2
+	$(TRAIN) edsr_lite_x4_stage4
 	$(TRAIN) srcnn_x2 $(SRCNN_CPU_ARGS)
 	$(TRAIN) srcnn_x2 $(SRCNN_CPU_ARGS) --set scale=3 --set name=srcnn_x3 --set output.dir=runs/srcnn_x3
 	$(TRAIN) srcnn_x2 $(SRCNN_CPU_ARGS) --set scale=4 --set name=srcnn_x4 --set output.dir=runs/srcnn_x4
