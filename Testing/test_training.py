@@ -317,3 +317,15 @@ def test_data_root_flag_wins_over_the_environment_variable(tmp_path, monkeypatch
                          "--out", str(tmp_path / "run"), "--set", "train.val_every=1"])
     assert status == 0 and (tmp_path / "run" / "srcnn_x2.safetensors").is_file()
     assert os.environ["MEDSR_DATA_ROOT"] == str(tmp_path / "nowhere")  # restored afterwards
+
+
+def test_data_modalities_keeps_only_those_sources_and_their_hold_outs():
+    config = load_config(CONFIG_DIR / "edsr_lite_x2.yaml", [f"data.root={DATA_ROOT}", "data.modalities=[CT]"])
+    split = tdata.split_sources(config["data"]["sources"], DATA_ROOT, config["data"]["modalities"])
+    everything = tdata.split_sources(config["data"]["sources"], DATA_ROOT)
+    assert {i.modality for i in split.train + split.validation} == {"CT"}
+    assert {i.path for i in split.train} == {i.path for i in everything.train if i.modality == "CT"}
+    assert {i.patient for i in split.validation} == {"STS_012", "STS_014", "totalseg-example-ct"}
+    assert any(i.modality == "MR" for i in everything.train)
+    with pytest.raises(ValueError, match="XR"):
+        tdata.split_sources(config["data"]["sources"], DATA_ROOT, ["XR"])

@@ -27,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "optimizer": {"type": "adam", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0},
     "scheduler": None,
     "data": {
-        "root": "../shared/data", "sources": [], "slice_axes": [0], "patch_size": 96,
+        "root": "../shared/data", "sources": [], "modalities": None, "slice_axes": [0], "patch_size": 96,
         "patches_per_volume": 4, "foreground_threshold": 0.1, "foreground_probability": 0.9,
         "flips": True, "rot90": True, "cache": "memory", "num_workers": 0,
         "validation_slices": {"slices_per_volume": 3, "max_size": 192},

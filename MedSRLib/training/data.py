@@ -92,14 +92,23 @@ def patient_of(relative_path: str, rule: str = "stem") -> str:
     return match.group(1) if match.groups() else match.group(0)
 
 
-def split_sources(sources: Sequence[Mapping[str, Any]], root: Path) -> Split:
+def split_sources(sources: Sequence[Mapping[str, Any]], root: Path,
+                  modalities: Sequence[str] | None = None) -> Split:
     """Expand each source's glob under `root` and split its patients into train/validation.
 
     A source: {glob (or files: [explicit paths]), modality, licence, patient:
     stem|parent|REGEX, validation: [ids], validation_last: N (the last N patients by id),
     mask_replace: [old, new] (mask path = image path with old -> new), exclude: [globs]}.
+    `modalities` (config `data.modalities`), when given, keeps only the sources of those
+    modalities, so a recipe can specialise its parent's data without repeating it.
     """
     split = Split()
+    if modalities:
+        known = {str(s.get("modality", "")) for s in sources}
+        missing = sorted(set(modalities) - known)
+        if missing:
+            raise ValueError(f"data.modalities {missing} match no data source (sources have {sorted(known)})")
+        sources = [s for s in sources if str(s.get("modality", "")) in set(modalities)]
     for source in sources:
         pattern = source.get("glob")
         if pattern:

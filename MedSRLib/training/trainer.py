@@ -143,7 +143,7 @@ class Trainer:
         data_cfg = self.config["data"]
         root = resolve_data_root(data_cfg)
         self.data_root = root
-        self.split = tdata.split_sources(data_cfg["sources"], root)
+        self.split = tdata.split_sources(data_cfg["sources"], root, data_cfg.get("modalities"))
         if not self.split.train:
             raise ValueError("the training set is empty (every patient is held out?)")
         with_mask = self.task == "detector"
