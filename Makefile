@@ -35,7 +35,7 @@ TRAIN := $(VENV)/bin/medsr train --data-root $(DATA_ROOT) --no-progress
 SRCNN_CPU_ARGS := --steps 1500 --set optimizer.lr=5.0e-4 \
 	--set 'scheduler={milestones: [1000, 1300], gamma: 0.5}' \
 	--set train.val_every=250 --set train.checkpoint_every=250
-MR_X4 := --set scale=4 --set init_from=runs/edsr_lite_x4/edsr_lite_x4.safetensors
+MR_X4 := --set scale=4 --set init_from=runs/edsr_lite_x4_stage4/edsr_lite_x4.safetensors
 SHIPPED_RUNS := edsr_lite_x2_stage4 edsr_lite_x4_stage4 edsr_lite_x3_stage2 srcnn_x2 srcnn_x3 srcnn_x4 \
 	improved_srcnn_x2 improved_srcnn_x3 improved_srcnn_x4 lesion_detector lfsr_x2 lfsr_x4 \
 	vdsr_cpu_x2 vdsr_cpu_x3 vdsr_cpu_x4 edsr_multiscale_lite
