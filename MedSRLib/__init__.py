@@ -1,13 +1,37 @@
 """MedSRLib: deep-learning super-resolution of medical volumes (no Slicer, Qt or VTK here).
 
 Public API: `upscale`, `read_volume`, `write_volume`, `list_models`, `CancelToken`.
+The names are imported on first use (PEP 562), so `import MedSRLib.cli` stays light and an
+early Ctrl-C in the `medsr` command is a clean cancel, not a traceback from inside torch.
 """
 
-from .api import list_models, upscale
-from .engine import CancelToken
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .errors import CancelledError, InputError, MedSRError, WeightsError
-from .io import read_volume, write_volume
+
+_LAZY = {"upscale": ".api", "list_models": ".api", "CancelToken": ".engine",
+         "read_volume": ".io", "write_volume": ".io"}
 
 __all__ = ["upscale", "read_volume", "write_volume", "list_models", "CancelToken",
            "MedSRError", "InputError", "WeightsError", "CancelledError"]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .api import list_models, upscale
+    from .engine import CancelToken
+    from .io import read_volume, write_volume
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

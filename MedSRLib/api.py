@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from . import geometry, intensity, io, zoo
+from . import geometry, intensity, io, memory_budget, zoo
 from .engine import (CancelToken, EngineOptions, ProgressCallback, plan_passes,
                      super_resolve_volume)
 from .errors import InputError
@@ -70,12 +70,16 @@ def plan_scale(scale: int | Sequence[int], axis: str | int, spacing_xyz: Sequenc
     """
     axis_index = _parse_axis(axis)
     single_slice = size_xyz[2] == 1
+    if isinstance(scale, bool):
+        raise InputError(f"scale must be an integer 2-4 or (x, y, z) integers 1-4, got {scale!r}")
     if isinstance(scale, (int, np.integer)) or (isinstance(scale, float) and scale.is_integer()):
         if axis_index is None:
             axis_index = 2 if single_slice else _largest_spacing_axis(spacing_xyz, (0, 1, 2))
         factors = [int(scale)] * 3
         factors[axis_index] = 1
     else:
+        if isinstance(scale, (str, bytes, bool)) or not isinstance(scale, Sequence):
+            raise InputError(f"scale must be an integer 2-4 or (x, y, z) integers 1-4, got {scale!r}")
         factors = list(geometry.check_scale_factors(tuple(scale)))
         if axis_index is None:
             smallest = min(factors)
@@ -100,6 +104,20 @@ def validate_image(image: sitk.Image, name: str = "input") -> sitk.Image:
     geometry.check_spacing(image.GetSpacing())
     intensity.check_finite(sitk.GetArrayViewFromImage(image), name)
     return image
+
+
+def check_memory(image: sitk.Image, plan: ScalePlan, output_float: bool) -> None:
+    """InputError before any voxel work when the output (and its intermediate) cannot fit in
+    the memory available: the output array and its SimpleITK copy, plus the float32 result of
+    the in-plane pass when a second (through-plane) pass follows."""
+    input_voxels = float(np.prod(image.GetSize()))
+    output_voxels = input_voxels * float(np.prod(plan.factors_xyz))
+    itemsize = 4 if output_float else np.dtype(sitk.GetArrayViewFromImage(image).dtype).itemsize
+    needed = 2 * output_voxels * itemsize
+    if plan.factors_xyz[plan.slice_axis_xyz] > 1:
+        needed += output_voxels / plan.factors_xyz[plan.slice_axis_xyz] * 4
+    output_size = tuple(n * f for n, f in zip(image.GetSize(), plan.factors_xyz))
+    memory_budget.check_fits(int(needed), f"upscaling to {output_size} voxels (x, y, z)")
 
 
 def choose_model(model: str | None, image: sitk.Image, modality: str | None, scale: int) -> str:
@@ -178,8 +196,11 @@ def upscale(
             weights=weights, progress=progress, cancel=cancel)[0]
     if roi_model is not None:
         raise InputError("roi_model is only used with roi (lesion-focused mode)")
+    options = EngineOptions(device=device, precision=precision, tile=tile,
+                            batch_size=batch_size, threads=threads)  # checks each option
     image = validate_image(image)
     plan = plan_scale(scale, axis, image.GetSpacing(), image.GetSize())
+    check_memory(image, plan, output_float)
     modality = modality or io.modality_of(image)
     name = choose_model(model, image, modality, plan.network_scale)
     model_for = model_loader(name, allow_untrained, weights, modality)
@@ -194,10 +215,7 @@ def upscale(
         voxels, plan.factors_kji, plan.slice_axis_kji, model_for,
         to_unit=mapping.to_unit,
         from_unit=lambda units: intensity.cast_to_dtype(mapping.from_unit(units), out_dtype),
-        out_dtype=out_dtype,
-        options=EngineOptions(device=device, precision=precision, tile=tile,
-                              batch_size=batch_size, threads=threads),
-        progress=progress, cancel=cancel)
+        out_dtype=out_dtype, options=options, progress=progress, cancel=cancel)
     output = sitk.GetImageFromArray(result, isVector=False)
     del result
     geometry.upscaled_grid(geometry.Grid.of(image), plan.factors_xyz).apply_to(output)

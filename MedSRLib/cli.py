@@ -1,19 +1,23 @@
 """`medsr` command line: upscale, models, info, demo, train, benchmark.
 
-Exit status: 0 success, 2 bad input or usage (the message names the file and the problem),
-1 internal error, 130 cancelled (Ctrl-C). Nothing is written unless the whole run succeeds.
+Exit status: 0 success, 2 bad input or usage (the message names the file or option and the
+problem; a full disk is one), 1 internal error, 130 cancelled (Ctrl-C, SIGTERM or SIGHUP, at
+any moment). Nothing is written unless the whole run succeeds; an existing output is replaced
+only by a complete new one.
+
+Heavy imports (numpy, torch, SimpleITK) happen inside the commands, after the signal handlers
+of `console_main` are in place, so an early Ctrl-C is a clean cancel too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
-
-import numpy as np
 
 from .errors import CancelledError, InputError
 
@@ -31,6 +35,37 @@ def _parse_scale(text: str) -> int | tuple[int, ...]:
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"scale needs 1 or 3 integers, got {text!r}")
     return values
+
+
+def _int_at_least(minimum: int, what: str):
+    """argparse type: an integer >= `minimum` (usage error naming the option otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _parse_tile(text: str) -> int:
+    from .engine import MIN_TILE
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tile must be an integer, got {text!r}") from None
+    if value != 0 and value < MIN_TILE:
+        raise argparse.ArgumentTypeError(
+            f"tile must be 0 (whole slices) or at least {MIN_TILE} pixels, got {value}")
+    return value
+
+
+def _parse_axis(text: str) -> str:
+    if text.strip().lower() not in ("auto", "x", "y", "z", "i", "j", "k", "0", "1", "2"):
+        raise argparse.ArgumentTypeError(f"axis must be auto, x, y, z or 0-2, got {text!r}")
+    return text
 
 
 class _Progress:
@@ -63,14 +98,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "model for the modality and scale")
     parser.add_argument("--scale", type=_parse_scale, default=2,
                         help="in-plane factor 2-4, or per-axis x,y,z factors such as 1,1,3")
-    parser.add_argument("--axis", default="auto",
+    parser.add_argument("--axis", default="auto", type=_parse_axis,
                         help="slice axis: auto (largest spacing), x, y or z")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    parser.add_argument("--tile", type=int, default=None,
+    parser.add_argument("--tile", type=_parse_tile, default=None,
                         help="tile edge in input pixels (0 = whole slices; default automatic)")
-    parser.add_argument("--batch", type=int, default=4, help="slices per batch")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--batch", type=_int_at_least(1, "batch"), default=4,
+                        help="slices per batch (>= 1)")
+    parser.add_argument("--threads", type=_int_at_least(1, "threads"), default=None,
+                        help="CPU threads for torch (>= 1)")
     parser.add_argument("--modality", choices=("CT", "MR", "XR"), default=None,
                         help="modality used to pick the default model (else from DICOM tags)")
     parser.add_argument("--allow-untrained", action="store_true",
@@ -116,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="upscale the bundled sample CT and write a comparison PNG")
     demo.add_argument("--out", default="medsr-demo", help="output folder (default: medsr-demo)")
     demo.add_argument("--model", default=None)
-    demo.add_argument("--scale", type=int, default=2)
+    demo.add_argument("--scale", type=_int_at_least(2, "scale"), default=2)
     demo.add_argument("--overwrite", action="store_true")
 
     sub.add_parser("train", help="train a model from a recipe config (see `medsr train --help`)",
@@ -134,11 +171,9 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
             if getattr(args, flag) is not None:
                 raise InputError(f"--{flag.replace('_', '-')} needs --roi")
     elif args.roi_json is not None:
-        roi_json = Path(args.roi_json)
-        if roi_json.exists() and not args.overwrite:
-            raise InputError(f"{roi_json}: exists; pass --overwrite to replace it")
-        if not roi_json.parent.is_dir():
-            raise InputError(f"{roi_json}: folder {roi_json.parent} does not exist")
+        io.check_side_file(args.roi_json, {"input": args.input, "output": output,
+                                           "ROI mask": _roi_mask_path(args.roi)},
+                           args.overwrite, "--roi-json")
     image = io.read_volume(args.input, series_uid=args.series)
     progress = _Progress("none" if args.quiet else args.progress)
     started = time.perf_counter()
@@ -165,6 +200,13 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _roi_mask_path(roi: str) -> str | None:
+    """The mask file named by --roi, if it names one (not auto, not a box)."""
+    from .roi import looks_like_box
+    text = roi.strip()
+    return None if text.lower() == "auto" or looks_like_box(text) else text
+
+
 def _upscale_with_roi(args: argparse.Namespace, image, output: Path, progress: _Progress,
                       started: float) -> int:
     from . import io, roi
@@ -179,9 +221,10 @@ def _upscale_with_roi(args: argparse.Namespace, image, output: Path, progress: _
             weights=args.weights, progress=progress, **margin)
     finally:
         progress.close()
-    io.write_volume(result, output, overwrite=args.overwrite)
-    if args.roi_json is not None:
-        report.write_json(args.roi_json, overwrite=args.overwrite)
+    outputs = [io.stage_volume(result, output, overwrite=args.overwrite)]
+    if args.roi_json is not None:  # both files or neither
+        outputs.append(io.stage_text(report.to_json(), args.roi_json, overwrite=args.overwrite))
+    io.write_all(outputs)
     if report.fallback:
         print(f"medsr: {report.message}", file=sys.stderr)
     if not args.quiet:
@@ -219,6 +262,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from . import io
 
     image = io.read_volume(args.input, series_uid=args.series)
@@ -244,9 +289,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _orientation_code(direction: np.ndarray) -> str:
+def _orientation_code(direction) -> str:
     """DICOM-style code of the axis each image axis points to most (LPS: e.g. "LPS", "RAS")."""
     letters = (("L", "R"), ("P", "A"), ("S", "I"))
+    import numpy as np
+
     code = ""
     for column in direction.T:
         axis = int(np.argmax(np.abs(column)))
@@ -266,15 +313,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
-        from .training.__main__ import main as train_main
-        return _guarded(lambda: train_main(argv[1:]))
+        return _guarded(lambda: _train(argv[1:]))
     if argv and argv[0] == "benchmark":
-        from .benchmark import main as benchmark_main
-        return _guarded(lambda: benchmark_main(argv[1:]))
+        return _guarded(lambda: _benchmark(argv[1:]))
     args = build_parser().parse_args(argv)
     handler = {"upscale": _cmd_upscale, "models": _cmd_models, "info": _cmd_info,
                "demo": _cmd_demo}[args.command]
     return _guarded(lambda: handler(args))
+
+
+def _train(argv: list[str]) -> int:
+    from .training.__main__ import main as train_main
+    return train_main(argv)
+
+
+def _benchmark(argv: list[str]) -> int:
+    from .benchmark import main as benchmark_main
+    return benchmark_main(argv)
 
 
 def _guarded(run) -> int:
@@ -287,9 +342,44 @@ def _guarded(run) -> int:
         print("medsr: cancelled; nothing was written", file=sys.stderr)
         return EXIT_CANCELLED
     except Exception as err:  # noqa: BLE001 - last-resort report for the CLI
+        if _is_out_of_memory(err):
+            print("medsr: error: out of memory; use a smaller --tile or --batch, a lighter model, "
+                  "or a machine with more memory", file=sys.stderr)
+            return EXIT_INPUT
         print(f"medsr: internal error: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_INTERNAL
 
 
+def _is_out_of_memory(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP cancel like Ctrl-C (a batch scheduler or Slicer stopping the run)."""
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _interrupt)
+
+
+def console_main() -> None:
+    """The `medsr` executable: main() with signals as cancels; exit status as documented."""
+    _install_signal_handlers()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # between argument parsing and the guarded command
+        print("medsr: cancelled; nothing was written", file=sys.stderr)
+        code = EXIT_CANCELLED
+    # The work is done (or cleanly undone): a late signal must not print a traceback.
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -57,6 +57,31 @@ class EngineOptions:
     threads: int | None = None
     channels_last: bool = True
 
+    def __post_init__(self) -> None:
+        """InputError naming the option (API argument and CLI flag) for a value out of range."""
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InputError(f"device (--device) must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision (--precision) must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.precision!r}")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise InputError(f"batch_size (--batch) must be an integer >= 1, got {self.batch_size!r}")
+        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
+            raise InputError(f"threads (--threads) must be an integer >= 1, got {self.threads!r}")
+        if self.tile is not None and (not _is_int(self.tile) or
+                                      (self.tile != 0 and self.tile < MIN_TILE)):
+            raise InputError(f"tile (--tile) must be 0 (whole slices) or at least {MIN_TILE} "
+                             f"pixels, got {self.tile!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Smallest tile edge (input pixels): smaller tiles are mostly halo and make no real progress.
+MIN_TILE = 16
+
 
 #: Automatic tile edge (input pixels) on CPU: 128-256 px tiles beat whole 512^2 slices here.
 AUTO_TILE_CPU = 192
@@ -84,7 +109,7 @@ def resolve_precision(precision: str, device: torch.device, learned: bool) -> to
     "auto": bf16 on CPUs with AMX/AVX512-BF16 and fp16 on CUDA for learned networks, fp32 for
     interpolation baselines (nothing to gain).
     """
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
+    if precision not in PRECISIONS:
         raise InputError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if precision == "auto":
         if not learned:

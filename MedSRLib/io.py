@@ -3,23 +3,30 @@
 Reads NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), a DICOM series folder
 (GDCM: compressed transfer syntaxes such as JPEG 2000 included) and 2-D images (PNG, JPEG, TIFF,
 BMP) as one-slice volumes. Writes NIfTI, NRRD, MetaImage and, for one-slice volumes, PNG.
-Every write is atomic: a temporary file beside the target, renamed on success.
+Reading checks the file against its header first (`file_integrity`: complete payload, NaN/Inf
+in NIfTI, header spacings) and refuses a volume larger than the memory available before
+allocating it. Every write is atomic and verified (`safe_write`): a temporary file beside the
+target, checked complete, renamed on success.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
-import struct
-import tempfile
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
 
+from . import file_integrity, memory_budget
 from .errors import InputError
+from .file_integrity import first_line as _first_line
+from .safe_write import Staged, WriteError, check_writable_folder, write_all
+
+__all__ = ["read_volume", "write_volume", "write_text", "stage_volume", "stage_text", "write_all",
+           "check_output_path", "check_side_file", "image_array", "list_dicom_series",
+           "modality_of", "as_scalar_volume", "WriteError"]
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -85,8 +92,13 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
                              for s in series))
     else:
         entry = series[0]
+    from .dicom_series_checks import check_series_files
+    check_series_files(folder, entry.files, entry.uid)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(entry.files))
+    header = file_integrity.read_header_info(entry.files[0])
+    memory_budget.check_fits(header.payload_bytes * len(entry.files),
+                             f"{folder}: reading DICOM series {entry.uid!r}")
     try:
         image = reader.Execute()
     except RuntimeError as err:
@@ -96,18 +108,13 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
     return image
 
 
-def _first_line(err: Exception) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    # ITK messages put the useful sentence last.
-    return lines[-1] if lines else type(err).__name__
-
-
 def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
-    """Read a scalar volume as a 3-D SimpleITK image (LPS geometry, mm).
+    """Read a scalar volume as a 3-D SimpleITK image (LPS geometry, mm), voxels as stored.
 
     A folder is read as a DICOM series (`series_uid` picks one of several). A 2-D image becomes
-    a one-slice volume of spacing 1 mm along z. InputError for a missing, unreadable, 4-D or
-    multi-component (RGB) file.
+    a one-slice volume of spacing 1 mm along z. InputError for a missing, unreadable, truncated,
+    non-regular (FIFO, device) or too-large file, a 4-D, multi-component (RGB) or complex image,
+    NaN or infinite voxels, and a zero, negative, NaN or infinite spacing in the header.
     """
     path = Path(path)
     if not path.exists():
@@ -115,24 +122,61 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> sitk.
     if path.is_dir():
         image = _read_dicom_folder(path, series_uid)
     else:
-        check_header_spacing(path)
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise InputError(f"{path}: not a regular file (a FIFO, device or socket); MedSR reads "
+                             "image files and DICOM folders")
+        if path.stat().st_size == 0:
+            raise InputError(f"{path}: file is empty")
+        info = file_integrity.read_header_info(path)
+        _check_voxel_kind(info.pixel_type, info.components, str(path))
+        file_integrity.check_header_spacing(path)
+        memory_budget.check_fits(info.payload_bytes, f"{path}: its {info.size} voxels of "
+                                 f"{info.pixel_type}")
+        file_integrity.check_payload(path, info)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as err:
-            if "spacing" in str(err).lower():
-                raise InputError(f"{path}: zero or negative voxel spacing in the header") from None
             raise InputError(f"{path}: cannot read as an image ({_first_line(err)})") from None
+        except MemoryError:
+            raise InputError(f"{path}: out of memory while reading it") from None
         if path.name.lower().endswith(".dcm") or image.HasMetaDataKey("0008|0060"):
             if image.HasMetaDataKey("0008|0060"):
                 image.SetMetaData(MODALITY_KEY, image.GetMetaData("0008|0060").strip())
-    return as_scalar_volume(image, str(path))
+    image = as_scalar_volume(image, str(path))
+    spacing = image.GetSpacing()
+    if any(not (np.isfinite(s) and s > 0) for s in spacing):
+        raise InputError(f"{path}: invalid voxel spacing {tuple(spacing)} (each must be a "
+                         "positive finite number of mm)")
+    _check_finite_voxels(image, str(path))
+    return image
+
+
+def _check_voxel_kind(pixel_type: str, components: int, name: str) -> None:
+    if pixel_type.startswith("complex"):
+        raise InputError(f"{name}: has complex voxels ({pixel_type}); MedSR needs real-valued "
+                         "intensities (take the magnitude first)")
+    if components != 1 and not pixel_type.startswith("complex"):
+        raise InputError(f"{name}: has {components} components per voxel (RGB or vector "
+                         "image); MedSR needs a scalar (grayscale) volume")
+
+
+def _check_finite_voxels(image: sitk.Image, name: str) -> None:
+    voxels = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(voxels.dtype, np.floating):
+        bad = voxels.size - int(np.count_nonzero(np.isfinite(voxels)))
+        if bad:
+            raise InputError(f"{name}: holds {bad} NaN or infinite voxel(s); clean the input first")
 
 
 def as_scalar_volume(image: sitk.Image, name: str = "image") -> sitk.Image:
-    """`image` as a 3-D scalar volume: 2-D becomes one slice; InputError for 4-D or RGB."""
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{name}: has {image.GetNumberOfComponentsPerPixel()} components per "
-                         "voxel (RGB or vector image); MedSR needs a scalar (grayscale) volume")
+    """`image` as a 3-D scalar volume: 2-D becomes one slice; InputError for 4-D, RGB, complex
+    or label-map images."""
+    pixel_type = image.GetPixelIDTypeAsString()
+    if pixel_type.startswith("label"):
+        raise InputError(f"{name}: is a run-length label map ({pixel_type}); MedSR needs a "
+                         "scalar volume")
+    _check_voxel_kind(pixel_type, image.GetNumberOfComponentsPerPixel(), name)
     dimension = image.GetDimension()
     if dimension == 2:
         meta = {k: image.GetMetaData(k) for k in image.GetMetaDataKeys()}
@@ -147,37 +191,6 @@ def as_scalar_volume(image: sitk.Image, name: str = "image") -> sitk.Image:
     return image
 
 
-def check_header_spacing(path: Path) -> None:
-    """InputError when a MetaImage or NIfTI header states a zero or negative voxel spacing.
-
-    Hand-parsed because ITK silently replaces such spacings (NIfTI pixdim from the sform,
-    MetaImage by its absolute value), which would hide a broken file.
-    """
-    suffix = suffix_of(path)
-    spacing: list[float] = []
-    try:
-        if suffix in (".mha", ".mhd"):
-            with open(path, "rb") as handle:
-                for raw in handle.read(4096).split(b"\n"):
-                    key, _, value = raw.decode("latin-1").partition("=")
-                    if key.strip() in ("ElementSpacing", "ElementSize"):
-                        spacing = [float(v) for v in value.split()]
-                        break
-        elif suffix in (".nii", ".nii.gz"):
-            opener = gzip.open if suffix == ".nii.gz" else open
-            with opener(path, "rb") as handle:
-                header = handle.read(348)
-            if len(header) == 348:
-                endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-                ndim = struct.unpack(endian + "h", header[40:42])[0]
-                pixdim = struct.unpack(endian + "8f", header[76:108])
-                spacing = list(pixdim[1:1 + max(0, min(ndim, 3))])
-    except (OSError, ValueError, struct.error, EOFError):
-        return  # unreadable headers are reported by the reader itself
-    if any(not s > 0 for s in spacing):
-        raise InputError(f"{path}: zero or negative voxel spacing {tuple(spacing)} in the header")
-
-
 def modality_of(image: sitk.Image) -> str | None:
     """"CT", "MR", "XR" (CR/DX) or None, from the DICOM modality the reader stored."""
     if not image.HasMetaDataKey(MODALITY_KEY):
@@ -188,70 +201,99 @@ def modality_of(image: sitk.Image) -> str | None:
 
 def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike,
                       overwrite: bool = False) -> Path:
-    """Validate an output path before any work: known format, not the input, not existing.
+    """Validate an output path before any work: known format, not the input, not a folder, not
+    existing (unless `overwrite`), in a folder where a file can be created.
 
-    InputError when the suffix is not writable, the path is the input, or it exists and
-    `overwrite` is False.
+    InputError naming the path and the problem otherwise.
     """
     output_path = Path(output_path)
     if suffix_of(output_path) not in WRITE_SUFFIXES:
         raise InputError(f"{output_path}: cannot write format {suffix_of(output_path) or '(none)'}; "
                          f"use one of {', '.join(WRITE_SUFFIXES)}")
     if input_path is not None:
-        source = Path(input_path)
-        same = output_path.resolve() == source.resolve() or (
-            output_path.exists() and source.exists() and os.path.samefile(output_path, source))
-        inside = source.is_dir() and source.resolve() in output_path.resolve().parents
-        if same or inside:
-            raise InputError(f"{output_path}: output would overwrite the input {source}")
+        _refuse_same_file(output_path, Path(input_path), "output would overwrite the input")
+    if output_path.is_dir():
+        raise InputError(f"{output_path}: is a folder; give a file name for the output")
     if output_path.exists() and not overwrite:
         raise InputError(f"{output_path}: output exists; pass --overwrite to replace it")
-    if not output_path.parent.exists():
-        raise InputError(f"{output_path}: folder {output_path.parent} does not exist")
+    check_writable_folder(output_path)
     return output_path
 
 
-def write_volume(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False,
-                 compress: bool = True) -> Path:
-    """Write `image` atomically to `path` (format from the suffix).
+def check_side_file(path: str | os.PathLike, protected: dict[str, str | os.PathLike | None],
+                    overwrite: bool = False, option: str = "side file") -> Path:
+    """Validate a side output (e.g. --roi-json) before any work: not any of the `protected` paths
+    (role -> path: the input, the output, ...), not a folder, not existing unless `overwrite`,
+    in a writable folder. InputError naming `option` and the clash otherwise."""
+    path = Path(path)
+    for role, other in protected.items():
+        if other is not None:
+            _refuse_same_file(path, Path(other), f"{option} would overwrite the {role}")
+    if path.is_dir():
+        raise InputError(f"{path}: {option} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: exists; pass --overwrite to replace it")
+    check_writable_folder(path)
+    return path
 
-    A one-slice volume may be written as PNG (uint8/uint16; other types are refused). On any
-    failure no file is left at `path` and no temporary file stays behind.
-    """
+
+def _refuse_same_file(path: Path, other: Path, message: str) -> None:
+    same = path.resolve() == other.resolve() or (
+        path.exists() and other.exists() and os.path.samefile(path, other))
+    inside = other.is_dir() and other.resolve() in path.resolve().parents
+    if same or inside:
+        raise InputError(f"{path}: {message} {other}")
+
+
+def stage_volume(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False,
+                 compress: bool = True) -> Staged:
+    """An output volume ready to be written by `write_all` (format from the suffix)."""
     path = Path(path)
     suffix = suffix_of(path)
     if suffix not in WRITE_SUFFIXES:
         raise InputError(f"{path}: cannot write format {suffix or '(none)'}; use one of "
                          f"{', '.join(WRITE_SUFFIXES)}")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: output exists; pass --overwrite to replace it")
     if suffix == ".png":
         image = _as_png_image(image, path)
-    return _write_atomically(path, lambda temp_name: sitk.WriteImage(
-        image, temp_name, compress and suffix != ".png"))
+    expected = (tuple(image.GetSize()), image.GetPixelID())
+
+    def verify(temp_name: str) -> None:
+        info = file_integrity.read_header_info(temp_name)
+        if suffix != ".png":
+            file_integrity.check_payload(temp_name, info)
+        elif (info.size, info.pixel_id) != expected:
+            raise InputError(f"{temp_name}: PNG reads back as {info.size}, not {expected[0]}")
+
+    return Staged(path, suffix, lambda temp_name: sitk.WriteImage(
+        image, temp_name, compress and suffix != ".png"), verify, overwrite)
+
+
+def stage_text(text: str, path: str | os.PathLike, overwrite: bool = False) -> Staged:
+    """A text side output (JSON report, ...) ready to be written by `write_all`."""
+    data = text.encode("utf-8")
+
+    def verify(temp_name: str) -> None:
+        if Path(temp_name).read_bytes() != data:
+            raise InputError(f"{temp_name}: text reads back different from what was written")
+
+    return Staged(Path(path), Path(path).suffix, lambda temp_name: Path(temp_name).write_bytes(data),
+                  verify, overwrite)
+
+
+def write_volume(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False,
+                 compress: bool = True) -> Path:
+    """Write `image` atomically to `path` (format from the suffix), checked complete on disk.
+
+    A one-slice volume may be written as PNG (uint8/uint16; other types are refused). On any
+    failure (WriteError on a full disk) no file is left at `path`, an existing file there is
+    untouched, and no temporary file stays behind.
+    """
+    return write_all([stage_volume(image, path, overwrite, compress)])[0]
 
 
 def write_text(text: str, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write `text` atomically to `path` (refusing an existing file unless `overwrite`)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: exists; pass --overwrite to replace it")
-    return _write_atomically(path, lambda temp_name: Path(temp_name).write_text(text))
-
-
-def _write_atomically(path: Path, write: Callable[[str], object]) -> Path:
-    """Run `write(temporary name)` on a temporary file beside `path`, then rename it to `path`;
-    on any failure (or cancel) the temporary file is removed and `path` is untouched."""
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.",
-                                             suffix=f".part{suffix_of(path)}", dir=path.parent)
-    os.close(descriptor)
-    try:
-        write(temp_name)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_all([stage_text(text, path, overwrite)])[0]
 
 
 def _as_png_image(image: sitk.Image, path: Path) -> sitk.Image:
@@ -265,6 +307,17 @@ def _as_png_image(image: sitk.Image, path: Path) -> sitk.Image:
     return image
 
 
+class _ImageBuffer:
+    """Keeps a SimpleITK image alive for as long as a numpy view of its buffer exists."""
+
+    def __init__(self, image: sitk.Image):
+        self.image = image
+        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
+
+
 def image_array(image: sitk.Image) -> np.ndarray:
-    """A read-only view of the voxels, shape (K, J, I) = (z, y, x)."""
-    return sitk.GetArrayViewFromImage(image)
+    """A read-only view of the voxels, shape (K, J, I) = (z, y, x); the view keeps `image`
+    alive, so `image_array(read_volume(p))` is safe."""
+    view = np.asarray(_ImageBuffer(image))
+    view.flags.writeable = False
+    return view

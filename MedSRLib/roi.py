@@ -531,6 +531,8 @@ def upscale_with_roi(
     from .api import (FACTORS_KEY, MODEL_KEY, choose_model, model_loader, plan_scale,
                       validate_image)
 
+    options = EngineOptions(device=device, precision=precision, tile=tile,
+                            batch_size=batch_size, threads=threads)  # checks each option
     image = validate_image(image)
     plan = plan_scale(scale, axis, image.GetSpacing(), image.GetSize())
     source, value = resolve_roi_argument(roi)
@@ -562,8 +564,6 @@ def upscale_with_roi(
 
     voxels = sitk.GetArrayViewFromImage(image)
     mapping = intensity.fit_mapping(voxels)
-    options = EngineOptions(device=device, precision=precision, tile=tile,
-                            batch_size=batch_size, threads=threads)
     out_dtype = np.dtype(np.float32) if output_float else voxels.dtype
     identity = lambda units: units  # noqa: E731 - blend in network units, map back once
     whole_voxels = float(np.prod(size_xyz))
