@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -378,6 +379,13 @@ def console_main() -> None:
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if code == EXIT_CANCELLED:
+        # An interrupt that cut through an extension's embedded Python (torch's import runs
+        # pybind11 exec) leaves CPython's "unhandled KeyboardInterrupt" flag set, and the
+        # interpreter would then kill itself with SIGINT at exit: leave with our status instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

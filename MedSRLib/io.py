@@ -128,9 +128,9 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> sitk.
                              "image files and DICOM folders")
         if path.stat().st_size == 0:
             raise InputError(f"{path}: file is empty")
+        file_integrity.check_header_spacing(path)
         info = file_integrity.read_header_info(path)
         _check_voxel_kind(info.pixel_type, info.components, str(path))
-        file_integrity.check_header_spacing(path)
         memory_budget.check_fits(info.payload_bytes, f"{path}: its {info.size} voxels of "
                                  f"{info.pixel_type}")
         file_integrity.check_payload(path, info)

@@ -162,9 +162,21 @@ def shipped_weights(spec: ModelSpec, scale: int, weights_dir: Path | None = None
     return next(iter(files.values())) if modality is None and len(files) == 1 else None
 
 
+def check_weights_file(weights_path: Path) -> Path:
+    """`weights_path` as a Path; WeightsError naming it when it does not exist or is a folder
+    (checked before its card, so a mistyped --weights is not reported as a missing card)."""
+    path = Path(weights_path)
+    if path.is_dir():
+        raise WeightsError(f"{weights_path}: is a folder, not a weights file; pass the .safetensors file")
+    if not path.is_file():
+        raise WeightsError(f"{weights_path}: weights file not found")
+    return path
+
+
 def read_card(weights_path: Path) -> dict[str, Any]:
-    """The JSON model card beside `weights_path` (same stem, .json)."""
-    card_path = Path(weights_path).with_suffix(".json")
+    """The JSON model card beside `weights_path` (same stem, .json); WeightsError when the
+    weights file itself is missing (`check_weights_file`), then when the card is."""
+    card_path = check_weights_file(weights_path).with_suffix(".json")
     if not card_path.is_file():
         raise WeightsError(f"{weights_path}: model card {card_path.name} is missing")
     try:

@@ -62,14 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.config is None:
         parser.error("a config (file or recipe name) is required")
-    from .config import load_config
+    from .config import check_data_root, load_config
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     if args.precision:
         overrides.append(f"train.precision={args.precision}")
-    if args.data_root:
-        overrides.append(f"data.root={args.data_root}")
+    if args.data_root:  # quoted: a folder name is a string even when it looks like YAML ("2024", "a: b")
+        overrides.append(f"data.root={json.dumps(str(args.data_root))}")
     config = load_config(args.config, overrides)
     if args.print_config:
         print(json.dumps(config, indent=2))
@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data_root:  # the explicit flag wins over MEDSR_DATA_ROOT, which resolve_data_root reads first
         os.environ["MEDSR_DATA_ROOT"] = str(args.data_root)
     try:
+        check_data_root(config)  # a missing data folder is the user's to fix (exit 2), before any work
         summary = train(config, args.out, resume=args.resume, progress=not args.no_progress)
     finally:
         if saved_root is None:
