@@ -210,18 +210,19 @@ def _roi_mask_path(roi: str) -> str | None:
 
 def _upscale_with_roi(args: argparse.Namespace, image, output: Path, progress: _Progress,
                       started: float) -> int:
-    from . import io, roi
+    from . import api, io, roi
 
-    margin = {} if args.roi_margin is None else {"margin_mm": args.roi_margin}
+    margin = {} if args.roi_margin is None else {"roi_margin_mm": args.roi_margin}
     try:
-        result, report = roi.upscale_with_roi(
-            image, args.roi, roi_model=args.roi_model, model=args.model, scale=args.scale,
+        result = api.upscale(
+            image, roi=args.roi, roi_model=args.roi_model, model=args.model, scale=args.scale,
             axis=args.axis, device=args.device, precision=args.precision, tile=args.tile,
             batch_size=args.batch, threads=args.threads, modality=args.modality,
             allow_untrained=args.allow_untrained, output_float=args.output_float,
             weights=args.weights, progress=progress, **margin)
     finally:
         progress.close()
+    report = roi.RoiReport.from_image(result)
     outputs = [io.stage_volume(result, output, overwrite=args.overwrite)]
     if args.roi_json is not None:  # both files or neither
         outputs.append(io.stage_text(report.to_json(), args.roi_json, overwrite=args.overwrite))

@@ -8,9 +8,10 @@
   the paper's coverage metric (`lesion_coverage`: "perfect" = 100 %, "acceptable" >= 95 % of a
   slice's lesion voxels inside the ROI).
 - `detect_lesion` runs the registered `lesion_detector` through its shipped weights.
-- `upscale_with_roi`: the fast model on the whole volume, the lesion model on the ROI plus a
-  margin (run on a crop with enough context that the crop's border does not show), blended with
-  a feathered weight map (`blend.py`) on the same output grid as a whole-volume run.
+- The steps `api.upscale(roi=...)` composes: `plan_region` (resolve the ROI, before any voxel
+  work), `refine_region` (the lesion model on the ROI plus a margin, run on a crop with enough
+  context that the crop's border does not show, blended into the whole-volume result with a
+  feathered weight map, `blend.py`), `annotate` (the report, also in the output's metadata).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from . import blend, geometry, intensity, io, zoo
 from .engine import (CancelToken, EngineOptions, ProgressCallback, plan_passes,
                      receptive_radius, super_resolve_volume)
+from .run_plan import ScalePlan, plan_scale, validate_image
 from .errors import InputError, WeightsError
 from .networks.lesion_detector import resize_slices
 
@@ -39,6 +41,7 @@ ROI_BOUNDS_KEY = "medsr_roi_bounds_lps_mm"
 ROI_SCORE_KEY = "medsr_roi_score"
 ROI_FALLBACK_KEY = "medsr_roi_fallback"
 ROI_MODEL_KEY = "medsr_roi_model"
+ROI_REPORT_KEY = "medsr_roi_report"  # the whole RoiReport as one-line JSON
 
 #: Default margin around the ROI, in mm (converted per axis to whole input voxels, >= 1).
 DEFAULT_MARGIN_MM = 5.0
@@ -317,7 +320,6 @@ class Detection:
 
 
 def _auto_slice_axis(image: sitk.Image) -> int:
-    from .api import plan_scale  # late: api imports this module lazily too
     return plan_scale(2, "auto", image.GetSpacing(), image.GetSize()).slice_axis_xyz
 
 
@@ -355,7 +357,6 @@ def detect_lesion_roi(image: sitk.Image, slice_axis: int | None = None,
     probability reaches the threshold (the card's "score_threshold", else 0.5) contribute
     their box; the union, grown by `margin_mm`, is the ROI. No such slice: `roi` is None.
     """
-    from .api import validate_image
     image = validate_image(image)
     network, card = load_detector(weights_path)
     axis = _auto_slice_axis(image) if slice_axis is None else int(slice_axis)
@@ -425,6 +426,15 @@ class RoiReport:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
 
+    @classmethod
+    def from_image(cls, image: sitk.Image) -> "RoiReport | None":
+        """The report a lesion-focused `api.upscale` left in its output's metadata, or None."""
+        if not image.HasMetaDataKey(ROI_REPORT_KEY):
+            return None
+        fields = json.loads(image.GetMetaData(ROI_REPORT_KEY))
+        return cls(**{key: _as_tuples(value) if isinstance(value, list) else value
+                      for key, value in fields.items()})
+
     def write_json(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the report as JSON atomically (temporary file beside it, then rename)."""
         return io.write_text(self.to_json(), path, overwrite)
@@ -487,67 +497,43 @@ def _context_voxels_kji(model_for, factors_kji: Sequence[int], slice_axis_kji: i
     return tuple(min(int(c), int(n)) for c, n in zip(context, size_kji))  # type: ignore
 
 
-def upscale_with_roi(
-    image: sitk.Image,
-    roi: Any,
-    roi_model: str | None = None,
-    model: str | None = None,
-    scale: int | Sequence[int] = 2,
-    axis: str | int = "auto",
-    device: str = "auto",
-    precision: str = "auto",
-    tile: int | None = None,
-    batch_size: int = 4,
-    threads: int | None = None,
-    modality: str | None = None,
-    allow_untrained: bool = False,
-    output_float: bool = False,
-    weights: str | None = None,
-    roi_weights: str | None = None,
-    margin_mm: float = DEFAULT_MARGIN_MM,
-    detector_weights: str | os.PathLike | None = None,
-    progress: ProgressCallback | None = None,
-    cancel: CancelToken | None = None,
-) -> tuple[sitk.Image, RoiReport]:
-    """Lesion-focused super-resolution: `roi_model` inside the ROI (plus `margin_mm`), the fast
-    `model` elsewhere, feathered together; the output grid equals `api.upscale`'s.
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 
-    Args (others as `api.upscale`; `weights` is for `model`, `roi_weights` for `roi_model`):
-        roi: "auto" (the lesion detector), a box (x0, y0, z0, x1, y1, z1 voxel indices, lower
-            inclusive, upper exclusive, or "x0,y0,z0,x1,y1,z1"), a mask image on the input's
-            grid, or a mask file path. The box must lie inside the volume; the mask must not be
-            empty.
-        roi_model: registry name for the ROI; None = lfsr (the LFSR generator) when it ships (else InputError
-            unless allow_untrained).
-        margin_mm: margin added around the ROI (whole voxels per axis, >= 1 when > 0); the
-            feather ramp lies in it, so the ROI itself is entirely the lesion model's.
-        detector_weights: lesion-detector weights to use instead of the shipped ones.
 
-    Returns:
-        (image, report). The image carries metadata "medsr_roi_index_xyz" ("x0 y0 z0 x1 y1 z1"
-        or "none"), "medsr_roi_bounds_lps_mm", "medsr_roi_score" (detector score or "none"),
-        "medsr_roi_fallback" ("1" when the fast model ran everywhere) and "medsr_roi_model".
-    """
-    from .api import (FACTORS_KEY, MODEL_KEY, choose_model, model_loader, plan_scale,
-                      validate_image)
+@dataclass(frozen=True)
+class RegionPlan:
+    """Where the ROI model runs, decided before any voxel work. Boxes are input-grid indices
+    (x, y, z), lower inclusive, upper exclusive: `lesion_box` the ROI itself, `processed` the ROI
+    plus the margin (the feathering lies in it), `crop_box` the processed box plus the ROI
+    model's receptive field (what it reads). All None when nothing is to be refined."""
 
-    options = EngineOptions(device=device, precision=precision, tile=tile,
-                            batch_size=batch_size, threads=threads)  # checks each option
-    image = validate_image(image)
-    plan = plan_scale(scale, axis, image.GetSpacing(), image.GetSize())
+    source: str
+    roi_model: str
+    lesion_box: RoiBox | None
+    processed: RoiBox | None
+    crop_box: RoiBox | None
+    margins_xyz: tuple[int, int, int]
+    score: float | None = None
+    slice_scores: tuple[float, ...] = ()
+    message: str = ""
+
+    def crop_share(self, size_xyz: Sequence[int]) -> float:
+        """The crop's voxels as a share of the volume's (a proxy for its run time)."""
+        if self.crop_box is None:
+            return 0.0
+        return float(np.prod(self.crop_box.size_xyz)) / float(np.prod(size_xyz))
+
+
+def plan_region(image: sitk.Image, roi: Any, plan: ScalePlan, roi_model: str, roi_for,
+                margin_mm: float = DEFAULT_MARGIN_MM,
+                detector_weights: str | os.PathLike | None = None) -> RegionPlan:
+    """Step 1 of lesion-focused SR: resolve `roi` ("auto" runs the lesion detector, a box must
+    lie inside the volume, a mask must be on the input's grid and not empty) into the boxes
+    `refine_region` needs. `roi_for` loads the ROI model (its receptive field sizes the crop)."""
     source, value = resolve_roi_argument(roi)
-    modality = modality or io.modality_of(image)
-    fast_name = choose_model(model, image, modality, plan.network_scale)
-    roi_name = choose_roi_model(roi_model, plan.network_scale, allow_untrained)
-    fast_for = model_loader(fast_name, allow_untrained, weights, modality)
-    same_model = (roi_name, roi_weights) == (fast_name, weights)
-    roi_for = fast_for if same_model else model_loader(roi_name, allow_untrained, roi_weights, modality)
-    for slice_pass in plan_passes(plan.factors_kji, plan.slice_axis_kji):  # model errors first
-        fast_for(slice_pass.plane_factors)
-        roi_for(slice_pass.plane_factors)
-    margins = margin_voxels(margin_mm, image.GetSpacing())
-
     size_xyz = tuple(image.GetSize())
+    margins = margin_voxels(margin_mm, image.GetSpacing())
     score, slice_scores, message = None, (), ""
     if source == "box":
         lesion_box = value.check_inside(size_xyz)
@@ -559,82 +545,66 @@ def upscale_with_roi(
         lesion_box, score, slice_scores = detection.roi, detection.score, detection.slice_scores
         if lesion_box is None:
             message = (f"no lesion found (detector score {detection.score:.3f} < "
-                       f"{detection.threshold:.3f}): the fast model {fast_name!r} ran everywhere")
-    processed = lesion_box.grown(margins, size_xyz) if lesion_box is not None else None
-
-    voxels = sitk.GetArrayViewFromImage(image)
-    mapping = intensity.fit_mapping(voxels)
-    out_dtype = np.dtype(np.float32) if output_float else voxels.dtype
-    identity = lambda units: units  # noqa: E731 - blend in network units, map back once
-    whole_voxels = float(np.prod(size_xyz))
-    crop_share = 0.0
-    crop_box = None
-    if processed is not None:
+                       f"{detection.threshold:.3f}): the fast model ran everywhere")
+    processed = crop_box = None
+    if lesion_box is not None:
+        processed = lesion_box.grown(margins, size_xyz)
         context_kji = _context_voxels_kji(roi_for, plan.factors_kji, plan.slice_axis_kji,
-                                          voxels.shape)
+                                          size_xyz[::-1])
         crop_box = processed.grown(context_kji[::-1], size_xyz)
-        crop_share = float(np.prod(crop_box.size_xyz)) / whole_voxels
-    report_progress = progress or (lambda fraction, text: None)
-    total = 1.0 + crop_share
+    return RegionPlan(source, roi_model, lesion_box, processed, crop_box, margins, score,
+                      tuple(slice_scores), message)
 
-    def stage(offset: float, weight: float, label: str) -> ProgressCallback:
-        return lambda fraction, text: report_progress((offset + weight * fraction) / total,
-                                                      f"{label}: {text}")
 
-    result = super_resolve_volume(
-        voxels, plan.factors_kji, plan.slice_axis_kji, fast_for, to_unit=mapping.to_unit,
-        from_unit=identity, out_dtype=np.dtype(np.float32), options=options,
-        progress=stage(0.0, 1.0, f"fast model {fast_name}"), cancel=cancel)
-    if processed is not None:
-        crop = super_resolve_volume(
-            np.ascontiguousarray(voxels[crop_box.slices_kji]), plan.factors_kji,
-            plan.slice_axis_kji, roi_for, to_unit=mapping.to_unit, from_unit=identity,
-            out_dtype=np.dtype(np.float32), options=options,
-            progress=stage(1.0, crop_share, f"ROI model {roi_name}"), cancel=cancel)
-        out_box = processed.scaled(plan.factors_xyz)
-        crop_out = crop_box.scaled(plan.factors_xyz)
-        inner = tuple(slice(l - c, u - c) for l, u, c in
-                      zip(out_box.lower_xyz[::-1], out_box.upper_xyz[::-1], crop_out.lower_xyz[::-1]))
-        factors_kji = plan.factors_kji
-        ramps_lower, ramps_upper = [], []
-        for a_kji in range(3):
-            a = 2 - a_kji
-            ramp = max(blend.MIN_RAMP_VOXELS, margins[a] * factors_kji[a_kji])
-            ramps_lower.append(ramp if processed.lower_xyz[a] > 0 else 0)
-            ramps_upper.append(ramp if processed.upper_xyz[a] < size_xyz[a] else 0)
-        weights_map = blend.feather_weights(out_box.size_xyz[::-1], ramps_lower, ramps_upper)
-        blend.blend_into(result, crop[inner], weights_map, out_box.slices_kji)
-        del crop, weights_map
-    if cancel is not None:
-        cancel.raise_if_cancelled()
+def refine_region(result_units: np.ndarray, voxels: np.ndarray, region: RegionPlan,
+                  plan: ScalePlan, roi_for, to_unit, options: EngineOptions,
+                  progress: ProgressCallback | None = None,
+                  cancel: CancelToken | None = None) -> None:
+    """Step 2: run the ROI model on the crop of `voxels` (K, J, I, the input's units) and blend
+    it into `result_units` (the whole-volume output in network units, modified in place) with a
+    feathered weight that is 1 on the ROI and falls to 0 across the margin."""
+    if region.processed is None:
+        return
+    processed, crop_box = region.processed, region.crop_box
+    crop = super_resolve_volume(
+        np.ascontiguousarray(voxels[crop_box.slices_kji]), plan.factors_kji, plan.slice_axis_kji,
+        roi_for, to_unit=to_unit, from_unit=lambda units: units, out_dtype=np.dtype(np.float32),
+        options=options, progress=progress, cancel=cancel)
+    out_box = processed.scaled(plan.factors_xyz)
+    crop_out = crop_box.scaled(plan.factors_xyz)
+    inner = tuple(slice(l - c, u - c) for l, u, c in
+                  zip(out_box.lower_xyz[::-1], out_box.upper_xyz[::-1], crop_out.lower_xyz[::-1]))
+    size_xyz = voxels.shape[::-1]
+    ramps_lower, ramps_upper = [], []
+    for a_kji in range(3):
+        a = 2 - a_kji
+        ramp = max(blend.MIN_RAMP_VOXELS, region.margins_xyz[a] * plan.factors_kji[a_kji])
+        ramps_lower.append(ramp if processed.lower_xyz[a] > 0 else 0)
+        ramps_upper.append(ramp if processed.upper_xyz[a] < size_xyz[a] else 0)
+    weights_map = blend.feather_weights(out_box.size_xyz[::-1], ramps_lower, ramps_upper)
+    blend.blend_into(result_units, crop[inner], weights_map, out_box.slices_kji)
 
-    values = np.empty(result.shape, dtype=out_dtype)
-    for start in range(0, result.shape[0], 8):  # back to the input's units, a few slices at a time
-        values[start:start + 8] = intensity.cast_to_dtype(
-            mapping.from_unit(result[start:start + 8]), out_dtype)
-    del result
-    output = sitk.GetImageFromArray(values, isVector=False)
-    del values
-    geometry.upscaled_grid(geometry.Grid.of(image), plan.factors_xyz).apply_to(output)
-    for key in image.GetMetaDataKeys():
-        if key.startswith("medsr_"):
-            output.SetMetaData(key, image.GetMetaData(key))
+
+def annotate(output: sitk.Image, region: RegionPlan, plan: ScalePlan, model: str,
+             image: sitk.Image) -> RoiReport:
+    """Step 3: the run's RoiReport, also written into `output`'s "medsr_roi_*" metadata."""
+    lesion_box, processed = region.lesion_box, region.processed
     report = RoiReport(
-        source=source,
+        source=region.source,
         roi_index_xyz=(lesion_box.lower_xyz, lesion_box.upper_xyz) if lesion_box else None,
         roi_bounds_lps_mm=lesion_box.bounds_lps(image) if lesion_box else None,
         processed_index_xyz=(processed.lower_xyz, processed.upper_xyz) if processed else None,
-        margin_voxels_xyz=margins, score=score, fallback=lesion_box is None,
-        roi_model=roi_name, model=fast_name, scale_factors_xyz=plan.factors_xyz,
-        message=message, slice_scores=tuple(round(s, 6) for s in slice_scores))
-    output.SetMetaData(MODEL_KEY, fast_name)
-    output.SetMetaData(FACTORS_KEY, " ".join(str(f) for f in plan.factors_xyz))
-    output.SetMetaData(ROI_MODEL_KEY, roi_name)
+        margin_voxels_xyz=region.margins_xyz, score=region.score, fallback=lesion_box is None,
+        roi_model=region.roi_model, model=model, scale_factors_xyz=plan.factors_xyz,
+        message=region.message.replace("the fast model", f"the fast model {model!r}"),
+        slice_scores=tuple(round(s, 6) for s in region.slice_scores))
+    output.SetMetaData(ROI_MODEL_KEY, region.roi_model)
     output.SetMetaData(ROI_INDEX_KEY, " ".join(str(v) for v in (*lesion_box.lower_xyz,
                                                                *lesion_box.upper_xyz))
                        if lesion_box else "none")
     output.SetMetaData(ROI_BOUNDS_KEY, " ".join(f"{v:.4f}" for corner in report.roi_bounds_lps_mm
                                                 for v in corner) if lesion_box else "none")
-    output.SetMetaData(ROI_SCORE_KEY, "none" if score is None else f"{score:.6f}")
+    output.SetMetaData(ROI_SCORE_KEY, "none" if region.score is None else f"{region.score:.6f}")
     output.SetMetaData(ROI_FALLBACK_KEY, "1" if report.fallback else "0")
-    return output, report
+    output.SetMetaData(ROI_REPORT_KEY, json.dumps(asdict(report)))
+    return report

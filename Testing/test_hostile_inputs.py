@@ -156,7 +156,7 @@ def test_roi_json_pointing_at_the_output_is_refused_before_any_work(tmp_path, ca
     source = tmp_path / "input.nrrd"
     sitk.WriteImage(make_volume(), str(source))
     out = tmp_path / "out.nii.gz"
-    monkeypatch.setattr("MedSRLib.roi.upscale_with_roi", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr(api, "upscale", lambda *a, **k: pytest.fail("ran"))
     code, _, err = run_cli(["upscale", source, out, "--model", "bicubic", "--roi", "2,2,1,10,10,4",
                             "--roi-json", out, "--quiet"], capsys)
     assert code == 2 and "--roi-json would overwrite the output" in err

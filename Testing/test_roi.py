@@ -17,6 +17,12 @@ from MedSRLib.errors import InputError, WeightsError
 
 from conftest import make_volume
 
+
+def upscale_with_report(image, roi_argument, **options):
+    """`api.upscale` in lesion-focused mode, and the RoiReport it left in the output."""
+    output = api.upscale(image, roi=roi_argument, **options)
+    return output, roi.RoiReport.from_image(output)
+
 SARCOMA_PATIENT = "STS_012"  # a suggested hold-out patient: never used to tune anything
 #: Crop of STS_012's CT (x, y, z index ranges) around its tumour, small enough for quick runs.
 SARCOMA_CROP = (slice(30, 130), slice(30, 125), slice(14, 40))
@@ -187,8 +193,8 @@ def test_blend_is_the_identity_where_both_models_agree(models, scale):
     torch.manual_seed(0)
     whole = api.upscale(image, model=models[1], **run)
     torch.manual_seed(0)
-    result, report = roi.upscale_with_roi(image, (14, 14, 2, 26, 24, 5), roi_model=models[0],
-                                          model=models[1], margin_mm=1.0, **run)
+    result, report = upscale_with_report(image, (14, 14, 2, 26, 24, 5), roi_model=models[0],
+                                          model=models[1], roi_margin_mm=1.0, **run)
     assert not report.fallback and report.processed_index_xyz != report.roi_index_xyz
     np.testing.assert_allclose(array(result), array(whole), atol=1e-4, rtol=0)
     # Output on the same grid as the whole-volume run.
@@ -250,7 +256,7 @@ def test_feathered_blend_shows_no_seam_on_real_ct(sarcoma):
     band gradient than the tumour's (smooth) core or the surroundings there.
     """
     image, mask = sarcoma
-    blended, report = roi.upscale_with_roi(image, mask, roi_model="lanczos", model="nearest",
+    blended, report = upscale_with_report(image, mask, roi_model="lanczos", model="nearest",
                                            output_float=True)
     roi_run = array(api.upscale(image, model="lanczos", output_float=True))
     fast_run = array(api.upscale(image, model="nearest", output_float=True))
@@ -274,7 +280,7 @@ def test_seam_measure_catches_a_hard_paste(sarcoma):
     image, mask = sarcoma
     roi_run = array(api.upscale(image, model="bicubic", output_float=True))
     fast_run = array(api.upscale(image, model="linear", output_float=True))
-    blended, report = roi.upscale_with_roi(image, mask, roi_model="bicubic", model="linear",
+    blended, report = upscale_with_report(image, mask, roi_model="bicubic", model="linear",
                                            output_float=True)
     hard = fast_run.copy()
     box = roi.RoiBox(*report.processed_index_xyz).scaled(report.scale_factors_xyz).slices_kji
@@ -378,8 +384,8 @@ def test_detected_roi_is_the_aggregated_slice_boxes(tmp_path):
     assert detection.score == pytest.approx(1 / (1 + math.exp(-5.0)), rel=1e-4)
     lower, upper = roi.detect_lesion(image, weights_path=weights, margin_mm=1.0)
     assert lower == (4, 3, 0) and upper == (20, 17, 6)     # 2, 2, 1 voxels of margin, clipped
-    result, report = roi.upscale_with_roi(image, "auto", roi_model="lanczos", model="bicubic",
-                                          detector_weights=weights, margin_mm=0.0)
+    result, report = upscale_with_report(image, "auto", roi_model="lanczos", model="bicubic",
+                                          detector_weights=weights, roi_margin_mm=0.0)
     assert report.source == "auto" and report.roi_index_xyz == ((6, 5, 0), (18, 15, 6))
     assert float(result.GetMetaData(roi.ROI_SCORE_KEY)) == pytest.approx(detection.score, rel=1e-4)
     assert result.GetMetaData(roi.ROI_FALLBACK_KEY) == "0"
@@ -453,7 +459,7 @@ def test_no_lesion_volume_falls_back_to_the_fast_model_and_says_so(tmp_path, cap
     image = make_volume(shape_kji=(6, 20, 24))
     weights = _fixed_detector(tmp_path / "lesion_detector.safetensors", (0.5, 0.5, 0.5, 0.5), -8.0)
     whole = api.upscale(image, model="bicubic", output_float=True)
-    result, report = roi.upscale_with_roi(image, "auto", roi_model="lanczos", model="bicubic",
+    result, report = upscale_with_report(image, "auto", roi_model="lanczos", model="bicubic",
                                           detector_weights=weights, output_float=True)
     assert report.fallback and report.roi_index_xyz is None and "no lesion" in report.message
     assert report.score < 0.5

@@ -8,7 +8,7 @@ convention, `training.degrade.add_kspace_noise`). Per held-out volume, the lesio
 whole, and scored inside the ROI: the bounding box of that slice's lesion mask grown by
 --margin HR pixels (the ground-truth ROI, so detection errors do not enter the SR scores;
 the detector is scored by detector_coverage.py). Then the time of the heavy model on the whole
-volume vs lesion-focused runs (`upscale_with_roi`: LFSR in the ROI, bicubic or the default elsewhere).
+volume vs lesion-focused runs (`api.upscale(roi=...)`: LFSR in the ROI, bicubic or the default elsewhere).
 
     python benchmarks/bench_lfsr.py --data-root ../shared/data --out benchmarks/results/lfsr
 
@@ -165,8 +165,8 @@ def run_timing(root: Path, weights_dir: Path | None, threads: int) -> dict:
     for fast in ("bicubic", None):
         name = fast or api.choose_model(None, image, "MR", 2)
         timed(f"lesion-focused: lfsr in the ROI, {name} elsewhere",
-              lambda: roi.upscale_with_roi(image, box, roi_model="lfsr", model=fast,
-                                           roi_weights=weights and str(weights), **common))
+              lambda: api.upscale(image, roi=box, roi_model="lfsr", model=fast,
+                                  roi_weights=weights and str(weights), **common))
     timed(f"{api.choose_model(None, image, 'MR', 2)} (default) on the whole volume",
           lambda: api.upscale(image, **common))
     return timings
