@@ -166,14 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_upscale(args: argparse.Namespace) -> int:
     from . import api, io
 
-    output = io.check_output_path(args.input, args.output, args.overwrite)
+    mask = None if args.roi is None else _roi_mask_path(args.roi)
+    output = io.check_output_path(args.input, args.output, args.overwrite, {"ROI mask": mask})
     if args.roi is None:
         for flag in ("roi_model", "roi_margin", "roi_json"):
             if getattr(args, flag) is not None:
                 raise InputError(f"--{flag.replace('_', '-')} needs --roi")
     elif args.roi_json is not None:
         io.check_side_file(args.roi_json, {"input": args.input, "output": output,
-                                           "ROI mask": _roi_mask_path(args.roi)},
+                                           "ROI mask": mask},
                            args.overwrite, "--roi-json")
     image = io.read_volume(args.input, series_uid=args.series)
     progress = _Progress("none" if args.quiet else args.progress)

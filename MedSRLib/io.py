@@ -200,7 +200,8 @@ def modality_of(image: sitk.Image) -> str | None:
 
 
 def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False,
+                      other_inputs: dict[str, str | os.PathLike | None] | None = None) -> Path:
     """Validate an output path before any work: known format, not the input, not a folder, not
     existing (unless `overwrite`), in a folder where a file can be created.
 
@@ -212,6 +213,9 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
                          f"use one of {', '.join(WRITE_SUFFIXES)}")
     if input_path is not None:
         _refuse_same_file(output_path, Path(input_path), "output would overwrite the input")
+    for role, other in (other_inputs or {}).items():  # e.g. the ROI mask
+        if other is not None:
+            _refuse_same_file(output_path, Path(other), f"output would overwrite the {role}")
     if output_path.is_dir():
         raise InputError(f"{output_path}: is a folder; give a file name for the output")
     if output_path.exists() and not overwrite:

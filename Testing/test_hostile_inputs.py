@@ -163,6 +163,23 @@ def test_roi_json_pointing_at_the_output_is_refused_before_any_work(tmp_path, ca
     assert files_in(tmp_path) == ["input.nrrd"]
 
 
+def test_output_or_roi_json_pointing_at_the_roi_mask_is_refused(tmp_path, capsys):
+    source, mask = tmp_path / "input.nrrd", tmp_path / "mask.nrrd"
+    sitk.WriteImage(make_volume(), str(source))
+    mask_values = np.zeros((6, 20, 24), np.uint8)
+    mask_values[2:4, 5:9, 6:10] = 1
+    mask_image = sitk.GetImageFromArray(mask_values)
+    mask_image.CopyInformation(make_volume())
+    sitk.WriteImage(mask_image, str(mask))
+    before = mask.read_bytes()
+    for extra in (["--roi-json", mask, "--overwrite"], ["--overwrite"]):
+        out = mask if extra == ["--overwrite"] else tmp_path / "out.nrrd"
+        code, _, err = run_cli(["upscale", source, out, "--model", "bicubic", "--roi", mask,
+                                "--roi-model", "bicubic", *extra, "--quiet"], capsys)
+        assert code == 2 and "overwrite the ROI mask" in err, err
+    assert mask.read_bytes() == before and files_in(tmp_path) == ["input.nrrd", "mask.nrrd"]
+
+
 def test_roi_json_and_volume_are_written_together_or_not_at_all(tmp_path, capsys, monkeypatch):
     source = tmp_path / "input.nrrd"
     sitk.WriteImage(make_volume(), str(source))
