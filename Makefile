@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test benchmark weights lfsr-baselines
+.PHONY: install demo test fuzz benchmark weights lfsr-baselines
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,15 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/medsr demo --out medsr-demo --overwrite
 
+# Testing/install_test_tools.sh: dciodvfy (dicom3tools) for the DICOM export test, via apt-get
+# when missing and possible; never fails the build (that test then skips, saying why).
 test: $(VENV)/.installed
+	-sh Testing/install_test_tools.sh
 	$(PY) -m pytest -q
+
+# The hypothesis fuzz suite with its long profile (about 1000 examples per property).
+fuzz: $(VENV)/.installed
+	MEDSR_FUZZ=long $(PY) -m pytest -q Testing/test_fuzz_inputs.py
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/bench_engine.py

@@ -1,6 +1,7 @@
 """MedSRLib: deep-learning super-resolution of medical volumes (no Slicer, Qt or VTK here).
 
-Public API: `upscale`, `read_volume`, `write_volume`, `list_models`, `CancelToken`.
+Public API: `upscale`, `read_volume`, `write_volume`, `write_dicom_series`, `list_models`,
+`CancelToken`, and `batch` (a cohort: a resumable loop around `upscale`, on Ray when installed).
 The names are imported on first use (PEP 562), so `import MedSRLib.cli` stays light and an
 early Ctrl-C in the `medsr` command is a clean cancel, not a traceback from inside torch.
 """
@@ -13,14 +14,17 @@ from typing import TYPE_CHECKING, Any
 from .errors import CancelledError, InputError, MedSRError, WeightsError
 
 _LAZY = {"upscale": ".api", "list_models": ".api", "CancelToken": ".engine",
-         "read_volume": ".io", "write_volume": ".io"}
+         "read_volume": ".io", "write_volume": ".io", "write_dicom_series": ".dicom_export",
+         "batch": ".cohort"}
 
-__all__ = ["upscale", "read_volume", "write_volume", "list_models", "CancelToken",
-           "MedSRError", "InputError", "WeightsError", "CancelledError"]
+__all__ = ["upscale", "read_volume", "write_volume", "write_dicom_series", "list_models",
+           "CancelToken", "batch", "MedSRError", "InputError", "WeightsError", "CancelledError"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .api import list_models, upscale
+    from .cohort import batch
+    from .dicom_export import write_dicom_series
     from .engine import CancelToken
     from .io import read_volume, write_volume
 

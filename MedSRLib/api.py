@@ -35,6 +35,7 @@ def upscale(
     tile: int | None = None,
     batch_size: int = 4,
     threads: int | None = None,
+    backend: str = "auto",
     modality: str | None = None,
     allow_untrained: bool = False,
     output_float: bool = False,
@@ -54,7 +55,9 @@ def upscale(
         model: registry name; None picks the default for the modality and scale.
         scale: in-plane integer factor, or per-axis (x, y, z) factors 1-4.
         axis: slice axis, "auto" (largest spacing), "x"/"y"/"z" or 0/1/2.
-        device, precision, tile, batch_size, threads: see `engine.EngineOptions`.
+        device, precision, tile, batch_size, threads, backend: see `engine.EngineOptions`;
+            backend "auto" runs learned networks through OpenVINO on the CPU (bf16 where the
+            CPU has it) and through torch on CUDA (`engine.resolve_backend`).
         modality: "CT", "MR" or "XR" to choose the default model (else read from DICOM tags).
         allow_untrained: run a learned model with random weights (plumbing tests only).
         output_float: return float32 voxels instead of the input's pixel type.
@@ -83,7 +86,8 @@ def upscale(
             if value is not None:
                 raise InputError(f"{argument} is only used with roi (lesion-focused mode)")
     options = EngineOptions(device=device, precision=precision, tile=tile,
-                            batch_size=batch_size, threads=threads)  # checks each option
+                            batch_size=batch_size, threads=threads,
+                            backend=backend)  # checks each option
     image = validate_image(image)
     plan = plan_scale(scale, axis, image.GetSpacing(), image.GetSize())
     check_memory(image, plan, output_float)

@@ -1,8 +1,9 @@
-"""`medsr` command line: upscale, models, info, demo, train, benchmark.
+"""`medsr` command line: upscale, batch, models, info, demo, train, benchmark.
 
 Exit status: 0 success, 2 bad input or usage (the message names the file or option and the
-problem; a full disk is one), 1 internal error, 130 cancelled (Ctrl-C, SIGTERM or SIGHUP, at
-any moment). Nothing is written unless the whole run succeeds; an existing output is replaced
+problem; a full disk is one), 1 internal error, 3 (`medsr batch`) some cases failed (their
+messages are in the manifest), 130 cancelled (Ctrl-C, SIGTERM or SIGHUP, at any
+moment). Nothing is written unless the whole run succeeds; an existing output is replaced
 only by a complete new one.
 
 Heavy imports (numpy, torch, SimpleITK) happen inside the commands, after the signal handlers
@@ -23,6 +24,7 @@ from typing import Sequence
 from .errors import CancelledError, InputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
+EXIT_SOME_CASES_FAILED = 3  # `medsr batch`: the other cases are done; see the manifest
 
 
 def _parse_scale(text: str) -> int | tuple[int, ...]:
@@ -102,6 +104,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--axis", default="auto", type=_parse_axis,
                         help="slice axis: auto (largest spacing), x, y or z")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino"),
+                        help="inference runtime: auto (OpenVINO on the CPU for learned networks, "
+                             "torch on CUDA), torch or openvino")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--tile", type=_parse_tile, default=None,
                         help="tile edge in input pixels (0 = whole slices; default automatic)")
@@ -123,10 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("upscale", help="super-resolve a volume or 2-D image")
     up.add_argument("input", help="NIfTI/NRRD/MHA file, DICOM series folder, or PNG")
-    up.add_argument("output", help="output file: .nii.gz, .nii, .nrrd, .mha (or .png for 2-D)")
+    up.add_argument("output", help="output file: .nii.gz, .nii, .nrrd, .mha (or .png for 2-D), "
+                                   "or a folder for a DICOM series (--format dicom)")
     _add_run_options(up)
     up.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when a folder has several")
-    up.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    up.add_argument("--overwrite", action="store_true",
+                    help="replace an existing output file (or non-empty DICOM output folder)")
+    up.add_argument("--format", dest="output_format", choices=("auto", "dicom"), default="auto",
+                    help="auto: from the output's suffix, or a DICOM series when it has none and "
+                         "the input is DICOM; dicom: a derived DICOM series in folder OUTPUT, one "
+                         "file per slice, in the source's study")
+    up.add_argument("--dicom-template", default=None, metavar="DIR",
+                    help="DICOM series giving the DICOM output its patient, study, frame of "
+                         "reference and stored representation (needed for a non-DICOM input)")
     up.add_argument("--float", dest="output_float", action="store_true",
                     help="write float32 voxels instead of the input's pixel type")
     up.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -157,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scale", type=_int_at_least(2, "scale"), default=2)
     demo.add_argument("--overwrite", action="store_true")
 
+    _add_batch_parser(sub)
     sub.add_parser("train", help="train a model from a recipe config (see `medsr train --help`)",
                    add_help=False)
     sub.add_parser("benchmark", help="benchmark models on a folder of HR volumes", add_help=False)
@@ -167,7 +182,12 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     from . import api, io
 
     mask = None if args.roi is None else _roi_mask_path(args.roi)
-    output = io.check_output_path(args.input, args.output, args.overwrite, {"ROI mask": mask})
+    dicom_source = _dicom_output_source(args)
+    if dicom_source is None:
+        output = io.check_output_path(args.input, args.output, args.overwrite, {"ROI mask": mask})
+    else:
+        output = io.check_output_folder(args.input, args.output, args.overwrite,
+                                        {"ROI mask": mask, "DICOM template": args.dicom_template})
     if args.roi is None:
         for flag in ("roi_model", "roi_margin", "roi_json"):
             if getattr(args, flag) is not None:
@@ -180,16 +200,16 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     progress = _Progress("none" if args.quiet else args.progress)
     started = time.perf_counter()
     if args.roi is not None:
-        return _upscale_with_roi(args, image, output, progress, started)
+        return _upscale_with_roi(args, image, output, progress, started, dicom_source)
     try:
         result = api.upscale(
             image, model=args.model, scale=args.scale, axis=args.axis, device=args.device,
             precision=args.precision, tile=args.tile, batch_size=args.batch, threads=args.threads,
-            modality=args.modality, allow_untrained=args.allow_untrained,
+            backend=args.backend, modality=args.modality, allow_untrained=args.allow_untrained,
             output_float=args.output_float, weights=args.weights, progress=progress)
     finally:
         progress.close()
-    io.write_volume(result, output, overwrite=args.overwrite)
+    _write_output(result, output, args, dicom_source)
     used = result.GetMetaData(api.MODEL_KEY)
     if args.model is None and used == "bicubic":
         print("medsr: note: no trained model ships for this modality and scale; used bicubic "
@@ -202,6 +222,59 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dicom_output_source(args: argparse.Namespace):
+    """The `dicom_export.DicomSource` giving a DICOM series output its identity (checked before
+    any work), or None when the output is a volume file."""
+    from . import io
+
+    input_is_dicom = Path(args.input).is_dir() or io.is_dicom_file(args.input)
+    wanted = args.output_format == "dicom" or (
+        io.suffix_of(args.output) == "" and (input_is_dicom or args.dicom_template is not None))
+    if not wanted:
+        if args.dicom_template is not None:
+            raise InputError(f"{args.output}: --dicom-template is for a DICOM series output "
+                             "(--format dicom, or an output folder without a file suffix)")
+        return None
+    if not Path(args.input).exists():
+        raise InputError(f"{args.input}: no such file or folder")
+    from . import dicom_export
+
+    if args.dicom_template is not None:
+        return dicom_export.load_source(args.dicom_template)
+    if not input_is_dicom:
+        raise InputError(f"{args.input}: is not DICOM, so a DICOM output has no patient, study "
+                         "or frame of reference to belong to; pass --dicom-template DIR (a DICOM "
+                         "series of the same patient and frame of reference)")
+    if Path(args.input).is_dir():
+        return dicom_export.load_source(args.input, series_uid=args.series)
+    return dicom_export.load_source([args.input])
+
+
+def _write_output(result, output: Path, args: argparse.Namespace, dicom_source,
+                  side_files=()) -> None:
+    """The volume file (or DICOM series folder) and its side files, all or none: side files are
+    prepared before the series is written and committed after it."""
+    from . import io
+
+    if dicom_source is None:
+        io.write_all([io.stage_volume(result, output, overwrite=args.overwrite), *side_files])
+        return
+    from .dicom_export import write_dicom_series
+
+    prepared = []
+    try:
+        for item in side_files:
+            prepared.append(item.prepare())
+        write_dicom_series(result, dicom_source, output, overwrite=args.overwrite,
+                           weights=args.weights, modality=args.modality,
+                           derived_from_source=args.dicom_template is None)
+        for item in prepared:
+            item.commit()
+    finally:
+        for item in prepared:
+            item.discard()
+
+
 def _roi_mask_path(roi: str) -> str | None:
     """The mask file named by --roi, if it names one (not auto, not a box)."""
     from .roi import looks_like_box
@@ -210,7 +283,7 @@ def _roi_mask_path(roi: str) -> str | None:
 
 
 def _upscale_with_roi(args: argparse.Namespace, image, output: Path, progress: _Progress,
-                      started: float) -> int:
+                      started: float, dicom_source=None) -> int:
     from . import api, io, roi
 
     margin = {} if args.roi_margin is None else {"roi_margin_mm": args.roi_margin}
@@ -218,16 +291,17 @@ def _upscale_with_roi(args: argparse.Namespace, image, output: Path, progress: _
         result = api.upscale(
             image, roi=args.roi, roi_model=args.roi_model, model=args.model, scale=args.scale,
             axis=args.axis, device=args.device, precision=args.precision, tile=args.tile,
-            batch_size=args.batch, threads=args.threads, modality=args.modality,
+            batch_size=args.batch, threads=args.threads, backend=args.backend,
+            modality=args.modality,
             allow_untrained=args.allow_untrained, output_float=args.output_float,
             weights=args.weights, progress=progress, **margin)
     finally:
         progress.close()
     report = roi.RoiReport.from_image(result)
-    outputs = [io.stage_volume(result, output, overwrite=args.overwrite)]
-    if args.roi_json is not None:  # both files or neither
-        outputs.append(io.stage_text(report.to_json(), args.roi_json, overwrite=args.overwrite))
-    io.write_all(outputs)
+    side_files = []
+    if args.roi_json is not None:  # both outputs or neither
+        side_files.append(io.stage_text(report.to_json(), args.roi_json, overwrite=args.overwrite))
+    _write_output(result, output, args, dicom_source, side_files)
     if report.fallback:
         print(f"medsr: {report.message}", file=sys.stderr)
     if not args.quiet:
@@ -313,6 +387,129 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_batch_parser(sub) -> None:
+    from .cohort.cases import OUTPUT_FORMATS
+
+    batch = sub.add_parser("batch", help="super-resolve a cohort: files, folders (every volume "
+                           "and DICOM series) or a CSV/TSV table; resumable, on Ray workers")
+    batch.add_argument("inputs", nargs="+", metavar="INPUT",
+                       help="file, folder (searched recursively) or CSV/TSV table with columns "
+                            "input[,output][,model][,scale][,series]")
+    batch.add_argument("--out", required=True, metavar="DIR",
+                       help="output folder: outputs mirror the input tree; manifest "
+                            "medsr-batch.jsonl (rerun the same command to resume)")
+    _add_run_options(batch)
+    try:
+        batch.add_argument("--format", dest="output_format", choices=tuple(OUTPUT_FORMATS),
+                           default="nrrd", help="output format (default nrrd); dicom: a derived "
+                           "DICOM series folder per DICOM input")
+    except argparse.ArgumentError:  # the shared run options define --format themselves
+        pass
+    batch.add_argument("--float", dest="output_float", action="store_true",
+                       help="write float32 voxels instead of the input's pixel type")
+    batch.add_argument("--workers", type=_int_at_least(1, "workers"), default=None,
+                       help="parallel Ray workers (default: one per GPU, else CPUs / threads)")
+    batch.add_argument("--threads-per-worker", type=_int_at_least(1, "threads-per-worker"),
+                       default=None, help="torch threads per worker (default: CPUs / workers)")
+    batch.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="join this Ray cluster (e.g. auto, ray://head:10001) instead of "
+                            "starting a local Ray runtime")
+    batch.add_argument("--no-ray", action="store_true",
+                       help="run the cases one at a time in this process, even with Ray installed")
+    batch.add_argument("--retry-failed", action="store_true",
+                       help="also rerun cases that failed before with unchanged input")
+    batch.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                       help="progress on stderr: a bar over cases, one JSON line per case, or none")
+    batch.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
+
+
+class _BatchProgress:
+    """Progress over cases on stderr: a tqdm bar (failures printed above it), JSON lines, or
+    nothing; keeps the counts for the summary of a cancelled run."""
+
+    def __init__(self, style: str):
+        self.style = style
+        self.finished = {"ok": 0, "failed": 0}  # this run's cases, for a cancelled run's summary
+        self._bar = None
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "case":
+            self.finished[event["status"]] = self.finished.get(event["status"], 0) + 1
+        if self.style == "json":
+            print(json.dumps(event), file=sys.stderr, flush=True)
+            return
+        if kind == "start" and self.style != "quiet":
+            for note in event["notes"]:
+                print(f"medsr: note: {note}", file=sys.stderr)
+        if self.style != "bar":
+            return
+        if kind == "start":
+            print(f"medsr batch: {event['cases']} cases, {event['to_run']} to run "
+                  f"({event['skipped']} done earlier, {event['failed_earlier']} failed earlier), "
+                  f"on {event['runner']}", file=sys.stderr)
+            if event["to_run"]:
+                from tqdm import tqdm
+                self._bar = tqdm(total=event["to_run"], file=sys.stderr, unit="case",
+                                 bar_format="{l_bar}{bar}| {n}/{total} [{elapsed}<{remaining}]"
+                                            "{postfix}")
+        elif kind == "case" and self._bar is not None:
+            if event["status"] == "failed":
+                self._bar.write(f"medsr: failed: {event['error']}", file=sys.stderr)
+            rate = event["volumes_per_hour"]
+            self._bar.set_postfix_str(f"ok {event['done']}, failed {event['failed']}, "
+                                      f"left {event['remaining']}"
+                                      + (f", {rate:.0f} vol/h" if rate else ""), refresh=False)
+            self._bar.update(1)
+        elif kind == "end":
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from .cohort import batch
+
+    threads = args.threads_per_worker
+    if args.threads is not None:
+        if threads is not None and threads != args.threads:
+            raise InputError(f"--threads {args.threads} and --threads-per-worker {threads} "
+                             "disagree; give one of them")
+        threads = args.threads
+    options = dict(model=args.model, scale=args.scale, axis=args.axis, device=args.device,
+                   precision=args.precision, tile=args.tile, batch_size=args.batch,
+                   modality=args.modality, allow_untrained=args.allow_untrained,
+                   output_float=args.output_float, weights=args.weights)
+    if getattr(args, "backend", None) is not None:
+        options["backend"] = args.backend
+    progress = _BatchProgress("quiet" if args.quiet else args.progress)
+    try:
+        summary = batch(args.inputs, args.out, output_format=args.output_format,
+                        workers=args.workers, threads_per_worker=threads,
+                        ray_address=args.ray_address, use_ray=False if args.no_ray else None,
+                        retry_failed=args.retry_failed, progress=progress, **options)
+    except (CancelledError, KeyboardInterrupt):
+        progress.close()
+        done = progress.finished
+        print(f"medsr batch: cancelled; the cases finished in this run are kept ({done['ok']} "
+              f"ok, {done['failed']} failed, in the manifest), the cases in progress wrote "
+              "nothing; run the same command again to continue", file=sys.stderr)
+        return EXIT_CANCELLED
+    finally:
+        progress.close()
+    if not args.quiet:
+        print(f"medsr batch: {summary.line()}; manifest {summary.manifest}", file=sys.stderr)
+        failures = [r for r in summary.records if r["status"] == "failed"]
+        for record in failures[:10]:
+            print(f"  failed: {record['error']}", file=sys.stderr)
+        if len(failures) > 10:
+            print(f"  ... and {len(failures) - 10} more (see the manifest)", file=sys.stderr)
+    return EXIT_OK if summary.all_ok else EXIT_SOME_CASES_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
@@ -321,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _guarded(lambda: _benchmark(argv[1:]))
     args = build_parser().parse_args(argv)
     handler = {"upscale": _cmd_upscale, "models": _cmd_models, "info": _cmd_info,
-               "demo": _cmd_demo}[args.command]
+               "demo": _cmd_demo, "batch": _cmd_batch}[args.command]
     return _guarded(lambda: handler(args))
 
 

@@ -12,6 +12,7 @@ Peak memory is the input, the output, and one batch of tiles, whatever the numbe
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -48,7 +49,8 @@ class CancelToken:
 class EngineOptions:
     """How to run: device ("auto", "cpu", "cuda"), precision ("auto", "fp32", "bf16", "fp16"),
     tile edge in input pixels (None = automatic, 0 = whole slices), slices per batch, CPU
-    threads (None = torch's default), channels_last memory format."""
+    threads (None = torch's default), channels_last memory format (torch), backend ("auto",
+    "torch", "openvino"; see `resolve_backend`)."""
 
     device: str = "auto"
     precision: str = "auto"
@@ -56,9 +58,13 @@ class EngineOptions:
     batch_size: int = 4
     threads: int | None = None
     channels_last: bool = True
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         """InputError naming the option (API argument and CLI flag) for a value out of range."""
+        if self.backend not in BACKENDS:
+            raise InputError(f"backend (--backend) must be one of {', '.join(BACKENDS)}, "
+                             f"got {self.backend!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise InputError(f"device (--device) must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in PRECISIONS:
@@ -79,6 +85,10 @@ def _is_int(value: object) -> bool:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BACKENDS = ("auto", "torch", "openvino")
+#: OpenVINO runs whole slices up to this many output pixels, tiles of OV_TILE beyond (memory).
+OV_WHOLE_SLICE_MAX_PIXELS = 1024 * 1024
+OV_TILE = 256
 #: Smallest tile edge (input pixels): smaller tiles are mostly halo and make no real progress.
 MIN_TILE = 16
 
@@ -132,8 +142,9 @@ def receptive_radius(model: nn.Module, factors: tuple[int, int], probe: int = 48
     """
     sy, sx = factors
     generator = torch.Generator().manual_seed(0)
+    device = next(iter(model.parameters()), torch.empty(0)).device
     while probe <= max_probe:
-        x = torch.rand(1, 1, probe, probe, generator=generator, requires_grad=True)
+        x = torch.rand(1, 1, probe, probe, generator=generator).to(device).requires_grad_(True)
         with torch.enable_grad():
             y = model(x)
             y[0, 0, (probe // 2) * sy, (probe // 2) * sx].backward()
@@ -164,8 +175,40 @@ def _cached_radius(model: nn.Module, factors: tuple[int, int]) -> int | None:
     return per_model[tuple(factors)]
 
 
+_NOTICES: set[str] = set()
+
+
+def notice(message: str) -> None:
+    """Print a one-line notice on stderr, once per process and message."""
+    if message not in _NOTICES:
+        _NOTICES.add(message)
+        print(f"medsr: note: {message}", file=sys.stderr, flush=True)
+
+
+def resolve_backend(backend: str, device: torch.device, learned: bool,
+                    factors: tuple[int, int]) -> str:
+    """"torch" or "openvino". "auto": OpenVINO for a learned network with equal in-plane
+    factors on the CPU when the package imports (2-2.5x faster than torch in fp32 on the CPUs
+    measured, more in bf16), torch otherwise (CUDA, interpolation, anisotropic factors).
+    "openvino" asked for but not installed, or on CUDA: torch, with a one-line notice."""
+    if backend == "torch":
+        return "torch"
+    from . import openvino_runtime
+    usable = device.type == "cpu" and factors[0] == factors[1]
+    if backend == "openvino":
+        if device.type != "cpu":
+            notice("the OpenVINO backend runs on the CPU; using torch on CUDA")
+            return "torch"
+        if not openvino_runtime.available():
+            notice("OpenVINO is not installed (pip install openvino); using torch")
+            return "torch"
+        return "openvino" if factors[0] == factors[1] else "torch"
+    return "openvino" if learned and usable and openvino_runtime.available() else "torch"
+
+
 class SliceUpscaler:
-    """Runs one ready model on batches of 2-D slices, tiled, on one device and precision."""
+    """Runs one ready model on batches of 2-D slices, tiled, on one device, backend and
+    precision."""
 
     def __init__(self, model: nn.Module, factors: tuple[int, int], options: EngineOptions,
                  learned: bool = True):
@@ -174,16 +217,46 @@ class SliceUpscaler:
         self.autocast_dtype = resolve_precision(options.precision, self.device, learned)
         self.channels_last = options.channels_last
         self.model = model.eval()
+        self.backend = resolve_backend(options.backend, self.device, learned, factors)
+        self._runner = None
+        if self.backend == "openvino":
+            from .openvino_runtime import OpenVinoRunner, OpenVinoUnavailable
+            try:
+                self._runner = OpenVinoRunner(self.model, factors,
+                                              bf16=self.autocast_dtype == torch.bfloat16,
+                                              threads=options.threads)
+            except OpenVinoUnavailable as err:
+                notice(f"{err}; using torch")
+                self.backend = "torch"
         tile = options.tile
+        self._auto_tile = tile is None
         if tile is None:
-            tile = AUTO_TILE_CPU if self.device.type == "cpu" else 0
-        self.halo = _cached_radius(self.model, factors) if tile else None
-        self.tile = tile if self.halo is not None else 0
+            tile = 0 if (self.device.type != "cpu" or self.backend == "openvino") else AUTO_TILE_CPU
+        self.tile = tile
+        self._halo: int | None = None  # measured when a slice first needs tiling
         self.model = self.model.to(self.device)
-        if self.channels_last:
+        if self.channels_last and self.backend == "torch":
             self.model = self.model.to(memory_format=torch.channels_last)
 
+    @property
+    def description(self) -> str:
+        """What runs: backend, precision and tiling, e.g. "openvino bf16, whole slices"."""
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+        tiling = f"{self.tile}-px tiles" if self.tile else "whole slices"
+        return f"{self.backend} {precision}, {tiling}"
+
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        if self._runner is not None:
+            try:
+                return self._runner(x)
+            except Exception as err:  # noqa: BLE001 - any OpenVINO failure: torch takes over
+                from .openvino_runtime import OpenVinoUnavailable
+                if not isinstance(err, OpenVinoUnavailable):
+                    raise
+                notice(f"{err}; using torch")
+                self._runner, self.backend = None, "torch"
+                if self.channels_last:
+                    self.model = self.model.to(memory_format=torch.channels_last)
         x = x.to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -199,11 +272,18 @@ class SliceUpscaler:
         sy, sx = self.factors
         batch = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]
         n, _, h, w = batch.shape
+        if (self._auto_tile and self.backend == "openvino"
+                and h * w * sy * sx > OV_WHOLE_SLICE_MAX_PIXELS):
+            self.tile = OV_TILE  # whole slices would need GB-sized activations
+        if self.tile and (h > self.tile or w > self.tile) and self._halo is None:
+            self._halo = _cached_radius(self.model, self.factors)
+            if self._halo is None:  # a global operation: whole slices only
+                self.tile = 0
         with torch.inference_mode():
             if not self.tile or (h <= self.tile and w <= self.tile):
                 return self._run(batch)[:, 0].numpy()
             out = torch.empty(n, 1, h * sy, w * sx)
-            r, t = self.halo, self.tile
+            r, t = self._halo, self.tile
             for y0 in range(0, h, t):
                 y1 = min(y0 + t, h)
                 py0, py1 = max(0, y0 - r), min(h, y1 + r)

@@ -25,8 +25,8 @@ from .file_integrity import first_line as _first_line
 from .safe_write import Staged, WriteError, check_writable_folder, write_all
 
 __all__ = ["read_volume", "write_volume", "write_text", "stage_volume", "stage_text", "write_all",
-           "check_output_path", "check_side_file", "image_array", "list_dicom_series",
-           "modality_of", "as_scalar_volume", "WriteError"]
+           "check_output_path", "check_output_folder", "check_side_file", "image_array",
+           "list_dicom_series", "is_dicom_file", "modality_of", "as_scalar_volume", "WriteError"]
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -222,6 +222,47 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
         raise InputError(f"{output_path}: output exists; pass --overwrite to replace it")
     check_writable_folder(output_path)
     return output_path
+
+
+def check_output_folder(input_path: str | os.PathLike | None, output_folder: str | os.PathLike,
+                        overwrite: bool = False,
+                        other_inputs: dict[str, str | os.PathLike | None] | None = None) -> Path:
+    """Validate an output *folder* (a DICOM series) before any work: not a file name, not the
+    input (or any of `other_inputs`), not inside one and not holding one, absent or empty
+    unless `overwrite` (and then holding DICOM files only, never subfolders or other files),
+    its parent folder writable. InputError naming the folder and the problem otherwise."""
+    folder = Path(output_folder)
+    if suffix_of(folder) in VOLUME_SUFFIXES + IMAGE_2D_SUFFIXES:
+        raise InputError(f"{folder}: a DICOM series is written into a folder; give a folder "
+                         f"path, not a {suffix_of(folder)} file name")
+    for role, other in {"input": input_path, **(other_inputs or {})}.items():
+        if other is None:
+            continue
+        _refuse_same_file(folder, Path(other), f"output folder would be the {role} or inside it:")
+        if folder.resolve() in Path(other).resolve().parents:
+            raise InputError(f"{folder}: output folder holds the {role} {other}")
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a folder; a DICOM series is written "
+                         "into a folder")
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    if entries and not overwrite:
+        raise InputError(f"{folder}: output folder is not empty ({len(entries)} entries); pass "
+                         "--overwrite to replace it")
+    for entry in entries:
+        if not (entry.is_file() and not entry.is_symlink() and is_dicom_file(entry)):
+            raise InputError(f"{folder}: refusing to replace a folder holding {entry.name!r}, "
+                             "which is not a DICOM file; choose another output folder")
+    check_writable_folder(folder)
+    return folder
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True when `path` is a file with the DICOM preamble ("DICM" at byte 128)."""
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def check_side_file(path: str | os.PathLike, protected: dict[str, str | os.PathLike | None],

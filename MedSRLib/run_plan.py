@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from . import geometry, intensity, io, memory_budget, zoo
+from . import geometry, intensity, io, memory_budget, model_cache, zoo
 from .errors import InputError
 
 AXIS_NAMES = {"x": 0, "y": 1, "z": 2, "i": 0, "j": 1, "k": 2}
@@ -128,8 +128,8 @@ def model_loader(name: str, allow_untrained: bool = False, weights: str | None =
 
     def model_for(factors: tuple[int, int]) -> tuple[zoo.SRModel, bool]:
         if factors not in loaded:
-            loaded[factors] = zoo.load_model(name, factors, allow_untrained=allow_untrained,
-                                             weights_path=weights, modality=modality)
+            loaded[factors] = model_cache.load_model(name, factors, allow_untrained=allow_untrained,
+                                                     weights_path=weights, modality=modality)
         return loaded[factors], loaded[factors].spec.needs_weights
 
     return model_for

@@ -46,6 +46,9 @@ MODALITIES = (("auto", "Auto"), ("CT", "CT"), ("MR", "MR"), ("XR", "XR"))
 DICOM_INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
 #: DICOM Modality tag (group,element) as `slicer.dicomDatabase.fileValue` takes it.
 DICOM_MODALITY_TAG = "0008,0060"
+#: Node attributes recording what made an output node (read by `exportDICOMSeries`).
+MODEL_ATTRIBUTE = "MedSR.model"
+SCALE_FACTORS_ATTRIBUTE = "MedSR.scaleFactorsXYZ"
 #: DICOM Modality value -> MedSRLib modality: radiographs (CR, DX, RG) are "XR", as in
 #: `MedSRLib.io.modality_of`; any other value (PT, US, MG, ...) has no MedSRLib modality.
 MEDSR_MODALITY_FROM_DICOM = {"CT": "CT", "MR": "MR", "CR": "XR", "DX": "XR", "RG": "XR"}
@@ -738,6 +741,10 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
             outputVolume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijkToRAS))
             slicer.util.updateVolumeFromArray(outputVolume, voxels)
             outputVolume.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
+            for key, attribute in (("medsr_model", MODEL_ATTRIBUTE),
+                                   ("medsr_scale_factors_xyz", SCALE_FACTORS_ATTRIBUTE)):
+                if image.HasMetaDataKey(key):
+                    outputVolume.SetAttribute(attribute, image.GetMetaData(key))
             outputVolume.CreateDefaultDisplayNodes()
             self._copyDisplay(inputVolume, outputVolume)
             self._placeInSameFolder(inputVolume, outputVolume)
@@ -777,6 +784,33 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
             shNode.SetItemParent(outputItem, parentItem)
         else:
             shNode.CreateItem(parentItem, outputVolume)
+
+    # -- back to the PACS -----------------------------------------------------------------------
+
+    def exportDICOMSeries(self, outputVolume, inputVolume, folder, overwrite=False):
+        """Write `outputVolume` (a MedSR output) as a derived DICOM series of the DICOM series
+        `inputVolume` was loaded from: `MedSRLib.write_dicom_series` with the input's files from
+        Slicer's DICOM database, and the model and factors recorded on the output node.
+
+        Slicer's own "Export to DICOM" also writes the output into the input's study (it sits in
+        the same subject-hierarchy study); this call adds the derived-series tags (DERIVED,
+        references to the source images, the model, the source's stored representation).
+        """
+        uids = (inputVolume.GetAttribute(DICOM_INSTANCE_UIDS_ATTRIBUTE) or "").split()
+        database = getattr(slicer, "dicomDatabase", None)
+        if not uids or database is None:
+            raise ValueError(f"{inputVolume.GetName()!r} was not loaded from DICOM; a derived "
+                             "series needs its source series")
+        files = [database.fileForInstance(uid) for uid in uids]
+        if not all(files):
+            raise ValueError(f"the DICOM database lacks files of {inputVolume.GetName()!r}")
+        model = outputVolume.GetAttribute(MODEL_ATTRIBUTE)
+        factors = (outputVolume.GetAttribute(SCALE_FACTORS_ATTRIBUTE) or "").split()
+        if not model or len(factors) != 3:
+            raise ValueError(f"{outputVolume.GetName()!r} is not a MedSR output (no model/scale)")
+        return _medsrlib().write_dicom_series(
+            self.volumeNodeToImage(outputVolume), files, folder, overwrite=overwrite,
+            model=model, scale_factors=[int(f) for f in factors])
 
     # -- what to run ----------------------------------------------------------------------------
 

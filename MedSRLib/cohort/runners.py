@@ -1,0 +1,369 @@
+"""Who runs the cases: one process, or Ray actors that each keep their models loaded.
+
+Both runners hand every case to the same `run_case` (read, `api.upscale`, atomic verified
+write), take the cases from one queue in order, and report each finished case to the driver,
+which alone writes the manifest. A worker is a long-lived process, so `model_cache` loads each
+model once per worker, not once per case.
+
+Ray is optional (`pip install MedSRLib[cluster]`) and imported only here, only when used.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from ..errors import CancelledError, InputError
+from .cases import Case
+
+if TYPE_CHECKING:  # the engine imports torch: only inside a worker or a run
+    from ..engine import CancelToken
+
+ResultCallback = Callable[[Case, "CaseResult"], None]
+
+#: Seconds a cancelled Ray run waits for the cases in flight to stop (at the next batch of
+#: slices) or finish writing, before it ends the workers.
+CANCEL_GRACE_SECONDS = 20.0
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """What a worker reports for one case; status "ok", "failed" or "cancelled"."""
+
+    status: str
+    error: str = ""
+    model: str | None = None
+    factors_xyz: tuple[int, int, int] | None = None
+    seconds: float = 0.0
+    peak_memory_mb: float | None = None
+    output_bytes: int | None = None
+    worker: str = ""
+
+
+def _reset_peak_memory() -> None:
+    try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024.0, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+    except (ImportError, OSError):
+        return None
+
+
+def write_output(image, case: Case, output_format: str, upscale_options: dict[str, Any]) -> None:
+    """Write one case's output atomically and verified: a volume file through `io.write_all`,
+    or (format "dicom") a derived DICOM series folder in the source series' study."""
+    if output_format != "dicom":
+        from .. import io
+        io.write_all([io.stage_volume(image, case.output, overwrite=True)])
+        return
+    if not case.input.is_dir():
+        raise InputError(f"{case.input}: is not a DICOM series, so a DICOM output has no "
+                         "patient, study or frame of reference; use another --format")
+    from ..dicom_export import write_dicom_series
+    write_dicom_series(image, case.input, case.output, overwrite=True,
+                       series_uid=case.series_uid, weights=upscale_options.get("weights"),
+                       modality=upscale_options.get("modality"))
+
+
+def output_bytes(path: Path) -> int | None:
+    """Size of an output file, or of the files in an output folder (a DICOM series); None
+    when it is not there."""
+    try:
+        if path.is_dir():
+            return sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file())
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def run_case(case: Case, upscale_options: dict[str, Any], output_format: str,
+             cancel: "CancelToken | None" = None) -> CaseResult:
+    """Read, super-resolve and write one case; its output is replaced only by a complete one.
+
+    Returns "ok" or "failed" (the message names the file and the problem; errors that are
+    not the input's are "internal error: TYPE: message"). CancelledError and KeyboardInterrupt
+    propagate: nothing of the case is written then.
+    """
+    from .. import api, io
+
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    started = time.perf_counter()
+    _reset_peak_memory()
+    options = dict(upscale_options)
+    if case.model is not None:
+        options["model"] = case.model
+    if case.scale is not None:
+        options["scale"] = case.scale
+    model, factors = None, None
+    try:
+        case.output.parent.mkdir(parents=True, exist_ok=True)
+        if output_format != "dicom":
+            io.check_output_path(case.input, case.output, overwrite=True)
+        image = io.read_volume(case.input, series_uid=case.series_uid)
+        result = api.upscale(image, cancel=cancel, **options)
+        del image
+        model = result.GetMetaData(api.MODEL_KEY)
+        factors = tuple(int(f) for f in result.GetMetaData(api.FACTORS_KEY).split())
+        write_output(result, case, output_format, options)
+        del result
+    except (CancelledError, KeyboardInterrupt):
+        raise
+    except InputError as err:
+        return CaseResult("failed", str(err), model, factors, time.perf_counter() - started,
+                          _peak_memory_mb(), None, worker)
+    except Exception as err:  # noqa: BLE001 - one bad case never stops the others
+        text = "out of memory" if isinstance(err, MemoryError) else f"{type(err).__name__}: {err}"
+        return CaseResult("failed", f"{case.input}: internal error: {text}", model, factors,
+                          time.perf_counter() - started, _peak_memory_mb(), None, worker)
+    return CaseResult("ok", "", model, factors, time.perf_counter() - started, _peak_memory_mb(),
+                      output_bytes(case.output), worker)
+
+
+class InProcessRunner:
+    """The queue in this process, one case after another."""
+
+    def __init__(self, threads: int | None):
+        self.threads = threads
+
+    def describe(self) -> str:
+        return f"1 worker in this process x {self.threads or 'default'} thread(s) (no Ray)"
+
+    def run(self, cases: Sequence[Case], upscale_options: dict[str, Any], output_format: str,
+            on_result: ResultCallback, cancel: "CancelToken") -> None:
+        options = {**upscale_options, "threads": self.threads}
+        for case in cases:
+            cancel.raise_if_cancelled()
+            on_result(case, run_case(case, options, output_format, cancel))
+
+
+def import_ray():
+    """The `ray` module, or None when it is not installed (or not importable)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray
+
+
+class CaseWorker:
+    """A Ray actor: one process, its torch thread count set once, its models kept loaded."""
+
+    def __init__(self, threads: int):
+        import torch
+
+        from ..engine import CancelToken
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+        self.threads = threads
+        self._cancel = CancelToken()
+        self._stopping = False
+        self._lock = threading.Lock()
+
+    def ready(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    def run(self, case: Case, upscale_options: dict[str, Any], output_format: str) -> CaseResult:
+        with self._lock:
+            if self._stopping:
+                return CaseResult("cancelled")
+            self._cancel = type(self._cancel)()
+            cancel = self._cancel
+        try:
+            return run_case(case, {**upscale_options, "threads": self.threads}, output_format,
+                            cancel)
+        except (CancelledError, KeyboardInterrupt):
+            return CaseResult("cancelled")
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._cancel.cancel()
+
+
+def _ray_signals_kept(ray_init: Callable[[], Any]) -> Any:
+    """Call `ray_init` keeping this process's SIGINT/SIGTERM/SIGHUP handlers (ray.init installs
+    its own; `medsr` turns each signal into a clean cancel)."""
+    if threading.current_thread() is not threading.main_thread():
+        return ray_init()
+    names = [n for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    previous = {n: signal.getsignal(getattr(signal, n)) for n in names}
+    try:
+        return ray_init()
+    finally:
+        for name, handler in previous.items():
+            if handler is not None:
+                signal.signal(getattr(signal, name), handler)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+class RayRunner:
+    """The queue on Ray actors: an embedded local runtime (started and shut down here), an
+    existing cluster (`address`), or the runtime already initialised in this process."""
+
+    def __init__(self, ray, workers: int | None, threads: int, address: str | None,
+                 device: str):
+        self.ray = ray
+        self.workers = workers
+        self.threads = threads
+        self.address = address
+        self.device = device
+        self.gpus_per_worker = 0
+        self._started_here = False
+
+    def start(self) -> None:
+        """Start or join the runtime and settle the number of workers; InputError when it
+        cannot be reached."""
+        ray = self.ray
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False,
+                                          logging_level="ERROR")
+            if self.address:
+                kwargs["address"] = self.address
+            else:  # embedded: exactly the CPUs the workers use; MedSRLib importable as here
+                package_root = str(Path(__file__).resolve().parents[2])
+                python_path = os.pathsep.join(
+                    p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+                kwargs.update(num_cpus=(self.workers or 1) * self.threads, num_gpus=0,
+                              runtime_env={"env_vars": {"PYTHONPATH": python_path}})
+                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            try:
+                _ray_signals_kept(lambda: ray.init(**kwargs))
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray runtime"
+                raise InputError(f"cannot start or join {where}: {err}") from None
+            self._started_here = True
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        if gpus and self.device in ("auto", "cuda"):
+            self.gpus_per_worker = 1
+            self.workers = self.workers or gpus  # one actor per GPU
+        elif self.workers is None:
+            self.workers = max(1, int(resources.get("CPU", 1)) // self.threads)
+
+    def describe(self) -> str:
+        where = f"Ray cluster {self.address}" if self.address else (
+            "local Ray runtime" if self._started_here else "this process's Ray runtime")
+        gpu = f", 1 GPU each" if self.gpus_per_worker else ""
+        return f"{self.workers} Ray worker(s) x {self.threads} thread(s){gpu} on the {where}"
+
+    def shutdown(self) -> None:
+        if self._started_here and self.ray.is_initialized():
+            self.ray.shutdown()
+        self._started_here = False
+
+    def _new_actor(self):
+        actor_class = self.ray.remote(CaseWorker).options(
+            num_cpus=self.threads, num_gpus=self.gpus_per_worker, max_concurrency=2)
+        return actor_class.remote(self.threads)
+
+    def run(self, cases: Sequence[Case], upscale_options: dict[str, Any], output_format: str,
+            on_result: ResultCallback, cancel: "CancelToken") -> None:
+        ray = self.ray
+        pending = deque(cases)
+        actors = [self._new_actor() for _ in range(min(self.workers or 1, len(cases)))]
+        starting = {actor.ready.remote(): actor for actor in actors}
+        idle: list = []
+        in_flight: dict[Any, tuple[Any, Case]] = {}
+        started_any = False
+        try:
+            while pending or in_flight:
+                cancel.raise_if_cancelled()
+                while pending and idle:
+                    actor, case = idle.pop(), pending.popleft()
+                    in_flight[actor.run.remote(case, upscale_options, output_format)] = (actor, case)
+                if not in_flight and not starting:
+                    raise InputError("no Ray worker is left to run the cases")
+                ready, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=0.5)
+                for ref in ready:
+                    if ref in starting:  # a worker is up (or could not start)
+                        actor = starting.pop(ref)
+                        try:
+                            ray.get(ref)
+                        except ray.exceptions.RayError as err:
+                            actors.remove(actor)
+                            if not started_any and not starting:
+                                raise InputError("the Ray workers could not start: "
+                                                 + _first_line(err)) from None
+                            continue
+                        started_any = True
+                        idle.append(actor)
+                        continue
+                    actor, case = in_flight.pop(ref)
+                    result, alive = self._result_of(ref, case)
+                    if not alive:  # a worker that died (killed for memory?) is replaced
+                        actors.remove(actor)
+                        ray.kill(actor, no_restart=True)
+                        actor = self._new_actor()
+                        actors.append(actor)
+                        starting[actor.ready.remote()] = actor
+                    else:
+                        idle.append(actor)
+                    if result.status == "cancelled":
+                        raise CancelledError("batch cancelled")
+                    on_result(case, result)
+        except (CancelledError, KeyboardInterrupt):
+            self._stop(actors, in_flight, on_result)
+            raise
+        finally:
+            for actor in actors:
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+
+    def _result_of(self, ref, case: Case) -> tuple[CaseResult, bool]:
+        ray = self.ray
+        try:
+            return ray.get(ref), True
+        except ray.exceptions.RayActorError as err:
+            message = (f"{case.input}: the worker process ended while running this case (killed "
+                       f"for memory? try fewer --workers); {_first_line(err)}")
+            return CaseResult("failed", message), False
+        except ray.exceptions.RayError as err:
+            return CaseResult("failed", f"{case.input}: internal error: {err}"), True
+
+    def _stop(self, actors: list, in_flight: dict, on_result: ResultCallback) -> None:
+        """Ask every worker to stop at its next batch of slices and wait for the cases in
+        flight: those that still finish are reported, the others wrote nothing."""
+        ray = self.ray
+        try:
+            for actor in actors:
+                actor.cancel.remote()
+            deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+            while in_flight and time.monotonic() < deadline:
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+                for ref in ready:
+                    _, case = in_flight.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayError:
+                        continue
+                    if result.status == "ok":
+                        on_result(case, result)
+        except KeyboardInterrupt:  # a second Ctrl-C: end the workers now
+            pass
