@@ -187,7 +187,7 @@ def notice(message: str) -> None:
 
 def resolve_backend(backend: str, device: torch.device, learned: bool,
                     factors: tuple[int, int]) -> str:
-    """"torch" or "openvino". "auto": OpenVINO for a learned network with equal in-plane
+    """"torch" or "openvino". "auto": OpenVINO for a learned, trained network with equal in-plane
     factors on the CPU when the package imports (2-2.5x faster than torch in fp32 on the CPUs
     measured, more in bf16), torch otherwise (CUDA, interpolation, anisotropic factors).
     "openvino" asked for but not installed, or on CUDA: torch, with a one-line notice."""
@@ -217,7 +217,10 @@ class SliceUpscaler:
         self.autocast_dtype = resolve_precision(options.precision, self.device, learned)
         self.channels_last = options.channels_last
         self.model = model.eval()
-        self.backend = resolve_backend(options.backend, self.device, learned, factors)
+        # Random-weight (untrained) networks stay in torch under "auto": converting them would
+        # cost seconds per call and fill the disk cache with throw-away models.
+        trained = learned and getattr(model, "card", None) is not None
+        self.backend = resolve_backend(options.backend, self.device, trained, factors)
         self._runner = None
         if self.backend == "openvino":
             from .openvino_runtime import OpenVinoRunner, OpenVinoUnavailable

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDSR_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Converted OpenVINO models of this test session go to a folder of its own, not the user's cache.
+os.environ.setdefault("MEDSR_CACHE_DIR", tempfile.mkdtemp(prefix="medsr-test-cache-"))
 
 
 @pytest.fixture(scope="module")
