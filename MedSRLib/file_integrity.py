@@ -207,6 +207,7 @@ class _Payload:
     offset: int
     encoding: str
     scan_dtype: np.dtype | None = None
+    stored_bytes: int | None = None  # NIfTI: bytes of the stored voxels (the header's own dtype)
 
 
 def check_payload(path: str | os.PathLike, info: HeaderInfo | None = None) -> None:
@@ -220,12 +221,13 @@ def check_payload(path: str | os.PathLike, info: HeaderInfo | None = None) -> No
     payload = _locate_payload(path)
     if payload is None:
         return
-    expected = info.payload_bytes
+    # SimpleITK reports the pixel type after scaling (a uint8 NIfTI with a slope is float32):
+    # the bytes on disk follow the file's own stored type.
+    expected = payload.stored_bytes if payload.stored_bytes is not None else info.payload_bytes
     got, non_finite = _stream_payload(path, payload, expected)
     if got < expected:
         raise InputError(f"{path}: file is truncated: it holds {got:,} of the {expected:,} bytes "
-                         f"of voxel data its header promises ({info.size} voxels of "
-                         f"{info.pixel_type})")
+                         f"of voxel data its header promises ({info.size} voxels)")
     if non_finite:
         raise InputError(f"{path}: holds {non_finite} NaN or infinite voxel(s); clean the input first")
 
@@ -236,8 +238,10 @@ def _locate_payload(path: Path) -> _Payload | None:
         header = _nifti_header(path)
         dtype = header.get_data_dtype()
         scan = dtype if dtype.kind in "fc" else None
+        shape = [int(d) for d in header["dim"][1:1 + int(header["dim"][0])]]
+        stored = math.prod(max(d, 1) for d in shape) * dtype.itemsize
         return _Payload(path, int(header.get_data_offset()),
-                        "gzip" if suffix == ".nii.gz" else "raw", scan)
+                        "gzip" if suffix == ".nii.gz" else "raw", scan, stored)
     if suffix in (".mha", ".mhd"):
         return _metaimage_payload(path)
     if suffix in (".nrrd", ".nhdr"):
