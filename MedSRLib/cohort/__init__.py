@@ -222,9 +222,10 @@ def _check_upscale_options(options: dict[str, Any]) -> dict[str, Any]:
                     " (not available in batch)" if name in _NOT_BATCH_OPTIONS else "")
             raise TypeError(f"batch() got an unexpected option {name!r}{hint}; options: "
                             + ", ".join(accepted))
+    engine_extras = {"backend": options["backend"]} if "backend" in options else {}
     EngineOptions(device=options.get("device", "auto"),
                   precision=options.get("precision", "auto"), tile=options.get("tile"),
-                  batch_size=options.get("batch_size", 4))
+                  batch_size=options.get("batch_size", 4), **engine_extras)
     plan_scale(options.get("scale", 2), options.get("axis", "auto"), (1.0, 1.0, 1.0), (8, 8, 8))
     if options.get("model"):
         zoo.get_spec(options["model"])
@@ -259,12 +260,11 @@ def _choose_runner(workers: int | None, threads: int | None, ray_address: str | 
         return InProcessRunner(threads or cpus), notes
     if threads is None:
         threads = max(1, cpus // workers) if workers else 1
-    if workers is None and not ray_address:
-        from ..memory_budget import available_bytes
-        free = available_bytes()
-        by_memory = cpus if free is None else max(1, free // _MEMORY_PER_DEFAULT_WORKER)
-        workers = max(1, min(cpus // threads, by_memory))
-    return RayRunner(ray, workers, threads, ray_address, device), notes
+    from ..memory_budget import available_bytes
+    free = available_bytes()
+    by_memory = cpus if free is None else max(1, free // _MEMORY_PER_DEFAULT_WORKER)
+    local_cpu_workers = max(1, min(cpus // threads, by_memory))
+    return RayRunner(ray, workers, threads, ray_address, device, local_cpu_workers), notes
 
 
 def _request_of(case: Case, options: dict[str, Any], output_format: str) -> dict[str, Any]:

@@ -173,9 +173,10 @@ class CaseWorker:
         import torch
 
         from ..engine import CancelToken
-        os.environ["OMP_NUM_THREADS"] = str(threads)
+
         torch.set_num_threads(threads)
         self.threads = threads
+        self._new_token = CancelToken
         self._cancel = CancelToken()
         self._stopping = False
         self._lock = threading.Lock()
@@ -187,7 +188,7 @@ class CaseWorker:
         with self._lock:
             if self._stopping:
                 return CaseResult("cancelled")
-            self._cancel = type(self._cancel)()
+            self._cancel = self._new_token()
             cancel = self._cancel
         try:
             return run_case(case, {**upscale_options, "threads": self.threads}, output_format,
@@ -226,9 +227,10 @@ class RayRunner:
     existing cluster (`address`), or the runtime already initialised in this process."""
 
     def __init__(self, ray, workers: int | None, threads: int, address: str | None,
-                 device: str):
+                 device: str, local_cpu_workers: int = 1):
         self.ray = ray
         self.workers = workers
+        self.local_cpu_workers = local_cpu_workers  # the default on CPUs, embedded runtime
         self.threads = threads
         self.address = address
         self.device = device
@@ -248,8 +250,10 @@ class RayRunner:
                 package_root = str(Path(__file__).resolve().parents[2])
                 python_path = os.pathsep.join(
                     p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
-                kwargs.update(num_cpus=(self.workers or 1) * self.threads, num_gpus=0,
+                kwargs.update(num_cpus=(self.workers or self.local_cpu_workers) * self.threads,
                               runtime_env={"env_vars": {"PYTHONPATH": python_path}})
+                if self.device == "cpu":  # else Ray finds the local GPUs itself
+                    kwargs["num_gpus"] = 0
                 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             try:
                 _ray_signals_kept(lambda: ray.init(**kwargs))
@@ -260,15 +264,18 @@ class RayRunner:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         if gpus and self.device in ("auto", "cuda"):
-            self.gpus_per_worker = 1
-            self.workers = self.workers or gpus  # one actor per GPU
+            self.workers = self.workers or gpus  # one actor per GPU by default
+            self.gpus_per_worker = min(1.0, gpus / self.workers)  # more workers share GPUs
         elif self.workers is None:
-            self.workers = max(1, int(resources.get("CPU", 1)) // self.threads)
+            self.workers = self.local_cpu_workers if self._started_here and not self.address \
+                else max(1, int(resources.get("CPU", 1)) // self.threads)
 
     def describe(self) -> str:
+        if self.workers is None:
+            return "Ray workers (starting)"
         where = f"Ray cluster {self.address}" if self.address else (
             "local Ray runtime" if self._started_here else "this process's Ray runtime")
-        gpu = f", 1 GPU each" if self.gpus_per_worker else ""
+        gpu = f", {self.gpus_per_worker:g} GPU each" if self.gpus_per_worker else ""
         return f"{self.workers} Ray worker(s) x {self.threads} thread(s){gpu} on the {where}"
 
     def shutdown(self) -> None:
