@@ -58,10 +58,37 @@ def check_scale_factors(factors: Sequence[int]) -> tuple[int, int, int]:
     return tuple(out)  # type: ignore[return-value]
 
 
+#: Plausible voxel spacings (mm): below, the SR grid's spacing underflows or rounds away;
+#: above, corner coordinates lose all precision. A micro-CT is ~1e-3 mm, a whole body 1e3 mm.
+MIN_SPACING_MM, MAX_SPACING_MM = 1e-6, 1e6
+#: Origins beyond this (mm) are not a patient position (a broken header).
+MAX_ORIGIN_MM = 1e9
+
+
 def check_spacing(spacing: Sequence[float]) -> None:
-    """InputError unless every spacing is a positive finite number (mm)."""
+    """InputError unless every spacing is a finite number in [1e-6, 1e6] mm."""
     if any(not np.isfinite(s) or s <= 0 for s in spacing):
         raise InputError(f"voxel spacing must be positive, got {tuple(spacing)} mm")
+    if any(not MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing):
+        raise InputError(f"voxel spacing {tuple(spacing)} mm is outside the plausible range "
+                         f"{MIN_SPACING_MM:g}-{MAX_SPACING_MM:g} mm")
+
+
+def check_grid(image: sitk.Image, name: str = "image") -> None:
+    """InputError naming `name` unless spacing (see `check_spacing`), origin (finite, within
+    1e9 mm) and direction (finite, invertible) describe a usable grid."""
+    try:
+        check_spacing(image.GetSpacing())
+    except InputError as err:
+        raise InputError(f"{name}: {err}") from None
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+    if not np.all(np.isfinite(origin)) or np.any(np.abs(origin) > MAX_ORIGIN_MM):
+        raise InputError(f"{name}: origin {tuple(origin)} mm is not a finite position")
+    dimension = image.GetDimension()
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dimension, dimension)
+    if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
+        raise InputError(f"{name}: direction matrix {tuple(direction.reshape(-1))} is not "
+                         "finite and invertible")
 
 
 def upscaled_grid(grid: Grid, factors_xyz: Sequence[int]) -> Grid:

@@ -14,6 +14,9 @@ import numpy as np
 
 from .errors import InputError
 
+#: Largest |intensity| accepted: a float32 network unit must hold the value's offset from the
+#: volume's percentiles, and (value - offset) / scale must not overflow float32 on the way.
+MAX_ABS_INTENSITY = 1e30
 #: At most this many voxels are looked at to estimate the percentiles (evenly strided sample).
 PERCENTILE_SAMPLE = 2_000_000
 
@@ -52,6 +55,10 @@ def fit_mapping(volume: np.ndarray, low_percentile: float = 0.5,
     flat = np.asarray(volume).reshape(-1)
     if flat.size == 0:
         raise InputError("volume is empty")
+    lowest, highest = float(flat.min()), float(flat.max())
+    if not np.isfinite(highest - lowest) or max(abs(lowest), abs(highest)) > MAX_ABS_INTENSITY:
+        raise InputError(f"intensities span {lowest:g} to {highest:g}: beyond "
+                         f"+-{MAX_ABS_INTENSITY:g}, they cannot be normalised without overflow")
     step = max(1, flat.size // PERCENTILE_SAMPLE)
     low, high = np.percentile(flat[::step].astype(np.float64), [low_percentile, high_percentile])
     if not high > low:
@@ -61,9 +68,13 @@ def fit_mapping(volume: np.ndarray, low_percentile: float = 0.5,
 
 
 def cast_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Cast float `values` to `dtype`: integers are rounded and clipped to the dtype's range."""
+    """Cast float `values` to `dtype`: integers are rounded and clipped to the dtype's range,
+    floats clipped to the dtype's finite range."""
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    if np.issubdtype(dtype, np.floating):  # overshoot near the type's limit must not become inf
+        info = np.finfo(dtype)
+        return np.clip(values, info.min, info.max).astype(dtype)
     return np.asarray(values).astype(dtype)

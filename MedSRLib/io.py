@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import file_integrity, memory_budget
+from . import file_integrity, geometry, memory_budget
 from .errors import InputError
 from .file_integrity import first_line as _first_line
 from .safe_write import Staged, WriteError, check_writable_folder, write_all
@@ -144,10 +144,7 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> sitk.
             if image.HasMetaDataKey("0008|0060"):
                 image.SetMetaData(MODALITY_KEY, image.GetMetaData("0008|0060").strip())
     image = as_scalar_volume(image, str(path))
-    spacing = image.GetSpacing()
-    if any(not (np.isfinite(s) and s > 0) for s in spacing):
-        raise InputError(f"{path}: invalid voxel spacing {tuple(spacing)} (each must be a "
-                         "positive finite number of mm)")
+    geometry.check_grid(image, str(path))
     _check_finite_voxels(image, str(path))
     return image
 
@@ -298,6 +295,7 @@ def stage_volume(image: sitk.Image, path: str | os.PathLike, overwrite: bool = F
     if suffix not in WRITE_SUFFIXES:
         raise InputError(f"{path}: cannot write format {suffix or '(none)'}; use one of "
                          f"{', '.join(WRITE_SUFFIXES)}")
+    geometry.check_grid(image, f"{path}: the volume to write")
     if suffix == ".png":
         image = _as_png_image(image, path)
     expected = (tuple(image.GetSize()), image.GetPixelID())

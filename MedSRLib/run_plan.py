@@ -94,7 +94,7 @@ def _largest_spacing_axis(spacing: Sequence[float], candidates: Sequence[int]) -
 def validate_image(image: sitk.Image, name: str = "input") -> sitk.Image:
     """`image` as a finite scalar 3-D volume with positive spacing, or InputError."""
     image = io.as_scalar_volume(image, name)
-    geometry.check_spacing(image.GetSpacing())
+    geometry.check_grid(image, name)
     intensity.check_finite(sitk.GetArrayViewFromImage(image), name)
     return image
 
