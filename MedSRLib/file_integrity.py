@@ -98,7 +98,8 @@ def first_line(err: BaseException) -> str:
 
 def check_header_spacing(path: str | os.PathLike) -> None:
     """InputError when a NIfTI, MetaImage or NRRD header states a zero, negative, NaN or
-    infinite voxel spacing (mm); other formats pass (SimpleITK's spacing is checked later)."""
+    infinite voxel spacing (mm), or a NaN/inf origin or orientation number; other formats pass
+    (SimpleITK's geometry is checked after reading)."""
     path = Path(path)
     suffix = _suffix(path)
     if suffix in (".nii", ".nii.gz"):
@@ -112,6 +113,68 @@ def check_header_spacing(path: str | os.PathLike) -> None:
     if any(not (math.isfinite(s) and s > 0) for s in spacing):
         raise InputError(f"{path}: zero, negative or non-finite voxel spacing {tuple(spacing)} "
                          "in the header (each must be a positive finite number of mm)")
+    numbers = _header_geometry_numbers(path, suffix)
+    for field, values in numbers.items():
+        if not all(math.isfinite(v) for v in values):
+            raise InputError(f"{path}: non-finite {field} {tuple(values)} in the header "
+                             "(SimpleITK would read it as 0)")
+    axes = _header_axes(numbers, suffix)
+    if axes is not None and not _orthogonal(axes):
+        raise InputError(f"{path}: the header's voxel axes are not orthogonal (a sheared grid, "
+                         f"axes {tuple(round(v, 6) for v in axes.reshape(-1))}); SimpleITK would "
+                         "silently straighten them and move every voxel: resample the volume first")
+
+
+#: Largest |cosine| between two voxel axes taken as orthogonal (float32 NIfTI headers of real
+#: scans reach ~1e-6; a sheared grid is far beyond).
+ORTHOGONALITY_TOLERANCE = 1e-3
+
+
+def _header_axes(numbers: dict[str, list[float]], suffix: str) -> np.ndarray | None:
+    """The three voxel axes (rows, any length) a header states, or None."""
+    if suffix in (".mha", ".mhd"):
+        values = next((numbers[k] for k in ("TransformMatrix", "Rotation", "Orientation")
+                       if k in numbers), None)
+        return np.asarray(values, dtype=np.float64).reshape(3, 3) if values and len(values) == 9 else None
+    if suffix in (".nrrd", ".nhdr"):
+        values = numbers.get("space directions")
+        return np.asarray(values, dtype=np.float64).reshape(3, 3) if values and len(values) == 9 else None
+    if suffix in (".nii", ".nii.gz") and "srow_x" in numbers:
+        rows = np.asarray([numbers["srow_x"], numbers["srow_y"], numbers["srow_z"]])[:, :3]
+        return rows.T if np.any(rows) else None  # columns of the sform = the voxel axes
+    return None
+
+
+def _orthogonal(axes: np.ndarray) -> bool:
+    norms = np.linalg.norm(axes, axis=1)
+    if np.any(norms == 0):
+        return True  # zero-length axes are refused as zero spacing
+    unit = axes / norms[:, None]
+    cosines = unit @ unit.T - np.eye(3)
+    return float(np.max(np.abs(cosines))) <= ORTHOGONALITY_TOLERANCE
+
+
+def _header_geometry_numbers(path: Path, suffix: str) -> dict[str, list[float]]:
+    """Origin and orientation numbers a header states (ITK turns NaN/inf there into 0)."""
+    found: dict[str, list[float]] = {}
+    if suffix in (".mha", ".mhd"):
+        for line in _text_header_lines(path, re.compile(rb"\s*ElementDataFile")):
+            key, _, value = line.partition("=")
+            if key.strip() in ("Offset", "Origin", "Position", "TransformMatrix", "Rotation",
+                               "Orientation"):
+                found[key.strip()] = _floats(value, path, key.strip())
+    elif suffix in (".nrrd", ".nhdr"):
+        fields = _nrrd_fields(path)
+        for key in ("space origin", "space directions"):
+            if key in fields:
+                text = fields[key].replace("none", "")
+                found[key] = _floats(text, path, key)
+    elif suffix in (".nii", ".nii.gz"):
+        header = _nifti_header(path)
+        for key in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z",
+                    "srow_x", "srow_y", "srow_z"):
+            found[key] = [float(v) for v in np.atleast_1d(header[key])]
+    return found
 
 
 def _nifti_header(path: Path):

@@ -91,6 +91,14 @@ def check_grid(image: sitk.Image, name: str = "image") -> None:
                          "finite and invertible")
 
 
+def is_orthogonal(image: sitk.Image, tolerance: float = 1e-3) -> bool:
+    """True when the image's direction columns are orthogonal (|cosine| <= `tolerance`)."""
+    dimension = image.GetDimension()
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dimension, dimension)
+    unit = direction / np.linalg.norm(direction, axis=0, keepdims=True)
+    return float(np.max(np.abs(unit.T @ unit - np.eye(dimension)))) <= tolerance
+
+
 def upscaled_grid(grid: Grid, factors_xyz: Sequence[int]) -> Grid:
     """The grid with `factors_xyz` times more voxels per axis over the same physical extent."""
     factors = check_scale_factors(factors_xyz)

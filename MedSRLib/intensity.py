@@ -73,7 +73,12 @@ def cast_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+        # float64 cannot hold 2**64 - 1 or 2**63 - 1: clip to the largest float below them,
+        # or the cast wraps around to 0 / the minimum.
+        high = float(info.max)
+        if int(high) > info.max:
+            high = float(np.nextafter(high, -np.inf))
+        return np.clip(np.rint(values), float(info.min), high).astype(dtype)
     if np.issubdtype(dtype, np.floating):  # overshoot near the type's limit must not become inf
         info = np.finfo(dtype)
         return np.clip(values, info.min, info.max).astype(dtype)

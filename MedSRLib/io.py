@@ -296,6 +296,10 @@ def stage_volume(image: sitk.Image, path: str | os.PathLike, overwrite: bool = F
         raise InputError(f"{path}: cannot write format {suffix or '(none)'}; use one of "
                          f"{', '.join(WRITE_SUFFIXES)}")
     geometry.check_grid(image, f"{path}: the volume to write")
+    if suffix in (".nii", ".nii.gz") and not geometry.is_orthogonal(image):
+        raise InputError(f"{path}: NIfTI cannot store this volume's sheared (non-orthogonal) "
+                         "grid (SimpleITK would straighten it and move every voxel); write "
+                         ".nrrd or .mha")
     if suffix == ".png":
         image = _as_png_image(image, path)
     expected = (tuple(image.GetSize()), image.GetPixelID())

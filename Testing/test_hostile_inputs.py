@@ -558,3 +558,26 @@ def test_every_real_volume_in_shared_data_passes_the_integrity_checks(shared_dat
     scaled = shared_data / "mr" / "brain-t1-gd-skullstripped.nii.gz"
     assert scaled in checked
     assert io.read_volume(scaled).GetPixelID() == sitk.sitkFloat32
+
+
+def test_sheared_grids_are_refused_where_a_format_or_reader_would_straighten_them(tmp_path):
+    """A sheared direction: NRRD/MHA files holding one are refused on reading (ITK would
+    straighten it), and write_volume refuses to write one as NIfTI (which cannot hold it)."""
+    image = make_volume()
+    sheared = np.array([[1.0, 0.4, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    image.SetDirection(tuple(sheared.reshape(-1)))
+    for suffix in (".nrrd", ".mha"):
+        sitk.WriteImage(image, str(tmp_path / f"s{suffix}"))
+        with pytest.raises(InputError, match="not orthogonal"):
+            io.read_volume(tmp_path / f"s{suffix}")
+    with pytest.raises(InputError, match="NIfTI cannot store"):
+        io.write_volume(image, tmp_path / "out.nii.gz")
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_uint64_extremes_survive_the_cast_back():
+    """2**64 - 1 in float64 rounds up to 2**64, which wraps to 0 in uint64 unless clipped below."""
+    from MedSRLib import intensity
+    values = np.array([0.0, 1.8446744073709552e19, 2e19, -5.0])
+    cast = intensity.cast_to_dtype(values, np.uint64)
+    assert cast[1] > np.uint64(2**63) and cast[2] > np.uint64(2**63) and cast[3] == 0
