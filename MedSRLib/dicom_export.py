@@ -52,7 +52,8 @@ from pydicom.valuerep import format_number_as_ds
 
 from . import io
 from .errors import InputError
-from .safe_write import TEMP_MARK, WriteError, describe_write_failure, signals_deferred
+from .safe_write import (TEMP_MARK, WriteError, current_umask, describe_write_failure, fsync_folder,
+                         pid_alive, signals_deferred)
 
 __all__ = ["write_dicom_series", "load_source", "DicomSource", "UID_ROOT",
            "SERIES_NUMBER_OFFSET", "STORAGE_CLASSES"]
@@ -615,10 +616,10 @@ def _write_folder(folder: Path, overwrite: bool, slices: int, fill) -> Path:
                 raise
             raise WriteError(describe_write_failure(
                 folder, f"the written series is incomplete: {err}")) from None
-        mode = 0o777 & ~_umask()
+        mode = 0o777 & ~current_umask()
         os.chmod(temp, mode)
         for path in files:
-            os.chmod(path, 0o666 & ~_umask())
+            os.chmod(path, 0o666 & ~current_umask())
         _commit(temp, folder, overwrite)
     except BaseException:
         with signals_deferred():
@@ -650,26 +651,7 @@ def _commit(temp: Path, folder: Path, overwrite: bool) -> None:
             raise WriteError(describe_write_failure(folder, err)) from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        _fsync_folder(folder.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+        fsync_folder(folder.parent)
 
 
 def _remove_stale_folders(parent: Path) -> None:
@@ -680,15 +662,6 @@ def _remove_stale_folders(parent: Path) -> None:
         return
     for entry in entries:
         match = _TEMP_FOLDER.match(entry.name)
-        if match and entry.is_dir(follow_symlinks=False) and not _pid_alive(int(match.group(1))):
+        if match and entry.is_dir(follow_symlinks=False) and not pid_alive(int(match.group(1))):
             shutil.rmtree(entry.path, ignore_errors=True)
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -36,7 +36,7 @@ class WriteError(InputError):
     left at the target."""
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -55,7 +55,8 @@ def signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while a process with this PID exists (the owner of a temporary file or folder)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -74,7 +75,7 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
         return removed
     for entry in entries:
         match = _TEMP_PATTERN.match(entry.name)
-        if match and entry.is_file(follow_symlinks=False) and not _pid_alive(int(match.group(1))):
+        if match and entry.is_file(follow_symlinks=False) and not pid_alive(int(match.group(1))):
             try:
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
@@ -158,7 +159,7 @@ class Staged:
                 except InputError as err:
                     raise WriteError(describe_write_failure(
                         self.path, f"the written file is incomplete: {err}")) from None
-            os.chmod(temp_name, 0o666 & ~_current_umask())
+            os.chmod(temp_name, 0o666 & ~current_umask())
         except BaseException:
             self.discard()
             raise
@@ -175,7 +176,7 @@ class Staged:
                 else:
                     _link_no_clobber(self.temp, self.path)
                     self.temp.unlink(missing_ok=True)
-                _fsync_folder(self.path.parent)
+                fsync_folder(self.path.parent)
             except FileExistsError:
                 self.discard()
                 raise InputError(f"{self.path}: output appeared while this run was writing "
@@ -216,7 +217,7 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     try:
         descriptor = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -162,6 +162,18 @@ def shipped_weights(spec: ModelSpec, scale: int, weights_dir: Path | None = None
     return next(iter(files.values())) if modality is None and len(files) == 1 else None
 
 
+def shipped_sr_weights() -> list[tuple[str, int, str | None]]:
+    """(model, scale, modality or None) of every shipped super-resolution weights file."""
+    cases = []
+    for name in model_names():
+        spec = get_spec(name)
+        if spec.kind in ("interpolation", "detector"):
+            continue
+        for scale in spec.scales:
+            cases += [(name, scale, modality or None) for modality in weights_files(spec, scale)]
+    return cases
+
+
 def check_weights_file(weights_path: Path) -> Path:
     """`weights_path` as a Path; WeightsError naming it when it does not exist or is a folder
     (checked before its card, so a mistyped --weights is not reported as a missing card)."""

@@ -26,22 +26,13 @@ def private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MEDSR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "medsr-cache"))
 
 
-def shipped_cases(every_file: bool = False) -> list[tuple[str, int, str | None]]:
-    """(model, scale, modality) of the shipped SR weights: every file, or (for the test suite's
-    time budget) each shipped network once, at its smallest shipped scale; the benchmark
-    (benchmarks/bench_engine.py --precision-all) measures every file on held-out patients."""
-    cases = []
-    for name in zoo.model_names():
-        spec = zoo.get_spec(name)
-        if spec.kind in ("interpolation", "detector"):
-            continue
-        for scale in spec.scales:
-            files = zoo.weights_files(spec, scale)
-            for modality in files if every_file else list(files)[:1]:
-                cases.append((name, scale, modality or None))
-            if files and not every_file:
-                break
-    return cases
+def shipped_cases() -> list[tuple[str, int, str | None]]:
+    """Each shipped network once, at its smallest shipped scale (the test suite's time budget);
+    `benchmarks/bench_runtime.py --precision-all` measures every file on held-out patients."""
+    first: dict[str, tuple[str, int, str | None]] = {}
+    for name, scale, modality in zoo.shipped_sr_weights():
+        first.setdefault(name, (name, scale, modality))
+    return list(first.values())
 
 
 @pytest.fixture(scope="module")

@@ -188,18 +188,6 @@ def end_to_end(slices: int, unit_source: np.ndarray, hu_source: np.ndarray) -> d
             "command": " ".join(command[1:])}
 
 
-def shipped_cases():
-    cases = []
-    for name in zoo.model_names():
-        spec = zoo.get_spec(name)
-        if spec.kind in ("interpolation", "detector"):
-            continue
-        for scale in spec.scales:
-            for modality in zoo.weights_files(spec, scale):
-                cases.append((name, scale, modality or None))
-    return cases
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300, help="slices of the end-to-end volume")
@@ -236,7 +224,7 @@ def main() -> None:
         report["precision_all"] = []
         hold_outs = {m: held_out_slices(m) for m in ("CT", "MR", "XR")}
         print("\nevery shipped weights file, automatic path vs torch fp32 on its modality's hold-outs:")
-        for name, scale, modality in shipped_cases():
+        for name, scale, modality in zoo.shipped_sr_weights():
             sr = model_cache.load_model(name, (scale, scale), modality=modality)
             card_modalities = [m for m in (sr.card or {}).get("modality", ["CT"]) if m in hold_outs]
             slices = [s for m in ([modality] if modality else card_modalities) for s in hold_outs[m]]
@@ -255,8 +243,8 @@ def main() -> None:
             report["fixed_cold"] = fixed_costs([("edsr_lite", 2, None)], cold)
         warm = os.environ.get("MEDSR_CACHE_DIR") or str(Path.home() / ".cache" / "medsr")
         print(f"\nfixed cost, 64x64 image, fresh process, disk cache warm ({warm}):")
-        fixed_costs(shipped_cases(), warm)  # fills the cache
-        report["fixed_warm"] = fixed_costs(shipped_cases(), warm)
+        fixed_costs(zoo.shipped_sr_weights(), warm)  # fills the cache
+        report["fixed_warm"] = fixed_costs(zoo.shipped_sr_weights(), warm)
 
     if not args.skip_end_to_end:
         report["end_to_end"] = end_to_end(args.slices, unit, hu[max(0, middle - 10):middle + 10])
