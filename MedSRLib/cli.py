@@ -532,14 +532,27 @@ def _benchmark(argv: list[str]) -> int:
     return benchmark_main(argv)
 
 
+def _committed_since(count: int) -> list:
+    if "MedSRLib.safe_write" not in sys.modules:
+        return []
+    return sys.modules["MedSRLib.safe_write"].COMMITTED[count:]
+
+
 def _guarded(run) -> int:
+    safe_write = sys.modules.get("MedSRLib.safe_write")
+    committed_before = len(safe_write.COMMITTED) if safe_write is not None else 0
     try:
         return int(run() or 0)
     except InputError as err:
         print(f"medsr: error: {err}", file=sys.stderr)
         return EXIT_INPUT
     except (CancelledError, KeyboardInterrupt):
-        print("medsr: cancelled; nothing was written", file=sys.stderr)
+        written = _committed_since(committed_before)
+        if written:  # the signal came while the last rename was held back: the output is whole
+            print(f"medsr: cancelled after {', '.join(map(str, written))} was completely "
+                  "written", file=sys.stderr)
+        else:
+            print("medsr: cancelled; nothing was written", file=sys.stderr)
         return EXIT_CANCELLED
     except Exception as err:  # noqa: BLE001 - last-resort report for the CLI
         if _is_out_of_memory(err):

@@ -31,6 +31,11 @@ _SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTE
                  if s is not None)
 
 
+#: Every target this process has committed, in order (the CLI tells a cancel that arrived
+#: after an output was complete from one that left nothing).
+COMMITTED: list[Path] = []
+
+
 class WriteError(InputError):
     """An output could not be written completely (full disk, read-only folder, ...); nothing was
     left at the target."""
@@ -177,6 +182,7 @@ class Staged:
                     _link_no_clobber(self.temp, self.path)
                     self.temp.unlink(missing_ok=True)
                 fsync_folder(self.path.parent)
+                COMMITTED.append(self.path)  # before signals are let through again
             except FileExistsError:
                 self.discard()
                 raise InputError(f"{self.path}: output appeared while this run was writing "
