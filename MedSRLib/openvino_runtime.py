@@ -182,7 +182,7 @@ class OpenVinoRunner:
         self._model = _convert(model, factors, body if body is not None else model)
         self._threads = int(threads or torch.get_num_threads())
         self._compiled: dict[tuple[int, int, str], object] = {}
-        self._requests: dict[tuple[int, int], object] = {}
+        self._requests: dict[tuple, object] = {}
 
     def _compile(self, h: int, w: int, hint: str):
         key = (h, w, hint)
@@ -213,17 +213,21 @@ class OpenVinoRunner:
             for i in range(n):
                 out[i] = next(iter(request.infer({0: source[i:i + 1]}).values()))[0]
         else:
-            compiled = self._compile(h, w, "THROUGHPUT")
-            jobs = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-            queue = self._ov.AsyncInferQueue(compiled, max(1, min(jobs, n)))
-
-            def store(request, index):
-                out[index] = request.get_output_tensor(0).data[0]
-
-            queue.set_callback(store)
-            for i in range(n):
-                queue.start_async({0: source[i:i + 1]}, i)
-            queue.wait_all()
+            # Plain requests started and waited for here (no Python callbacks: a callback needs
+            # the GIL in an OpenVINO thread, which deadlocks when the queue is collected).
+            key = (h, w, "THROUGHPUT")
+            if key not in self._requests:
+                compiled = self._compile(h, w, "THROUGHPUT")
+                jobs = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+                self._requests[key] = [compiled.create_infer_request() for _ in range(jobs)]
+            requests = self._requests[key]
+            for start in range(0, n, len(requests)):
+                running = list(zip(range(start, min(n, start + len(requests))), requests))
+                for i, request in running:
+                    request.start_async({0: source[i:i + 1]})
+                for i, request in running:
+                    request.wait()
+                    out[i] = request.get_output_tensor(0).data[0]
         result = torch.from_numpy(out)
         if self._adds_bicubic:  # the global residual in fp32 (see the module doc)
             result += F.interpolate(batch.float(), size=(h * sy, w * sx), mode="bicubic",
