@@ -105,6 +105,7 @@ def check_header_spacing(path: str | os.PathLike) -> None:
     if suffix in (".nii", ".nii.gz"):
         spacing = _nifti_spacing(path)
     elif suffix in (".mha", ".mhd"):
+        _check_metaimage_ndims(path)
         spacing = _metaimage_spacing(path)
     elif suffix in (".nrrd", ".nhdr"):
         spacing = _nrrd_spacing(path)
@@ -225,6 +226,20 @@ def _floats(text: str, path: Path, field: str) -> list[float]:
         return [float(v) for v in text.replace("(", " ").replace(")", " ").replace(",", " ").split()]
     except ValueError:
         raise InputError(f"{path}: header field {field} = {text.strip()!r} is not a list of numbers") from None
+
+
+def _check_metaimage_ndims(path: Path) -> None:
+    """InputError for an NDims outside 1-4 (ITK aborts the process on some such headers)."""
+    for line in _text_header_lines(path, re.compile(rb"\s*ElementDataFile")):
+        key, _, value = line.partition("=")
+        if key.strip() == "NDims":
+            try:
+                ndims = int(value.strip())
+            except ValueError:
+                raise InputError(f"{path}: MetaImage NDims = {value.strip()!r} is not a number") from None
+            if not 1 <= ndims <= 4:
+                raise InputError(f"{path}: MetaImage NDims = {ndims}: MedSR reads 2-D and 3-D images")
+            return
 
 
 def _metaimage_spacing(path: Path) -> list[float]:
