@@ -218,6 +218,9 @@ def test_written_volume_reads_back_faithfully_or_input_error(worker, suffix_case
     # SimpleITK's NIfTI writer straightens a sheared grid ("coerced to orthogonal"): the file
     # then holds another grid than the image; MedSR's write_volume refuses that (tested below).
     assume(not (suffix.startswith(".nii") and sheared))
+    # SimpleITK's writers store non-finite spacing/origin as something else (the file then holds
+    # another grid than the image): no round trip to check; reading such files is fuzzed below.
+    assume(np.all(np.isfinite(case.image.GetSpacing())) and np.all(np.isfinite(case.image.GetOrigin())))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"volume{suffix}"
         try:
