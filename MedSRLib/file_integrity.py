@@ -318,6 +318,10 @@ def _locate_payload(path: Path) -> _Payload | None:
         scan = dtype if dtype.kind in "fc" else None
         shape = [int(d) for d in header["dim"][1:1 + int(header["dim"][0])]]
         stored = math.prod(max(d, 1) for d in shape) * dtype.itemsize
+        offset = float(header["vox_offset"])
+        if not math.isfinite(offset) or offset < 0 or offset > 1 << 40:
+            raise InputError(f"{path}: cannot read as NIfTI: vox_offset {offset} is not a valid "
+                             "byte position of the voxel data")
         return _Payload(path, int(header.get_data_offset()),
                         "gzip" if suffix == ".nii.gz" else "raw", scan, stored)
     if suffix in (".mha", ".mhd"):

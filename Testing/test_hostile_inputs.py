@@ -603,3 +603,16 @@ def test_metaimage_with_ndims_out_of_range_is_refused_not_a_crash(tmp_path, ndim
     path.write_bytes(path.read_bytes().replace(b"NDims = 3", b"NDims = " + ndims))
     with pytest.raises(InputError, match="NDims"):
         io.read_volume(path)
+
+
+@pytest.mark.parametrize("offset", [float("nan"), float("inf"), -352.0, 6.118833748180992e16])
+def test_nifti_with_impossible_vox_offset_is_refused(tmp_path, offset):
+    """Found by the fuzz suite: ValueError/OverflowError/OSError (exit 1) instead of InputError."""
+    import struct
+    path = tmp_path / "v.nii"
+    sitk.WriteImage(make_volume(), str(path))
+    data = bytearray(path.read_bytes())
+    data[108:112] = struct.pack("<f", offset)  # vox_offset
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="v.nii"):
+        io.read_volume(path)
