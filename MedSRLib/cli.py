@@ -569,7 +569,36 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 
 def _interrupt(signum, frame) -> None:
+    if _inside_import(frame):
+        _leave_at_once()
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _inside_import(frame) -> bool:
+    """True while a module is being imported: an extension's import (torch, OpenVINO) runs
+    Python from C++, and an exception raised there aborts the process (pybind11 terminate)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _leave_at_once() -> None:
+    """Cancel without unwinding: remove this run's temporary files, report, exit 130."""
+    safe_write = sys.modules.get("MedSRLib.safe_write")
+    if safe_write is not None:
+        for temp in list(safe_write.PENDING):
+            temp.unlink(missing_ok=True)
+    written = _committed_since(0)
+    if written:
+        print(f"medsr: cancelled after {', '.join(map(str, written))} was completely written",
+              file=sys.stderr)
+    else:
+        print("medsr: cancelled; nothing was written", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_CANCELLED)
 
 
 def _install_signal_handlers() -> None:

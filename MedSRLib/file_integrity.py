@@ -265,7 +265,16 @@ def _nrrd_spacing(path: Path) -> list[float]:
     if "spacings" in fields:  # NRRD's "nan" (a non-spatial axis) is refused too: ITK makes it 1 mm
         spacing += _floats(fields["spacings"], path, "spacings")
     if "space directions" in fields:
-        for vector in re.findall(r"\(([^)]*)\)", fields["space directions"]):
+        kinds = fields.get("kinds", "").lower().split()
+        tokens = re.findall(r"\(([^)]*)\)|(none)", fields["space directions"], re.IGNORECASE)
+        for axis, (vector, none) in enumerate(tokens):
+            if none:
+                # A spatial axis without a direction: ITK invents 1 mm along it. A vector or
+                # colour axis (kinds) is left to the component check.
+                kind = kinds[axis] if axis < len(kinds) else "domain"
+                if kind in ("domain", "space"):
+                    spacing.append(float("nan"))
+                continue
             components = _floats(vector, path, "space directions")
             spacing.append(float(np.linalg.norm(components)) if all(map(math.isfinite, components))
                            else float("nan"))

@@ -76,9 +76,12 @@ def cast_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
         # float64 cannot hold 2**64 - 1 or 2**63 - 1: clip to the largest float below them,
         # or the cast wraps around to 0 / the minimum.
         high = float(info.max)
-        if int(high) > info.max:
-            high = float(np.nextafter(high, -np.inf))
-        return np.clip(np.rint(values), float(info.min), high).astype(dtype)
+        if int(high) <= info.max:
+            return np.clip(np.rint(values), float(info.min), high).astype(dtype)
+        rounded = np.rint(values)
+        cast = np.clip(rounded, float(info.min), float(np.nextafter(high, -np.inf))).astype(dtype)
+        cast[rounded >= high] = info.max  # saturate at the type's maximum, as below it
+        return cast
     if np.issubdtype(dtype, np.floating):  # overshoot near the type's limit must not become inf
         info = np.finfo(dtype)
         return np.clip(values, info.min, info.max).astype(dtype)

@@ -34,6 +34,8 @@ _SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTE
 #: Every target this process has committed, in order (the CLI tells a cancel that arrived
 #: after an output was complete from one that left nothing).
 COMMITTED: list[Path] = []
+# Temporary files that exist right now (a process leaving at once on a signal removes them).
+PENDING: set[Path] = set()
 
 
 class WriteError(InputError):
@@ -150,6 +152,7 @@ class Staged:
             raise WriteError(describe_write_failure(self.path, err)) from None
         os.close(descriptor)
         self.temp = Path(temp_name)
+        PENDING.add(self.temp)
         try:
             try:
                 self._write(temp_name)
@@ -181,6 +184,7 @@ class Staged:
                 else:
                     _link_no_clobber(self.temp, self.path)
                     self.temp.unlink(missing_ok=True)
+                PENDING.discard(self.temp)
                 fsync_folder(self.path.parent)
                 COMMITTED.append(self.path)  # before signals are let through again
             except FileExistsError:
@@ -197,6 +201,7 @@ class Staged:
         with signals_deferred():
             if self.temp is not None:
                 self.temp.unlink(missing_ok=True)
+                PENDING.discard(self.temp)
                 self.temp = None
 
 

@@ -477,6 +477,30 @@ def test_ctrl_c_during_start_up_is_a_clean_cancel(tmp_path, delay):
     assert files_in(tmp_path) == (["out.nrrd"] if process.returncode == 0 else [])
 
 
+def test_signal_inside_an_import_leaves_at_once_without_abort(tmp_path):
+    # An extension's import (torch) runs Python from C++; a KeyboardInterrupt raised there
+    # aborted the process (SIGABRT, pybind11 terminate) in CI. Here the signal arrives,
+    # deterministically, while a module is being imported and a temporary output exists.
+    (tmp_path / "slow_module.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n"
+        "raise SystemExit('the import went on after the signal')\n")
+    temp = tmp_path / ".out.nrrd.medsr-1-x.part.nrrd"
+    script = (
+        "import sys, pathlib\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from MedSRLib import cli, safe_write\n"
+        f"temp = pathlib.Path({str(temp)!r}); temp.write_text('partial')\n"
+        "safe_write.PENDING.add(temp)\n"
+        "cli._install_signal_handlers()\n"
+        "import slow_module\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert "medsr: cancelled; nothing was written" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert [n for n in files_in(tmp_path) if n != "__pycache__"] == ["slow_module.py"]
+
+
 def test_temporary_file_of_a_killed_run_is_removed_by_the_next_write(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
