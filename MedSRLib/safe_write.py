@@ -144,15 +144,16 @@ class Staged:
         if self.path.is_dir():
             raise InputError(f"{self.path}: is a folder, not a file name")
         remove_stale_temporaries(self.path.parent)
-        try:
-            descriptor, temp_name = tempfile.mkstemp(
-                prefix=f".{self.path.name}{TEMP_MARK}{os.getpid()}-",
-                suffix=f".part{self._suffix}", dir=self.path.parent)
-        except OSError as err:
-            raise WriteError(describe_write_failure(self.path, err)) from None
-        os.close(descriptor)
-        self.temp = Path(temp_name)
-        PENDING.add(self.temp)
+        with signals_deferred():  # a cancel between creating and recording it would leak it
+            try:
+                descriptor, temp_name = tempfile.mkstemp(
+                    prefix=f".{self.path.name}{TEMP_MARK}{os.getpid()}-",
+                    suffix=f".part{self._suffix}", dir=self.path.parent)
+            except OSError as err:
+                raise WriteError(describe_write_failure(self.path, err)) from None
+            os.close(descriptor)
+            self.temp = Path(temp_name)
+            PENDING.add(self.temp)
         try:
             try:
                 self._write(temp_name)
