@@ -47,7 +47,8 @@ class CancelToken:
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How to run: device ("auto", "cpu", "cuda"), precision ("auto", "fp32", "bf16", "fp16"),
+    """How to run: device ("auto", "cpu", "cuda"), precision ("auto", "fp32", "bf16", "fp16",
+    "int8"; see `resolve_precision` and `SliceUpscaler`),
     tile edge in input pixels (None = automatic, 0 = whole slices), slices per batch, CPU
     threads (None = torch's default), channels_last memory format (torch), backend ("auto",
     "torch", "openvino"; see `resolve_backend`)."""
@@ -84,7 +85,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 BACKENDS = ("auto", "torch", "openvino")
 #: OpenVINO runs whole slices up to this many output pixels, tiles of OV_TILE beyond (memory).
 OV_WHOLE_SLICE_MAX_PIXELS = 1024 * 1024
@@ -120,8 +121,8 @@ def resolve_precision(precision: str, device: torch.device, learned: bool) -> to
     interpolation baselines (nothing to gain).
     """
     if precision not in PRECISIONS:
-        raise InputError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if precision == "auto":
+        raise InputError(f"precision must be auto, fp32, bf16, fp16 or int8, got {precision!r}")
+    if precision in ("auto", "int8"):  # int8: the layers left float run as "auto" would
         if not learned:
             return None
         if device.type == "cuda":
@@ -186,14 +187,18 @@ def notice(message: str) -> None:
 
 
 def resolve_backend(backend: str, device: torch.device, learned: bool,
-                    factors: tuple[int, int]) -> str:
+                    factors: tuple[int, int], precision: str = "auto") -> str:
     """"torch" or "openvino". "auto": OpenVINO for a learned, trained network with equal in-plane
     factors on the CPU when the package imports (2-2.5x faster than torch in fp32 on the CPUs
     measured, more in bf16), torch otherwise (CUDA, interpolation, anisotropic factors).
     "openvino" asked for but not installed, or on CUDA: torch, with a one-line notice."""
     if backend == "torch":
+        if precision == "int8":
+            notice("int8 runs on the OpenVINO backend; torch runs the model in float")
         return "torch"
     from . import openvino_runtime
+    if precision == "int8" and backend == "auto":
+        backend = "openvino"
     usable = device.type == "cpu" and factors[0] == factors[1]
     if backend == "openvino":
         if device.type != "cpu":
@@ -204,6 +209,35 @@ def resolve_backend(backend: str, device: torch.device, learned: bool,
             return "torch"
         return "openvino" if factors[0] == factors[1] else "torch"
     return "openvino" if learned and usable and openvino_runtime.available() else "torch"
+
+
+def choose_int8(model: nn.Module, factors: tuple[int, int], precision: str,
+                float_dtype: torch.dtype | None):
+    """The shipped int8 IR (path) to run `model` with on OpenVINO, or None (float).
+
+    "int8": the model's int8 IR when one was made from its weights file (notice otherwise).
+    "auto": that IR only when the card's held-out PSNR cost against fp32, with the float layers
+    in `float_dtype` (None = fp32), is within `int8_models.MAX_COST_DB` and the CPU plugin
+    lists INT8. Anything else: None.
+    """
+    if precision not in ("auto", "int8") or factors[0] != factors[1]:
+        return None
+    from . import int8_models
+    found = int8_models.find(getattr(model, "weights_path", None), getattr(model, "card", None),
+                             factors[0])
+    if found is None:
+        if precision == "int8":
+            name = getattr(getattr(model, "spec", None), "name", "this model")
+            notice(f"no int8 model made from these weights for {name} x{factors[0]} "
+                   "(`python -m MedSRLib.training.quantize_int8` makes one); running it in float")
+        return None
+    path, entry = found
+    if precision == "int8":
+        return path
+    cost = int8_models.held_out_cost(entry, "bf16" if float_dtype == torch.bfloat16 else "fp32")
+    if cost is None or cost > int8_models.MAX_COST_DB or not int8_models.cpu_runs_int8():
+        return None
+    return path
 
 
 class SliceUpscaler:
@@ -220,14 +254,18 @@ class SliceUpscaler:
         # Random-weight (untrained) networks stay in torch under "auto": converting them would
         # cost seconds per call and fill the disk cache with throw-away models.
         trained = learned and getattr(model, "card", None) is not None
-        self.backend = resolve_backend(options.backend, self.device, trained, factors)
+        self.backend = resolve_backend(options.backend, self.device, trained, factors,
+                                       options.precision)
         self._runner = None
+        self.int8 = False
         if self.backend == "openvino":
             from .openvino_runtime import OpenVinoRunner, OpenVinoUnavailable
+            int8_model = choose_int8(model, factors, options.precision, self.autocast_dtype)
             try:
                 self._runner = OpenVinoRunner(self.model, factors,
                                               bf16=self.autocast_dtype == torch.bfloat16,
-                                              threads=options.threads)
+                                              threads=options.threads, int8_model=int8_model)
+                self.int8 = int8_model is not None
             except OpenVinoUnavailable as err:
                 notice(f"{err}; using torch")
                 self.backend = "torch"
@@ -245,6 +283,8 @@ class SliceUpscaler:
     def description(self) -> str:
         """What runs: backend, precision and tiling, e.g. "openvino bf16, whole slices"."""
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+        if self.int8:
+            precision = f"int8 (float layers {precision})"
         tiling = f"{self.tile}-px tiles" if self.tile else "whole slices"
         return f"{self.backend} {precision}, {tiling}"
 

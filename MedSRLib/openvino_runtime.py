@@ -1,4 +1,5 @@
-"""Running a ready torch SR model through OpenVINO on the CPU (fp32, or bf16 where the CPU has it).
+"""Running a ready torch SR model through OpenVINO on the CPU (fp32, bf16 where the CPU has it,
+or a shipped int8 model: see `int8_models`).
 
 The model is converted from the torch module once per process (`ov.convert_model`, traced on a
 small example) and cached on disk as OpenVINO IR in the user's cache folder, keyed by a hash of
@@ -23,6 +24,7 @@ import os
 import threading
 import warnings
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,9 @@ def residual_body(model: nn.Module) -> nn.Module | None:
 
 
 _CONVERTED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+#: Compiled models per torch model (slice shape, precision, threads), least recently used out.
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+MAX_COMPILED_PER_MODEL = 8
 _LOCK = threading.Lock()
 
 
@@ -161,6 +166,13 @@ def _convert(model: nn.Module, factors: tuple[int, int], traced: nn.Module):
     return converted
 
 
+def converted_body(model: nn.Module, factors: tuple[int, int]) -> tuple[object, bool]:
+    """(OpenVINO model of what runs in OpenVINO, whether the bicubic image is added after it):
+    the residual body when `model` has one, else the whole model."""
+    body = residual_body(model)
+    return _convert(model, factors, body if body is not None else model), body is not None
+
+
 class OpenVinoRunner:
     """Runs (N, 1, h, w) float32 batches through the OpenVINO CPU plugin with one static-shape
     compiled model per (h, w): a single slice on a latency-tuned model (all threads on it),
@@ -168,7 +180,7 @@ class OpenVinoRunner:
     the latency mode's slices per second on a 2-core CPU, measured)."""
 
     def __init__(self, model: nn.Module, factors: tuple[int, int], bf16: bool,
-                 threads: int | None = None):
+                 threads: int | None = None, int8_model: Path | None = None):
         if not available():
             raise OpenVinoUnavailable("OpenVINO is not installed (pip install openvino)")
         import openvino as ov
@@ -177,28 +189,51 @@ class OpenVinoRunner:
         self.bf16 = bf16
         self._ov = ov
         self._core = ov.Core()
-        body = residual_body(model)
-        self._adds_bicubic = body is not None
-        self._model = _convert(model, factors, body if body is not None else model)
+        if int8_model is None:
+            self._model, self._adds_bicubic = converted_body(model, factors)
+        else:  # a shipped int8 IR of the same body (see int8_models)
+            self._adds_bicubic = residual_body(model) is not None
+            try:
+                self._model = self._core.read_model(str(int8_model))
+            except Exception as err:  # noqa: BLE001
+                raise OpenVinoUnavailable(f"OpenVINO could not read the int8 model {int8_model.name} "
+                                          f"({type(err).__name__})") from None
         self._threads = int(threads or torch.get_num_threads())
-        self._compiled: dict[tuple[int, int, str], object] = {}
+        # Compiled models outlive this runner (the next `upscale` of the same model reuses them);
+        # infer requests are this runner's own (they are not thread-safe).
+        with _LOCK:
+            self._compiled = _COMPILED.setdefault(model, OrderedDict())
+        self._variant = (str(int8_model or ""), bf16, self._threads)
         self._requests: dict[tuple, object] = {}
 
     def _compile(self, h: int, w: int, hint: str):
-        key = (h, w, hint)
-        if key not in self._compiled:
-            shaped = self._model.clone()
-            shaped.reshape([1, 1, h, w])
-            config = {"INFERENCE_PRECISION_HINT": "bf16" if self.bf16 else "f32",
-                      "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": self._threads}
-            if hint == "THROUGHPUT":
-                config["NUM_STREAMS"] = max(1, min(self._threads, 4))
-            try:
-                self._compiled[key] = self._core.compile_model(shaped, "CPU", config)
-            except Exception as err:  # noqa: BLE001
-                raise OpenVinoUnavailable(f"OpenVINO could not compile the model for {h}x{w} "
-                                          f"slices ({type(err).__name__})") from None
-        return self._compiled[key]
+        key = (*self._variant, h, w, hint)
+        with _LOCK:
+            if key in self._compiled:
+                self._compiled.move_to_end(key)
+                return self._compiled[key]
+        shaped = self._model.clone()
+        shaped.reshape([1, 1, h, w])
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if self.bf16 else "f32",
+                  "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": self._threads}
+        compiled_cache = cache_folder() / "compiled"
+        try:  # OpenVINO keeps compiled blobs there: a new process skips most of the compiling
+            compiled_cache.mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(compiled_cache)
+        except OSError:
+            pass
+        if hint == "THROUGHPUT":
+            config["NUM_STREAMS"] = max(1, min(self._threads, 4))
+        try:
+            compiled = self._core.compile_model(shaped, "CPU", config)
+        except Exception as err:  # noqa: BLE001
+            raise OpenVinoUnavailable(f"OpenVINO could not compile the model for {h}x{w} "
+                                      f"slices ({type(err).__name__})") from None
+        with _LOCK:
+            self._compiled[key] = compiled
+            while len(self._compiled) > MAX_COMPILED_PER_MODEL:
+                self._compiled.popitem(last=False)
+        return compiled
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 1, h, w) float32 -> (N, 1, h*sy, w*sx) float32 (CPU tensors)."""

@@ -278,6 +278,7 @@ class SRModel(nn.Module):
         self.factors = factors
         self.network_scale = max(factors)
         self.card = card
+        self.weights_path: Path | None = None  # the safetensors file loaded, if any
 
     @property
     def trained(self) -> bool:
@@ -338,7 +339,9 @@ def load_model(name: str, factors: int | tuple[int, int], *, allow_untrained: bo
     network.eval()
     if hasattr(network, "reparameterize"):  # weights ship in training form; run the deploy form
         network = network.reparameterize()
-    return SRModel(spec, network, factors, card).eval()
+    model = SRModel(spec, network, factors, card).eval()
+    model.weights_path = None if path is None else Path(path)
+    return model
 
 
 def describe(spec: ModelSpec, weights_dir: Path | None = None) -> dict[str, Any]:

@@ -70,6 +70,7 @@ def paths() -> dict[str, EngineOptions | None]:
         "torch fp32 channels_last whole": EngineOptions(backend="torch", precision="fp32", tile=0),
         "openvino fp32 whole": EngineOptions(backend="openvino", precision="fp32"),
         "openvino bf16 whole": EngineOptions(backend="openvino", precision="bf16"),
+        "openvino int8 whole": EngineOptions(backend="openvino", precision="int8"),
     }
 
 
