@@ -86,9 +86,14 @@ def check_grid(image: sitk.Image, name: str = "image") -> None:
         raise InputError(f"{name}: origin {tuple(origin)} mm is not a finite position")
     dimension = image.GetDimension()
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dimension, dimension)
-    if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
-        raise InputError(f"{name}: direction matrix {tuple(direction.reshape(-1))} is not "
-                         "finite and invertible")
+    shown = tuple(float(v) for v in direction.reshape(-1))
+    if not np.all(np.isfinite(direction)):
+        raise InputError(f"{name}: direction matrix {shown} holds NaN or infinite values")
+    determinant = float(np.linalg.det(direction))
+    if abs(determinant) < 1e-6:
+        raise InputError(f"{name}: direction matrix {shown} is singular or nearly so "
+                         f"(determinant {determinant:.3g}); its columns must be independent "
+                         "unit direction cosines")
 
 
 def is_orthogonal(image: sitk.Image, tolerance: float = 1e-3) -> bool:

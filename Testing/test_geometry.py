@@ -74,3 +74,15 @@ def test_auto_axis_is_largest_spacing_and_one_slice_images_use_z():
     assert plan.factors_xyz == (1, 1, 3) and plan.slice_axis_xyz in (0, 1)
     with pytest.raises(InputError, match="one voxel|1 voxel"):
         plan_scale((2, 2, 2), "auto", (1.0, 1.0, 1.0), (64, 64, 1))
+
+
+@pytest.mark.parametrize("direction, words", [
+    ([0.001, 0, 0, 0, 0.001, 0, 0, 0, 0.001], "singular or nearly so (determinant 1e-09)"),
+    ([0.001, 0, 0, 0, 1, 0, 0, 0, 0.0001], "singular or nearly so (determinant 1e-07)"),
+])
+def test_a_degenerate_direction_matrix_is_named_as_such(direction, words):
+    image = sitk.GetImageFromArray(np.zeros((4, 8, 8), np.int16))
+    image.SetDirection(direction)
+    with pytest.raises(InputError, match="direction matrix") as caught:
+        MedSRLib.upscale(image, model="nearest", scale=2)
+    assert words in str(caught.value)
