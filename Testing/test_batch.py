@@ -87,11 +87,9 @@ def ray_cohort(tmp_path_factory, shared_data):
     cohort = build_cohort(base / "cohort", shared_data)
     out = base / "out-ray"
     before = raylet_pids()
-    started = time.perf_counter()
     run = medsr("batch", str(cohort), "--out", str(out), "--model", "bicubic", "--workers", "2",
                 "--threads-per-worker", "1", "--progress", "json")
-    return {"cohort": cohort, "out": out, "run": run, "raylets_before": before,
-            "seconds": time.perf_counter() - started}
+    return {"cohort": cohort, "out": out, "run": run, "raylets_before": before}
 
 
 def test_ray_batch_runs_every_case_and_reports_the_corrupt_one(ray_cohort):
@@ -118,7 +116,6 @@ def test_ray_batch_runs_every_case_and_reports_the_corrupt_one(ray_cohort):
     assert dicom.GetSize() == (1024, 1024, 4)
     assert not temporaries(out)
     assert raylet_pids() <= ray_cohort["raylets_before"]  # the embedded runtime is shut down
-    assert ray_cohort["seconds"] < 120
 
 
 def test_ray_rerun_redoes_exactly_the_deleted_output(ray_cohort):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -181,9 +180,14 @@ def end_to_end(slices: int, unit_source: np.ndarray, hu_source: np.ndarray) -> d
         command = [sys.executable, "-m", "MedSRLib.cli", "upscale", str(source),
                    str(Path(folder) / "sr.nrrd"), "--scale", "2", "--modality", "CT", "--quiet"]
         start = time.perf_counter()
-        subprocess.run(command, check=True)
+        process = subprocess.Popen(command)
+        # this child's own peak (RUSAGE_CHILDREN would be the largest of every child so far)
+        _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - start
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} exited {process.returncode}")
+        peak_mb = usage.ru_maxrss / 1024
     return {"slices": slices, "seconds": seconds, "peak_rss_mb": peak_mb, "input_mb": input_mb,
             "output_mb": output_mb, "budget_mb": input_mb + output_mb + 1024,
             "command": " ".join(command[1:])}
