@@ -409,7 +409,7 @@ def expand_model_names(names: Sequence[str], scales: Sequence[int],
             continue
         for candidate in zoo.model_names():
             spec = zoo.get_spec(candidate)
-            if spec.kind in ("interpolation", "detector"):
+            if spec.kind in ("interpolation", "detector", "through_plane"):
                 continue
             files = [zoo.shipped_weights(spec, s, weights_dir, modality) for s in scales if s in spec.scales]
             files = [f for f in files if f]

@@ -15,7 +15,7 @@ import torch
 
 from ..engine import CancelToken, ProgressCallback
 from . import profile
-from .network import ThroughPlaneNet, conditioning
+from .network import run_planes
 
 #: Conditioning range the network was trained on (thickness / spacing).
 RATIO_RANGE = (0.4, 1.0)
@@ -42,35 +42,36 @@ def clamp_ratio(thickness_ratio: float) -> float:
 
 
 def restore(units: np.ndarray, axis: int, n_out: int, thickness_ratio: float,
-            net: ThroughPlaneNet, batch_planes: int = 8,
+            net: torch.nn.Module | None, batch_planes: int = 8,
             progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
             cubic_only: bool = False) -> np.ndarray:
     """`units` (K, J, I) float32 with thick slices along array `axis` -> float32 volume with
-    `n_out` slices along it: cubic resampling plus the network's restoration, averaged over the
-    two orientations of planes containing `axis`. `cubic_only` skips the network (baseline)."""
+    `n_out` slices along it over the same extent: the network's restoration of every plane
+    containing `axis`, in both orientations, averaged. `cubic_only` (or `net` None) returns the
+    cubic resampling the network starts from (the baseline)."""
     cancel = cancel or CancelToken()
     report = progress or (lambda fraction, message: None)
     n_in = units.shape[axis]
+    if cubic_only or net is None:
+        return cubic_resample(units, axis, n_out)
     factor = n_out / n_in
-    up = cubic_resample(units, axis, n_out)
-    if cubic_only:
-        return up
-    phase = torch.from_numpy(profile.phase_map(resample_positions(n_in, n_out)))
+    positions = torch.from_numpy(resample_positions(n_in, n_out))
     ratio = clamp_ratio(thickness_ratio)
-    moved = np.moveaxis(up, axis, 0)  # (S, A, B) view: slice axis first
-    total = np.zeros_like(moved)
+    moved = np.moveaxis(units, axis, 0)  # (n, A, B) view: slice axis first
+    total = np.zeros((n_out,) + moved.shape[1:], dtype=np.float32)
     steps = moved.shape[1] + moved.shape[2]
     done = 0
     net = net.eval()
     with torch.inference_mode():
-        for plane_axis in (1, 2):  # planes (S, B) along A, then (S, A) along B
+        for plane_axis in (1, 2):  # planes (n, B) along A, then (n, A) along B
             n_planes = moved.shape[plane_axis]
             for start in range(0, n_planes, batch_planes):
                 cancel.raise_if_cancelled()
                 stop = min(start + batch_planes, n_planes)
-                block = np.take(moved, np.arange(start, stop), axis=plane_axis)  # (S, b, X)
-                planes = torch.from_numpy(np.ascontiguousarray(np.moveaxis(block, plane_axis, 0)))[:, None]
-                restored = net(conditioning(planes, phase, factor, ratio))[:, 0].numpy()
+                block = np.take(moved, np.arange(start, stop), axis=plane_axis)  # (n, b, X) or (n, X, b)
+                planes = torch.from_numpy(np.ascontiguousarray(np.moveaxis(block, plane_axis, 0),
+                                                               dtype=np.float32))[:, None]
+                restored = run_planes(net, planes, positions, factor, ratio)[:, 0].numpy()
                 index = [slice(None)] * 3
                 index[plane_axis] = slice(start, stop)
                 total[tuple(index)] += np.moveaxis(restored, 0, plane_axis)

@@ -109,9 +109,11 @@ def make_pair(hr: np.ndarray, degradation: Degradation, first_centre: float | No
     return upsampled.astype(np.float32), profile.phase_map(positions), hr.astype(np.float32)
 
 
-def sample_batch(planes: Sequence[np.ndarray], weights: np.ndarray, batch: int, patch: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs (B, 4, patch, patch), targets (B, 1, patch, patch)) float32."""
+def sample_batch(planes: Sequence[np.ndarray], weights: np.ndarray | None, batch: int, patch: int,
+                 rng: np.random.Generator, degradation: Degradation | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs (B, 4, patch, patch), targets (B, 1, patch, patch)) float32; every pair with
+    `degradation`, or a `random_degradation` each."""
     inputs = np.empty((batch, 4, patch, patch), np.float32)
     targets = np.empty((batch, 1, patch, patch), np.float32)
     b = 0
@@ -123,9 +125,11 @@ def sample_batch(planes: Sequence[np.ndarray], weights: np.ndarray, batch: int, 
             plane = plane[::-1]
         if rng.random() < 0.5:
             plane = plane[:, ::-1]
-        d = random_degradation(rng)
+        d = degradation or random_degradation(rng)
         rows = int(math.ceil(patch + 4 * d.factor + 8))
         if plane.shape[0] < rows or plane.shape[1] < patch:
+            if max(p.shape[0] for p in planes) < rows and max(p.shape[1] for p in planes) < rows:
+                raise ValueError(f"planes are smaller than {rows} pixels: too small for pairs")
             continue
         r0 = rng.integers(0, plane.shape[0] - rows + 1)
         c0 = rng.integers(0, plane.shape[1] - patch + 1)
@@ -141,3 +145,53 @@ def sample_batch(planes: Sequence[np.ndarray], weights: np.ndarray, batch: int, 
         targets[b, 0] = hr[off:off + patch]
         b += 1
     return inputs, targets
+
+
+@dataclass
+class ThickBatch:
+    """Pairs for the thick-grid network: thick (B, 1, n, patch), positions (R,) of the HR rows
+    in thick-row coordinates, the HR strips (B, 1, R, patch); the loss uses rows
+    [margin, R - margin) (away from the strip ends)."""
+
+    thick: np.ndarray
+    positions: np.ndarray
+    target: np.ndarray
+    degradation: Degradation
+    margin: int
+
+
+def sample_thick_batch(planes: Sequence[np.ndarray], weights: np.ndarray | None, batch: int,
+                       patch: int, rng: np.random.Generator,
+                       degradation: Degradation | None = None) -> ThickBatch:
+    """One degradation for the whole batch (random unless given); strips of `patch` + 2 margin
+    rows, degraded along their rows."""
+    d = degradation or random_degradation(rng)
+    margin = int(math.ceil(2 * d.factor)) + 4
+    rows = patch + 2 * margin
+    matrix = profile.degradation_matrix(rows, d.factor, d.thickness_ratio, d.kind)
+    centre0 = d.factor / 2.0 - 0.5
+    positions = (np.arange(rows) - centre0) / d.factor
+    strips = np.empty((batch, 1, rows, patch), np.float32)
+    b, tries = 0, 0
+    while b < batch:
+        tries += 1
+        if tries > 100 * batch:
+            raise ValueError(f"planes are too small for {rows}-row strips")
+        plane = planes[rng.choice(len(planes), p=weights)]
+        if rng.random() < 0.5:
+            plane = plane.T
+        if rng.random() < 0.5:
+            plane = plane[::-1]
+        if rng.random() < 0.5:
+            plane = plane[:, ::-1]
+        if plane.shape[0] < rows or plane.shape[1] < patch:
+            continue
+        r0 = rng.integers(0, plane.shape[0] - rows + 1)
+        c0 = rng.integers(0, plane.shape[1] - patch + 1)
+        strip = plane[r0:r0 + rows, c0:c0 + patch]
+        if np.std(strip) < 0.03 and rng.random() < 0.9:
+            continue
+        strips[b, 0] = strip
+        b += 1
+    thick = np.einsum("nr,brw->bnw", matrix, strips[:, 0].astype(np.float64)).astype(np.float32)[:, None]
+    return ThickBatch(thick, positions, strips, d, margin)

@@ -7,7 +7,10 @@ from pathlib import Path
 
 from .. import zoo
 from ..errors import WeightsError
-from .network import ThroughPlaneNet
+from .network import ThroughPlaneEDSR, ThroughPlaneNet
+
+#: Architectures a card may name ("architecture"; default ThroughPlaneEDSR).
+ARCHITECTURES = {"ThroughPlaneEDSR": ThroughPlaneEDSR, "ThroughPlaneNet": ThroughPlaneNet}
 
 MODEL_NAME = "through_plane_net"
 WEIGHTS_FILE = zoo.WEIGHTS_DIR / f"{MODEL_NAME}.safetensors"
@@ -15,7 +18,7 @@ WEIGHTS_FILE = zoo.WEIGHTS_DIR / f"{MODEL_NAME}.safetensors"
 _LOADED: dict[tuple, ThroughPlaneNet] = {}
 
 
-def load(weights_path: str | Path | None = None) -> ThroughPlaneNet:
+def load(weights_path: str | Path | None = None) -> ThroughPlaneEDSR | ThroughPlaneNet:
     """The network with `weights_path` (default: the shipped file), eval mode, CPU; `.card`
     holds its card. WeightsError when the file, its card or the architecture do not match.
     Loaded once per process and file version: callers that train must `copy.deepcopy` it."""
@@ -31,7 +34,14 @@ def load(weights_path: str | Path | None = None) -> ThroughPlaneNet:
     if card.get("model") != MODEL_NAME:
         raise WeightsError(f"{path}: card is for model {card.get('model')!r}, not {MODEL_NAME!r}")
     config = card.get("config") or {}
-    net = ThroughPlaneNet(int(config.get("num_features", 32)), int(config.get("num_blocks", 4)))
+    architecture = ARCHITECTURES.get(card.get("architecture", "ThroughPlaneEDSR"))
+    if architecture is None:
+        raise WeightsError(f"{path}: unknown architecture {card.get('architecture')!r}; known: "
+                           f"{', '.join(ARCHITECTURES)}")
+    try:
+        net = architecture(int(config["num_features"]), int(config["num_blocks"]))
+    except (KeyError, TypeError, ValueError):
+        raise WeightsError(f"{path}: card config {config} lacks num_features/num_blocks") from None
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -46,7 +56,7 @@ def load(weights_path: str | Path | None = None) -> ThroughPlaneNet:
     return net
 
 
-def trainable_copy(net: ThroughPlaneNet) -> ThroughPlaneNet:
+def trainable_copy(net: ThroughPlaneEDSR | ThroughPlaneNet) -> ThroughPlaneEDSR | ThroughPlaneNet:
     """A deep copy to fine-tune; the loaded (shipped) network is never changed."""
     clone = copy.deepcopy(net)
     clone.card = getattr(net, "card", None)  # type: ignore[attr-defined]

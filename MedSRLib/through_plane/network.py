@@ -47,3 +47,68 @@ def conditioning(image: torch.Tensor, phase_rows: torch.Tensor, factor: float,
     factor_map = torch.full((n, 1, h, w), (float(factor) - 1.0) / 7.0, dtype=image.dtype)
     ratio_map = torch.full((n, 1, h, w), float(thickness_ratio), dtype=image.dtype)
     return torch.cat([image, phase, factor_map, ratio_map], dim=1)
+
+
+class ThroughPlaneEDSR(nn.Module):
+    """Any-factor through-plane SR on the thick grid: an EDSR trunk (head, residual blocks; can
+    start from the shipped `edsr_lite` weights) computes features on the thick plane, the
+    features are cubic-resampled along the rows to the target slices, and a small tail (with
+    the phase, factor and thickness-ratio channels) predicts the residual over the cubic
+    resampling of the image itself.
+
+    `forward(thick, positions, factor, thickness_ratio)`: thick (N, 1, n, W) with rows along the
+    slice axis, positions (m,) input-row coordinates of the m output rows (`profile.
+    sample_positions`) -> (N, 1, m, W). The last conv starts at zero (exactly cubic).
+    """
+
+    def __init__(self, num_features: int = 48, num_blocks: int = 8, tail_features: int = 32):
+        super().__init__()
+        from ..networks.edsr import ResidualTrunk
+        self.head = Convolution(2, 1, num_features, kernel_size=3, conv_only=True)
+        self.trunk = ResidualTrunk(2, num_features, num_blocks, 1.0)
+        self.tail = nn.Sequential(
+            Convolution(2, num_features + 3, tail_features, kernel_size=3, act="relu", norm=None),
+            Convolution(2, tail_features, 1, kernel_size=3, conv_only=True))
+        last = [m for m in self.tail.modules() if isinstance(m, nn.Conv2d)][-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    def forward(self, thick: torch.Tensor, positions: torch.Tensor, factor: float,
+                thickness_ratio: float) -> torch.Tensor:
+        from .profile import cubic_matrix, phase_map
+        n, _, rows, width = thick.shape
+        pos = positions.detach().cpu().numpy()
+        matrix = torch.from_numpy(cubic_matrix(rows, pos).astype("float32")).to(thick.dtype)
+        features = self.trunk(self.head(thick))
+        upsampled = torch.einsum("mr,nrw->nmw", matrix, thick[:, 0])[:, None]
+        feat_up = torch.einsum("mr,ncrw->ncmw", matrix, features)
+        m = matrix.shape[0]
+        phase = torch.from_numpy(phase_map(pos)).to(thick.dtype).view(1, 1, m, 1).expand(n, 1, m, width)
+        factor_map = torch.full((n, 1, m, width), (float(factor) - 1.0) / 7.0, dtype=thick.dtype)
+        ratio_map = torch.full((n, 1, m, width), float(thickness_ratio), dtype=thick.dtype)
+        return upsampled + self.tail(torch.cat([feat_up, phase, factor_map, ratio_map], dim=1))
+
+    def load_edsr_trunk(self, weights_path: str) -> None:
+        """Copy head and trunk tensors from an `edsr_lite` safetensors file (same width)."""
+        from safetensors.torch import load_file
+        state = load_file(weights_path)
+        own = self.state_dict()
+        picked = {k: v for k, v in state.items() if k.startswith(("head.", "trunk.")) and k in own
+                  and own[k].shape == v.shape}
+        missing = [k for k in own if k.startswith(("head.", "trunk.")) and k not in picked]
+        if missing:
+            raise ValueError(f"{weights_path}: no tensors for {missing[:3]}")
+        self.load_state_dict({**own, **picked})
+
+
+def run_planes(net: nn.Module, thick: torch.Tensor, positions: torch.Tensor, factor: float,
+               thickness_ratio: float) -> torch.Tensor:
+    """Restore thick planes (N, 1, n, W) (rows along the slice axis) to the output rows at
+    input-row `positions` (m,): (N, 1, m, W), for either architecture."""
+    if isinstance(net, ThroughPlaneEDSR):
+        return net(thick, positions, factor, thickness_ratio)
+    from .profile import cubic_matrix, phase_map
+    pos = positions.detach().cpu().numpy()
+    matrix = torch.from_numpy(cubic_matrix(thick.shape[2], pos).astype("float32"))
+    upsampled = torch.einsum("mr,nrw->nmw", matrix, thick[:, 0])[:, None]
+    return net(conditioning(upsampled, torch.from_numpy(phase_map(pos)), factor, thickness_ratio))

@@ -10,13 +10,12 @@ import dataclasses
 import numpy as np
 import SimpleITK as sitk
 
-from .. import intensity
+from .. import intensity, zoo
 from ..engine import CancelToken, EngineOptions, ProgressCallback, super_resolve_volume
 from ..errors import InputError
-from .. import zoo
 from ..run_plan import model_loader
 from . import apply, model_io, planning
-from .network import ThroughPlaneNet
+from .network import ThroughPlaneEDSR
 
 #: Output metadata keys.
 PROFILE_KEY = "medsr_slice_profile"
@@ -59,12 +58,12 @@ def plan_request(image: sitk.Image, scale: object, axis: str | int, target_spaci
 DEFAULT_ADAPT_SECONDS = 180.0
 
 
-def load_network(weights: str | None, allow_untrained: bool) -> ThroughPlaneNet:
+def load_network(weights: str | None, allow_untrained: bool) -> "torch.nn.Module":
     """The shipped (or `weights`) through-plane network; with `allow_untrained` and none
     shipped, an untrained one (exactly cubic interpolation: its last conv is zero)."""
     if weights is None and not model_io.WEIGHTS_FILE.is_file():
         if allow_untrained:
-            return ThroughPlaneNet().eval()
+            return ThroughPlaneEDSR().eval()
         raise InputError(f"the through-plane network has no trained weights ({model_io.WEIGHTS_FILE.name})")
     return model_io.load(weights)
 
@@ -94,7 +93,7 @@ def super_resolve(voxels: np.ndarray, thin: planning.ThroughPlanePlan, modality:
         from . import adapt
         start = shares[0] / total
         net = adapt.adapt_network(mapping.to_unit(voxels), thin.axis_kji, thin.profile, net,
-                                  seconds=adapt_seconds, cancel=cancel,
+                                  seconds=adapt_seconds, factor=thin.effective_factor, cancel=cancel,
                                   progress=lambda f, m: report(start + shares[1] / total * f, m))
         names.append("adapted")
     if thin.inplane is not None:

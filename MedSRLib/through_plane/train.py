@@ -18,7 +18,7 @@ import torch
 
 from .. import zoo
 from . import data, model_io
-from .network import ThroughPlaneNet, conditioning
+from .network import ThroughPlaneEDSR, ThroughPlaneNet, run_planes
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -49,8 +49,10 @@ def validate(net: ThroughPlaneNet, planes: list[tuple[str, np.ndarray]]) -> dict
                 up, phase, hr = data.make_pair(plane, d)
                 n_valid = int(np.floor((plane.shape[0] - 0.5 - (factor / 2 - 0.5)) / factor)) + 1
                 last_row = int((n_valid - 1) * factor + factor / 2)  # rows past the last centre extrapolate
-                x = conditioning(torch.from_numpy(up)[None, None], torch.from_numpy(phase), factor, 1.0)
-                y = net(x)[0, 0].numpy()
+                thick = data.profile.degradation_matrix(plane.shape[0], factor) @ plane.astype(np.float64)
+                positions = torch.from_numpy((np.arange(plane.shape[0]) - (factor / 2 - 0.5)) / factor)
+                y = run_planes(net, torch.from_numpy(thick.astype(np.float32))[None, None],
+                               positions, factor, 1.0)[0, 0].numpy()
                 rows = slice(0, max(last_row, 1))
                 key = f"{modality}_x{int(factor)}"
                 scores.setdefault(key + "_cubic", []).append(psnr(up[rows], hr[rows]))
@@ -76,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-every", type=int, default=150)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arch", choices=("thick", "cubic"), default="thick",
+                        help="thick: ThroughPlaneEDSR (trunk on the thick grid); cubic: ThroughPlaneNet")
+    parser.add_argument("--init-trunk", default=None, help="edsr_lite safetensors for the trunk (thick)")
     parser.add_argument("--export", default=None, help="weights path of the export (default OUT/through_plane_net.safetensors)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -100,7 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     val_planes = validation_planes(root)
     print(f"{len(planes)} training planes, {len(val_planes)} validation planes", flush=True)
 
-    net = ThroughPlaneNet(args.features, args.blocks)
+    if args.arch == "thick":
+        net = ThroughPlaneEDSR(args.features, args.blocks)
+        if args.init_trunk:
+            net.load_edsr_trunk(args.init_trunk)
+    else:
+        net = ThroughPlaneNet(args.features, args.blocks)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     best, best_step, step = -1e9, 0, 0
     last = out / "checkpoints" / "last.pt"
@@ -114,9 +124,16 @@ def main(argv: list[str] | None = None) -> None:
         progress = (time.time() - started) / budget
         for group in optimizer.param_groups:
             group["lr"] = args.lr * (0.2 if progress > 0.75 else 1.0)
-        x, y = data.sample_batch(planes, weights, args.batch, args.patch, rng)
-        prediction = net(torch.from_numpy(x))
-        loss = torch.nn.functional.l1_loss(prediction, torch.from_numpy(y))
+        if args.arch == "thick":
+            tb = data.sample_thick_batch(planes, weights, args.batch, args.patch, rng)
+            prediction = net(torch.from_numpy(tb.thick), torch.from_numpy(tb.positions),
+                             tb.degradation.factor, tb.degradation.thickness_ratio)
+            rows = slice(tb.margin, tb.target.shape[2] - tb.margin)
+            loss = torch.nn.functional.l1_loss(prediction[:, :, rows], torch.from_numpy(tb.target[:, :, rows]))
+        else:
+            x, y = data.sample_batch(planes, weights, args.batch, args.patch, rng)
+            prediction = net(torch.from_numpy(x))
+            loss = torch.nn.functional.l1_loss(prediction, torch.from_numpy(y))
         optimizer.zero_grad(); loss.backward(); optimizer.step()
         step += 1
         if step % 25 == 0:
@@ -138,7 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     net.load_state_dict(torch.load(out / "checkpoints" / "best.pt", weights_only=True))
     final = validate(net, val_planes)
     card = {
-        "model": model_io.MODEL_NAME, "config": {"num_features": args.features, "num_blocks": args.blocks},
+        "model": model_io.MODEL_NAME, "architecture": net.__class__.__name__,
+        "config": {"num_features": args.features, "num_blocks": args.blocks},
+        "init_trunk": args.init_trunk,
         "task": "through-plane restoration after cubic resampling along the slice axis",
         "factors": list(data.FACTOR_RANGE), "profiles": ["box", "box with gap", "gaussian"],
         "modality": ["CT", "MR"], "training_data": used,
