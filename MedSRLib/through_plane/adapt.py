@@ -53,6 +53,7 @@ def adapt_network(units: np.ndarray, axis: int, profile: SliceProfile, net: torc
     if not planes or max(max(p.shape) for p in planes) < PATCH + 4 * factor + 8 \
             or max(min(p.shape) for p in planes) < PATCH:
         report(1.0, "adaptation skipped: stored slices too small")
+        tuned.adapted_steps = 0  # type: ignore[attr-defined]
         return tuned.eval()
     optimizer = torch.optim.Adam(tuned.parameters(), lr=LEARNING_RATE)
     rng = np.random.default_rng(seed)

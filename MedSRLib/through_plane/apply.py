@@ -44,11 +44,12 @@ def clamp_ratio(thickness_ratio: float) -> float:
 def restore(units: np.ndarray, axis: int, n_out: int, thickness_ratio: float,
             net: torch.nn.Module | None, batch_planes: int = 8,
             progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-            cubic_only: bool = False) -> np.ndarray:
+            cubic_only: bool = False, autocast_dtype: torch.dtype | None = None) -> np.ndarray:
     """`units` (K, J, I) float32 with thick slices along array `axis` -> float32 volume with
     `n_out` slices along it over the same extent: the network's restoration of every plane
     containing `axis`, in both orientations, averaged. `cubic_only` (or `net` None) returns the
-    cubic resampling the network starts from (the baseline)."""
+    cubic resampling the network starts from (the baseline). `autocast_dtype` (e.g. bf16)
+    runs the network body in that precision (the thick-grid architecture only)."""
     cancel = cancel or CancelToken()
     report = progress or (lambda fraction, message: None)
     n_in = units.shape[axis]
@@ -58,10 +59,27 @@ def restore(units: np.ndarray, axis: int, n_out: int, thickness_ratio: float,
     positions = torch.from_numpy(resample_positions(n_in, n_out))
     ratio = clamp_ratio(thickness_ratio)
     moved = np.moveaxis(units, axis, 0)  # (n, A, B) view: slice axis first
+    net = net.eval()
+    previous = getattr(net, "autocast_dtype", None)
+    if hasattr(net, "autocast_dtype"):
+        net.autocast_dtype = autocast_dtype
+    try:
+        total = _restore_planes(moved, net, positions, factor, ratio, n_out, batch_planes,
+                                report, cancel)
+    finally:
+        if hasattr(net, "autocast_dtype"):
+            net.autocast_dtype = previous
+    cancel.raise_if_cancelled()
+    return np.ascontiguousarray(np.moveaxis(total, 0, axis))
+
+
+def _restore_planes(moved: np.ndarray, net: torch.nn.Module, positions: torch.Tensor, factor: float,
+                    ratio: float, n_out: int, batch_planes: int, report: ProgressCallback,
+                    cancel: CancelToken) -> np.ndarray:
+    """Both orientations of planes of `moved` (n, A, B) restored and averaged: (n_out, A, B)."""
     total = np.zeros((n_out,) + moved.shape[1:], dtype=np.float32)
     steps = moved.shape[1] + moved.shape[2]
     done = 0
-    net = net.eval()
     with torch.inference_mode():
         for plane_axis in (1, 2):  # planes (n, B) along A, then (n, A) along B
             n_planes = moved.shape[plane_axis]
@@ -78,5 +96,4 @@ def restore(units: np.ndarray, axis: int, n_out: int, thickness_ratio: float,
                 done += stop - start
                 report(done / steps, f"through-plane: plane {done}/{steps}")
     total *= 0.5
-    cancel.raise_if_cancelled()
-    return np.ascontiguousarray(np.moveaxis(total, 0, axis))
+    return total

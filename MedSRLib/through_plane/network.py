@@ -72,6 +72,9 @@ class ThroughPlaneEDSR(nn.Module):
         last = [m for m in self.tail.modules() if isinstance(m, nn.Conv2d)][-1]
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
+        #: Autocast dtype of trunk and tail at inference (e.g. torch.bfloat16), None = fp32;
+        #: the cubic resampling of the image itself stays fp32.
+        self.autocast_dtype: torch.dtype | None = None
 
     def forward(self, thick: torch.Tensor, positions: torch.Tensor, factor: float,
                 thickness_ratio: float) -> torch.Tensor:
@@ -79,14 +82,18 @@ class ThroughPlaneEDSR(nn.Module):
         n, _, rows, width = thick.shape
         pos = positions.detach().cpu().numpy()
         matrix = torch.from_numpy(cubic_matrix(rows, pos).astype("float32")).to(thick.dtype)
-        features = self.trunk(self.head(thick))
-        upsampled = torch.einsum("mr,nrw->nmw", matrix, thick[:, 0])[:, None]
-        feat_up = torch.einsum("mr,ncrw->ncmw", matrix, features)
+        upsampled = torch.einsum("mr,nrw->nmw", matrix, thick[:, 0])[:, None]  # fp32 always
         m = matrix.shape[0]
         phase = torch.from_numpy(phase_map(pos)).to(thick.dtype).view(1, 1, m, 1).expand(n, 1, m, width)
         factor_map = torch.full((n, 1, m, width), (float(factor) - 1.0) / 7.0, dtype=thick.dtype)
         ratio_map = torch.full((n, 1, m, width), float(thickness_ratio), dtype=thick.dtype)
-        return upsampled + self.tail(torch.cat([feat_up, phase, factor_map, ratio_map], dim=1))
+        dtype = self.autocast_dtype
+        with torch.autocast(thick.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            features = self.trunk(self.head(thick))
+            feat_up = torch.einsum("mr,ncrw->ncmw", matrix.to(features.dtype), features)
+            residual = self.tail(torch.cat([feat_up, phase.to(feat_up.dtype), factor_map.to(feat_up.dtype),
+                                            ratio_map.to(feat_up.dtype)], dim=1))
+        return upsampled + residual.float()
 
     def load_edsr_trunk(self, weights_path: str) -> None:
         """Copy head and trunk tensors from an `edsr_lite` safetensors file (same width)."""

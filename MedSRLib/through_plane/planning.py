@@ -2,16 +2,18 @@
 through-plane axis, the assumed slice profile and the exact output grid.
 
 Rules (x, y, z = SimpleITK image axes; see README "Thick slices to thin"):
-- `target_spacing` T (one number): every axis coarser than T gets factor spacing / T, finer or
-  equal axes keep their spacing; (x, y, z) targets: factor spacing / target per axis, and a
-  target coarser than the spacing (a factor below 1) is an error.
+- `target_spacing` T (one number): the axis of largest spacing gets factor spacing / T (any
+  real factor); another axis is refined only when spacing / T is an integer 2-4 (a 2 mm pixel
+  to 1 mm), else it keeps its spacing (0.9 mm pixels stay 0.9 mm with T = 0.8). (x, y, z)
+  targets: factor spacing / target per axis, and a target coarser than the spacing (a factor
+  below 1) is an error.
 - per-axis `scale` (x, y, z): real factors >= 1.
 - The through-plane axis (`axis` forces it): the only axis with a non-integer or > 4 factor;
   else the one whose factor differs from two equal others (1,1,3 -> z); with three equal
   factors, the axis of largest spacing (ties -> z); else the largest factor.
   Its factor may be any real number in [1, MAX_THROUGH_FACTOR]; the two others are the in-plane
   factors, integers 1-4 run by the in-plane network.
-- Output grid: the through-plane axis gets round(n * factor) slices spaced n * spacing / m, so
+- Output grid: the through-plane axis gets m = round(n * factor) slices (half up) spaced n * spacing / m, so
   the output covers exactly the input's extent (voxel-boundary corners coincide, direction kept;
   the effective factor m / n is within 0.5 / n of the request); in-plane axes as
   `geometry.upscaled_grid`.
@@ -103,6 +105,7 @@ def factors_from_target(spacing_xyz: Sequence[float], target: float | Sequence[f
     if any(t <= 0 for t in targets):
         raise InputError(f"target spacing must be positive (mm), got {target!r}")
     factors = []
+    thick = max(range(3), key=lambda a: (round(spacing_xyz[a], 6), a))
     for axis, (s, t) in enumerate(zip(spacing_xyz, targets)):
         f = s / t
         if f < 1.0 - INTEGER_TOLERANCE:
@@ -111,6 +114,9 @@ def factors_from_target(spacing_xyz: Sequence[float], target: float | Sequence[f
                     f"target spacing {t:g} mm along {'xyz'[axis]} is coarser than the input's "
                     f"{s:g} mm (factor {f:.3g} < 1): MedSR does not downsample")
             f = 1.0
+        if not per_axis and axis != thick:
+            snapped = round(f)
+            f = float(snapped) if 2 <= snapped <= geometry.MAX_FACTOR and abs(f - snapped) <= 1e-3 * snapped else 1.0
         factors.append(max(1.0, f))
     return tuple(factors)  # type: ignore[return-value]
 
@@ -238,9 +244,59 @@ def plan(image: sitk.Image, scale: object, axis: str | int, target_spacing: obje
     if size[a] < 2:
         raise InputError(f"cannot upscale along axis {'xyz'[a]}: the volume has {size[a]} voxel there")
     inplane_plan = ScalePlan(inplane_int, a) if max(inplane_int) >= 2 else None  # type: ignore[arg-type]
-    out_slices = max(size[a], int(round(size[a] * through)))
+    out_slices = max(size[a], int(math.floor(size[a] * through + 0.5)))  # half up
     out_size = [n * f for n, f in zip(size, inplane_int)]
     out_size[a] = out_slices
     grid = output_grid(geometry.Grid.of(image), out_size)
     return ThroughPlanePlan(a, through, int(size[a]), out_slices, inplane_plan,
                             slice_profile(image, a, slice_thickness, profile_kind), grid)
+
+
+def default_target_spacing(spacing_xyz: Sequence[float]) -> float:
+    """The natural target of "make slices thinner": the in-plane pixel size (the smaller
+    spacing of the two axes other than the largest-spacing one)."""
+    thick = max(range(3), key=lambda a: (round(spacing_xyz[a], 6), a))
+    return float(min(spacing_xyz[a] for a in range(3) if a != thick))
+
+
+def thinning_summary(spacing_xyz: Sequence[float], size_xyz: Sequence[int], target_spacing: float,
+                     adapt_seconds: float | None = None) -> dict:
+    """What `upscale(target_spacing=...)` would do, for a panel: {"axis", "factor",
+    "in_slices", "out_slices", "text"}; InputError (its message) when it cannot."""
+    image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    image.SetSpacing(tuple(float(s) for s in spacing_xyz))
+    grid_probe = _SizedProbe(image, tuple(int(n) for n in size_xyz))
+    thin = plan(grid_probe, None, "auto", target_spacing=target_spacing)  # type: ignore[arg-type]
+    if thin is None:
+        raise InputError(f"target spacing {target_spacing:g} mm needs no through-plane step")
+    axis = "xyz"[thin.axis_xyz]
+    text = (f"{axis}: {spacing_xyz[thin.axis_xyz]:.3g} mm -> {thin.grid.spacing[thin.axis_xyz]:.3g} mm, "
+            f"factor x{thin.effective_factor:.3g} ({thin.in_slices} -> {thin.out_slices} slices)")
+    if thin.inplane is not None:
+        text += ", in-plane x" + "/".join(str(f) for a, f in enumerate(thin.inplane.factors_xyz) if a != thin.axis_xyz)
+    if adapt_seconds:
+        text += f"; adaptation adds up to {adapt_seconds / 60:.1f} CPU minutes"
+    return {"axis": thin.axis_xyz, "factor": thin.effective_factor, "in_slices": thin.in_slices,
+            "out_slices": thin.out_slices, "text": text}
+
+
+class _SizedProbe:
+    """The few SimpleITK image methods `plan` reads, with a size but no voxels."""
+
+    def __init__(self, image: sitk.Image, size: tuple[int, int, int]):
+        self._image, self._size = image, size
+
+    def GetSpacing(self):  # noqa: N802 - SimpleITK's name
+        return self._image.GetSpacing()
+
+    def GetSize(self):  # noqa: N802
+        return self._size
+
+    def GetOrigin(self):  # noqa: N802
+        return self._image.GetOrigin()
+
+    def GetDirection(self):  # noqa: N802
+        return self._image.GetDirection()
+
+    def HasMetaDataKey(self, key: str) -> bool:  # noqa: N802
+        return False

@@ -95,7 +95,11 @@ def super_resolve(voxels: np.ndarray, thin: planning.ThroughPlanePlan, modality:
         net = adapt.adapt_network(mapping.to_unit(voxels), thin.axis_kji, thin.profile, net,
                                   seconds=adapt_seconds, factor=thin.effective_factor, cancel=cancel,
                                   progress=lambda f, m: report(start + shares[1] / total * f, m))
-        names.append("adapted")
+        if getattr(net, "adapted_steps", 0):
+            names.append("adapted")
+        else:
+            from ..engine import notice
+            notice("adaptation skipped: the stored slices are too small for training pairs")
     if thin.inplane is not None:
         in_name = zoo.default_model(modality, thin.inplane.network_scale)
         names.insert(0, in_name)
@@ -110,7 +114,7 @@ def super_resolve(voxels: np.ndarray, thin: planning.ThroughPlanePlan, modality:
     offset = (shares[0] + shares[1]) / total
     restored = apply.restore(units, thin.axis_kji, thin.out_slices, thin.profile.thickness_ratio,
                              net, progress=lambda f, m: report(offset + (1 - offset) * f, m),
-                             cancel=cancel)
+                             cancel=cancel, autocast_dtype=_autocast_dtype(options))
     del units
     result = np.empty(restored.shape, dtype=out_dtype)
     for start in range(0, restored.shape[0], 8):
@@ -127,3 +131,15 @@ def annotate(output: sitk.Image, thin: planning.ThroughPlanePlan) -> None:
                        f"axis {'xyz'[thin.axis_xyz]}, requested factor {thin.factor:.6g}, "
                        f"{thin.in_slices} -> {thin.out_slices} slices (effective factor "
                        f"{thin.effective_factor:.6g})")
+
+
+def _autocast_dtype(options: EngineOptions) -> "torch.dtype | None":
+    """The network body's precision: the engine's rule (bf16 on CPUs with fast bf16 under
+    "auto"); CPU only (the network runs on the CPU)."""
+    import torch
+
+    from ..engine import resolve_precision
+    if options.precision == "fp16":
+        raise InputError("precision fp16 is for CUDA; the through-plane network runs on the CPU "
+                         "(use bf16 or fp32)")
+    return resolve_precision(options.precision, torch.device("cpu"), learned=True)
