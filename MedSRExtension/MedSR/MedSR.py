@@ -295,6 +295,7 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.lesionCheckBox.toggled.connect(self.saveParametersToNode)
         for selector in (self.ui.inputSelector, self.ui.roiSelector):
             selector.currentNodeChanged.connect(self.saveParametersToNode)
+        self.updateThinning()
         self.updateApplyButton()
 
     def cleanup(self):

@@ -116,7 +116,9 @@ def main(argv: Sequence[str]) -> int:
     root, out = Path(args.held_out), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for case_index, (modality, rel) in enumerate(data.TEST_SOURCES):
+    cases = [(modality, rel, "test") for modality, rel in data.TEST_SOURCES]
+    cases += [(modality, rel, "validation") for modality, rel in data.VALIDATION_SOURCES if modality == "CT"]
+    for case_index, (modality, rel, role) in enumerate(cases):
         if args.only and not any(s in rel for s in args.only):
             continue
         if not (root / rel).exists():
@@ -132,11 +134,11 @@ def main(argv: Sequence[str]) -> int:
             margin = int(np.ceil(factor))
             for method, (volume, seconds) in outputs.items():
                 if volume is None:
-                    rows.append({"case": rel, "modality": modality, "factor": factor, "thickness_ratio": ratio,
+                    rows.append({"case": rel, "role": role, "modality": modality, "factor": factor, "thickness_ratio": ratio,
                                  "method": method, "psnr": None, "ssim": None, "seconds": None})
                     continue
                 s = score(volume, truth, margin)
-                rows.append({"case": rel, "modality": modality, "factor": factor, "thickness_ratio": ratio,
+                rows.append({"case": rel, "role": role, "modality": modality, "factor": factor, "thickness_ratio": ratio,
                              "method": method, **s, "seconds": round(seconds, 1)})
                 print(f"{rel} x{factor:g} t{ratio:g} {method}: {s['psnr']:.2f} dB SSIM {s['ssim']:.4f} "
                       f"({seconds:.1f} s)", file=sys.stderr, flush=True)
@@ -169,8 +171,11 @@ def report(rows: list[dict], command: str) -> str:
             else:
                 gain = "" if m == "cubic-z" or cubic is None else f" ({r['psnr'] - cubic:+.2f})"
                 cells.append(f"{r['psnr']:.2f}{gain} / {r['ssim']:.3f}")
-        lines.append(f"| {Path(key[0]).name} | x{key[1]:g} | {key[2]:g} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean PSNR gain over cubic-z (box, contiguous), CT and MR averaged (each modality's mean, then their mean):", ""]
+        role = next(r["role"] for r in rows if r["case"] == key[0])
+        label = Path(key[0]).name + ("" if role == "test" else f" ({role})")
+        lines.append(f"| {label} | x{key[1]:g} | {key[2]:g} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean PSNR gain over cubic-z on the test volumes (box, contiguous), CT and MR averaged "
+              "(each modality's mean, then their mean):", ""]
     for m in methods:
         if m == "cubic-z":
             continue
@@ -181,6 +186,8 @@ def report(rows: list[dict], command: str) -> str:
                 gains = []
                 for key in keys:
                     if key[1] != factor or key[2] != 1.0:
+                        continue
+                    if next(r["role"] for r in rows if r["case"] == key[0]) != "test":
                         continue
                     by_method = {r["method"]: r for r in rows if (r["case"], r["factor"], r["thickness_ratio"]) == key}
                     if by_method.get(m, {}).get("psnr") is None or by_method[m]["modality"] != modality:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         "model": model_io.MODEL_NAME, "architecture": net.__class__.__name__,
         "config": {"num_features": args.features, "num_blocks": args.blocks},
         "init_trunk": args.init_trunk,
-        "task": "through-plane restoration after cubic resampling along the slice axis",
+        "task": ("through-plane SR of thick planes (rows along the slice axis) to any factor 1.5-8: "
+                 "trunk on the thick grid, features cubic-resampled, residual over cubic"),
         "factors": list(data.FACTOR_RANGE), "profiles": ["box", "box with gap", "gaussian"],
         "modality": ["CT", "MR"], "training_data": used,
         "validation_data": [rel for _, rel in data.VALIDATION_SOURCES],
@@ -168,7 +170,10 @@ def main(argv: list[str] | None = None) -> None:
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
         "wall_seconds": round(time.time() - started, 1), "threads": args.threads,
         "metrics": {"validation": final},
-        "recipe": "python -m MedSRLib.through_plane.train " + " ".join(argv or []),
+        "recipe": "python -m MedSRLib.through_plane.train " + " ".join(sys.argv[1:] if argv is None else argv),
+        "init_trunk_training_data": ("edsr_lite x4's own card: its training set includes the axial "
+                                     "slices of ct/head-cta-avm (in-plane x4 bicubic), the CT test "
+                                     "volume of the through-plane benchmark" if args.init_trunk else None),
         "parameter_count": zoo.parameter_count(net),
     }
     export = Path(args.export) if args.export else out / f"{model_io.MODEL_NAME}.safetensors"
