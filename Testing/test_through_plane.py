@@ -193,6 +193,30 @@ def test_the_card_names_training_validation_and_test_patients_apart():
     assert listed["kind"] == "through_plane" and listed["weights"]
 
 
+def test_the_committed_through_plane_benchmark_meets_the_bar():
+    """benchmarks/results/through_plane (`medsr benchmark --through-plane`): on the test volumes
+    the network gains >= 1.5 dB over cubic-z at x3 and x5 (box, contiguous), CT and MR averaged,
+    and it beats cubic-z on every row, the gap case included."""
+    import json
+    rows = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "through_plane"
+                       / "results.json").read_text())["rows"]
+    by_case = {}
+    for row in rows:
+        by_case.setdefault((row["case"], row["factor"], row["thickness_ratio"]), {})[row["method"]] = row
+    for methods in by_case.values():
+        assert methods["MedSR through-plane"]["psnr"] > methods["cubic-z"]["psnr"]
+    for factor in (3.0, 5.0):
+        per_modality = []
+        for modality in ("CT", "MR"):
+            gains = [m["MedSR through-plane"]["psnr"] - m["cubic-z"]["psnr"]
+                     for (case, f, ratio), m in by_case.items()
+                     if f == factor and ratio == 1.0 and m["cubic-z"]["modality"] == modality
+                     and m["cubic-z"]["role"] == "test"]
+            assert gains, (factor, modality)
+            per_modality.append(np.mean(gains))
+        assert np.mean(per_modality) >= 1.5, (factor, per_modality)
+
+
 # ---- adaptation ----------------------------------------------------------------------------------
 
 def _digest(net: torch.nn.Module) -> str:
