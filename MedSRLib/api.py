@@ -19,6 +19,7 @@ from .engine import (CancelToken, EngineOptions, ProgressCallback, plan_passes,
 from .errors import InputError
 from .run_plan import (AXIS_NAMES, ScalePlan, check_memory, choose_model, model_loader,  # noqa: F401
                        plan_scale, validate_image)
+from .through_plane import run as through_plane
 
 #: Metadata keys written on the output image.
 MODEL_KEY = "medsr_model"
@@ -28,7 +29,7 @@ FACTORS_KEY = "medsr_scale_factors_xyz"
 def upscale(
     image: sitk.Image,
     model: str | None = None,
-    scale: int | Sequence[int] = 2,
+    scale: int | Sequence[float] | None = None,
     axis: str | int = "auto",
     device: str = "auto",
     precision: str = "auto",
@@ -47,14 +48,22 @@ def upscale(
     roi_weights: str | None = None,
     roi_margin_mm: float = lesion_roi.DEFAULT_MARGIN_MM,
     detector_weights: str | None = None,
+    target_spacing: "float | Sequence[float] | None" = None,
+    slice_thickness: float | None = None,
+    slice_profile: str = "box",
+    adapt: bool = False,
+    adapt_seconds: float | None = None,
 ) -> sitk.Image:
     """Super-resolve a volume; the input is never modified.
 
     Args:
         image: scalar 2-D or 3-D SimpleITK image (LPS geometry).
         model: registry name; None picks the default for the modality and scale.
-        scale: in-plane integer factor, or per-axis (x, y, z) factors 1-4.
-        axis: slice axis, "auto" (largest spacing), "x"/"y"/"z" or 0/1/2.
+        scale: in-plane integer factor (default 2), or per-axis (x, y, z) factors: integers
+            1-4, or through-plane any real factor 1-8 on one axis (see `target_spacing`).
+        axis: slice axis, "auto", "x"/"y"/"z" or 0/1/2. "auto" with an integer (in-plane)
+            scale: the stored slices' plane (z); with per-axis factors: the axis scaled
+            differently from the two others, or the largest spacing (`run_plan.plan_scale`).
         device, precision, tile, batch_size, threads, backend: see `engine.EngineOptions`;
             backend "auto" runs learned networks through OpenVINO on the CPU (bf16 where the
             CPU has it) and through torch on CUDA (`engine.resolve_backend`).
@@ -74,6 +83,15 @@ def upscale(
             generator, when it ships); `roi_weights` its weights file instead of the shipped one.
         roi_margin_mm: margin around the ROI (whole voxels per axis, >= 1 when > 0).
         detector_weights: lesion-detector weights instead of the shipped ones (roi="auto").
+        target_spacing: output spacing in mm, one number (every coarser axis) or (x, y, z);
+            the factors are computed from the input spacing (instead of `scale`).
+        slice_thickness, slice_profile: the thick slices' thickness in mm (default: DICOM
+            SliceThickness, else the slice spacing) and profile ("box" or "gaussian"); used by
+            the through-plane network, which runs by default when a per-axis `scale` or
+            `target_spacing` asks for a through-plane factor (any real factor up to 8; see
+            `through_plane.planning`). The assumed profile is in the output's metadata.
+        adapt: fine-tune a copy of the through-plane network on the volume's own in-plane
+            slices first (`through_plane.adapt`), for at most `adapt_seconds` of CPU time.
 
     Returns:
         A new image covering the input's physical extent on the finer grid, same direction,
@@ -89,6 +107,28 @@ def upscale(
                             batch_size=batch_size, threads=threads,
                             backend=backend)  # checks each option
     image = validate_image(image)
+    if scale is None:
+        scale = 2 if target_spacing is None else None
+    elif target_spacing is not None:
+        raise InputError("give scale (--scale) or target_spacing (--target-spacing), not both")
+    thin, scale = through_plane.plan_request(image, scale, axis, target_spacing, slice_thickness,
+                                             slice_profile, model, adapt, adapt_seconds, roi)
+    if thin is not None:  # thick slices to thin: in-plane pass (if any), then the network
+        voxels = sitk.GetArrayViewFromImage(image)
+        out_dtype = np.dtype(np.float32) if output_float else voxels.dtype
+        result, names = through_plane.super_resolve(
+            voxels, thin, modality or io.modality_of(image), allow_untrained, weights, options,
+            out_dtype, progress, cancel)
+        output = sitk.GetImageFromArray(result, isVector=False)
+        del result
+        thin.grid.apply_to(output)
+        for key in image.GetMetaDataKeys():
+            if key.startswith("medsr_") and key != io.SLICE_THICKNESS_KEY:
+                output.SetMetaData(key, image.GetMetaData(key))
+        output.SetMetaData(MODEL_KEY, names)
+        output.SetMetaData(FACTORS_KEY, " ".join(f"{f:.6g}" for f in thin.factors_xyz))
+        through_plane.annotate(output, thin)
+        return output
     plan = plan_scale(scale, axis, image.GetSpacing(), image.GetSize())
     check_memory(image, plan, output_float)
     modality = modality or io.modality_of(image)

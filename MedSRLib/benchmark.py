@@ -409,7 +409,7 @@ def expand_model_names(names: Sequence[str], scales: Sequence[int],
             continue
         for candidate in zoo.model_names():
             spec = zoo.get_spec(candidate)
-            if spec.kind in ("interpolation", "detector"):
+            if spec.kind in ("interpolation", "detector", "through_plane"):
                 continue
             files = [zoo.shipped_weights(spec, s, weights_dir, modality) for s in scales if s in spec.scales]
             files = [f for f in files if f]
@@ -423,6 +423,9 @@ def main(argv: Sequence[str]) -> int:
     from . import benchmark_report as report
 
     argv = list(argv)
+    if "--through-plane" in argv:  # thick slices made from thin ones (issue 16)
+        from .through_plane import benchmark as through_plane_benchmark
+        return through_plane_benchmark.main(argv)
     args = build_parser().parse_args(argv)
     if args.slices_per_volume < 1:
         raise InputError(f"--slices-per-volume must be >= 1, got {args.slices_per_volume}")

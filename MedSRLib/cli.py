@@ -27,17 +27,44 @@ EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
 EXIT_SOME_CASES_FAILED = 3  # `medsr batch`: the other cases are done; see the manifest
 
 
-def _parse_scale(text: str) -> int | tuple[int, ...]:
+def _parse_scale(text: str) -> int | tuple[int | float, ...]:
     parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
-    try:
-        values = tuple(int(p) for p in parts)
+    try:  # per-axis factors may be real (through-plane: 1,1,2.5); one value is an integer
+        values = tuple(int(p) if p.strip().lstrip("+-").isdigit() else float(p) for p in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"scale must be an integer or x,y,z integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"scale must be an integer or x,y,z numbers, got {text!r}")
     if len(values) == 1:
+        if not isinstance(values[0], int):
+            raise argparse.ArgumentTypeError(
+                f"an in-plane scale must be an integer 2-4, got {text!r}; a real factor is "
+                "through-plane: --scale 1,1,2.5 or --target-spacing")
         return values[0]
     if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"scale needs 1 or 3 integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"scale needs 1 or 3 numbers, got {text!r}")
     return values
+
+
+def _parse_spacing(text: str) -> float | tuple[float, ...]:
+    try:
+        values = tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"target spacing must be mm or x,y,z mm, got {text!r}") from None
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"target spacing needs 1 or 3 numbers (mm), got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def _positive_float(what: str):
+    """argparse type: a positive finite number (usage error naming the option otherwise)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
+        if not (value > 0 and value != float("inf")):
+            raise argparse.ArgumentTypeError(f"{what} must be positive, got {text!r}")
+        return value
+    return parse
 
 
 def _int_at_least(minimum: int, what: str):
@@ -99,10 +126,25 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="registry name (see `medsr models`); default: the shipped default "
                              "model for the modality and scale")
-    parser.add_argument("--scale", type=_parse_scale, default=2,
-                        help="in-plane factor 2-4, or per-axis x,y,z factors such as 1,1,3")
+    parser.add_argument("--scale", type=_parse_scale, default=None,
+                        help="in-plane factor 2-4 (default 2), or per-axis x,y,z factors such as "
+                             "1,1,3 or 1,1,2.5 (through-plane: any factor up to 8)")
     parser.add_argument("--axis", default="auto", type=_parse_axis,
-                        help="slice axis: auto (largest spacing), x, y or z")
+                        help="slice axis: auto (in-plane: the stored slices; through-plane: "
+                             "largest spacing), x, y or z")
+    parser.add_argument("--target-spacing", type=_parse_spacing, default=None,
+                        help="output spacing in mm, e.g. 1 (every coarser axis) or 1,1,1; "
+                             "factors are computed from the input spacing")
+    parser.add_argument("--slice-thickness", type=_positive_float("slice thickness"), default=None,
+                        help="thick slices' thickness in mm (default: DICOM SliceThickness, "
+                             "else the slice spacing); below the spacing = a gap")
+    parser.add_argument("--slice-profile", choices=("box", "gaussian"), default="box",
+                        help="assumed slice profile for through-plane SR (default box)")
+    parser.add_argument("--adapt", action="store_true",
+                        help="through-plane: fine-tune the network on this volume's own "
+                             "in-plane slices first")
+    parser.add_argument("--adapt-seconds", type=_positive_float("adapt seconds"), default=None,
+                        help="CPU budget of --adapt in seconds (default 180)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino"),
                         help="inference runtime: auto (OpenVINO on the CPU for learned networks, "
@@ -210,7 +252,8 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
             image, model=args.model, scale=args.scale, axis=args.axis, device=args.device,
             precision=args.precision, tile=args.tile, batch_size=args.batch, threads=args.threads,
             backend=args.backend, modality=args.modality, allow_untrained=args.allow_untrained,
-            output_float=args.output_float, weights=args.weights, progress=progress)
+            output_float=args.output_float, weights=args.weights, progress=progress,
+            **_through_plane_options(args))
     finally:
         progress.close()
     _write_output(result, output, args, dicom_source)
@@ -286,6 +329,18 @@ def _roi_mask_path(roi: str) -> str | None:
     return None if text.lower() == "auto" or looks_like_box(text) else text
 
 
+def _through_plane_options(args: argparse.Namespace) -> dict:
+    """The through-plane options of `api.upscale` from the command line (only those given)."""
+    options = {"target_spacing": args.target_spacing, "slice_thickness": args.slice_thickness,
+               "adapt_seconds": args.adapt_seconds}
+    options = {key: value for key, value in options.items() if value is not None}
+    if args.slice_profile != "box":
+        options["slice_profile"] = args.slice_profile
+    if args.adapt:
+        options["adapt"] = True
+    return options
+
+
 def _upscale_with_roi(args: argparse.Namespace, image, output: Path, progress: _Progress,
                       started: float, dicom_source=None) -> int:
     from . import api, io, roi
@@ -298,7 +353,7 @@ def _upscale_with_roi(args: argparse.Namespace, image, output: Path, progress: _
             batch_size=args.batch, threads=args.threads, backend=args.backend,
             modality=args.modality,
             allow_untrained=args.allow_untrained, output_float=args.output_float,
-            weights=args.weights, progress=progress, **margin)
+            weights=args.weights, progress=progress, **margin, **_through_plane_options(args))
     finally:
         progress.close()
     report = roi.RoiReport.from_image(result)
@@ -483,7 +538,11 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             raise InputError(f"--threads {args.threads} and --threads-per-worker {threads} "
                              "disagree; give one of them")
         threads = args.threads
-    options = dict(model=args.model, scale=args.scale, axis=args.axis, device=args.device,
+    if any(_through_plane_options(args).values()):
+        raise InputError("--target-spacing, --slice-thickness, --slice-profile and --adapt are "
+                         "for `medsr upscale`; `medsr batch` does not take them yet")
+    options = dict(model=args.model, scale=2 if args.scale is None else args.scale, axis=args.axis,
+                   device=args.device,
                    precision=args.precision, tile=args.tile, batch_size=args.batch,
                    modality=args.modality, allow_untrained=args.allow_untrained,
                    output_float=args.output_float, weights=args.weights)

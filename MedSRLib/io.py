@@ -34,6 +34,8 @@ WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".png")
 
 #: Metadata key under which the reader stores the modality (DICOM tag 0008|0060) when known.
 MODALITY_KEY = "medsr_modality"
+#: DICOM SliceThickness (mm) of a series read from a folder, kept for through-plane SR.
+SLICE_THICKNESS_KEY = "medsr_dicom_slice_thickness"
 
 
 def suffix_of(path: str | os.PathLike) -> str:
@@ -105,7 +107,22 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
         raise InputError(f"{folder}: cannot read DICOM series {entry.uid!r}: {_first_line(err)}") from None
     if entry.modality:
         image.SetMetaData(MODALITY_KEY, entry.modality)
+    thickness = _dicom_slice_thickness(entry.files[0])
+    if thickness is not None:  # through-plane SR reads it (through_plane/planning.py)
+        image.SetMetaData(SLICE_THICKNESS_KEY, repr(thickness))
     return image
+
+
+def _dicom_slice_thickness(path: str) -> float | None:
+    """SliceThickness (0018,0050) of one DICOM file in mm, or None when absent or unusable."""
+    header = sitk.ImageFileReader()
+    header.SetFileName(path)
+    try:
+        header.ReadImageInformation()
+        value = float(header.GetMetaData("0018|0050").strip()) if header.HasMetaDataKey("0018|0050") else None
+    except (RuntimeError, ValueError):
+        return None
+    return value if value is not None and 0 < value < 1e6 else None
 
 
 def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:

@@ -16,6 +16,7 @@ from .networks.lesion_detector import LesionDetector
 from .networks.srcnn import SRCNN
 from .networks.srresnet import SRResNet
 from .networks.vdsr import VDSR
+from .through_plane.network import ThroughPlaneEDSR
 from .zoo import ModelSpec, register
 
 # ---- interpolation baselines ------------------------------------------------------------------
@@ -136,3 +137,16 @@ register(ModelSpec(
     modalities=("MR",),
     description="Max-pooling residual network, any input size; per slice a box (cx, cy, w, h "
                 "normalised to [0, 1]) and a score logit. Not an SR model (scale x1)."))
+
+register(ModelSpec(
+    name="through_plane_net", title="Through-plane network (thick slices to thin, any factor)",
+    builder=ThroughPlaneEDSR, kind="through_plane",
+    paper="SMORE / ECLARE idea (Zhao et al. 2020; Remedios et al. 2024), CPU-sized",
+    scales=(1,), modalities=("CT", "MR"),
+    default_config={"num_features": 48, "num_blocks": 8},
+    description="EDSR-lite trunk (MONAI blocks, started from edsr_lite x4) on the thick "
+                "coronal and sagittal planes, its features cubic-resampled along the slice "
+                "axis to any real factor 1-8, a small tail predicting the residual over cubic "
+                "interpolation; both orientations averaged; trained on one-axis slice-profile "
+                "degradations (box, box with gap, Gaussian). The default for through-plane "
+                "factors (MedSRLib/through_plane/)."))

@@ -57,9 +57,11 @@ def plan_scale(scale: int | Sequence[int], axis: str | int, spacing_xyz: Sequenc
                size_xyz: Sequence[int]) -> ScalePlan:
     """Turn the user's `scale` and `axis` into per-axis factors and a slice axis (x, y, z order).
 
-    An integer scale is in-plane: it applies to the two axes other than the slice axis. A
-    3-tuple gives each axis its factor. "auto" slices along the axis of largest spacing (for a
-    tuple: among the axes with the smallest factor); a one-slice volume is sliced along z.
+    An integer scale is in-plane: it applies to the two axes other than the slice axis, and
+    "auto" means the plane of the stored slices (slice axis z), whatever the spacings (a 1.5 mm
+    pixel, 1 mm slice volume scales its stored x-y plane). A 3-tuple gives each axis its
+    factor; there "auto" slices along the axis of largest spacing among the axes with the
+    smallest factor (a one-slice volume along z).
     """
     axis_index = _parse_axis(axis)
     single_slice = size_xyz[2] == 1
@@ -67,7 +69,7 @@ def plan_scale(scale: int | Sequence[int], axis: str | int, spacing_xyz: Sequenc
         raise InputError(f"scale must be an integer 2-4 or (x, y, z) integers 1-4, got {scale!r}")
     if isinstance(scale, (int, np.integer)) or (isinstance(scale, float) and scale.is_integer()):
         if axis_index is None:
-            axis_index = 2 if single_slice else _largest_spacing_axis(spacing_xyz, (0, 1, 2))
+            axis_index = 2  # the stored slices' plane (issue 16)
         factors = [int(scale)] * 3
         factors[axis_index] = 1
     else:

@@ -23,7 +23,8 @@ from .errors import InputError, WeightsError
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 #: Ways a network consumes its input.
-KINDS = ("interpolation", "pre_upsampled", "post_upsampled", "multi_scale", "detector")
+KINDS = ("interpolation", "pre_upsampled", "post_upsampled", "multi_scale", "detector",
+         "through_plane")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class ModelSpec:
       - "multi_scale": one network for several scales; `builder(scales=..., **config)` and
         `forward(x, scale)`.
       - "detector": not an SR model (lesion detector).
+      - "through_plane": restores thick-slice volumes along one axis after cubic resampling to
+        any real factor (`through_plane/`); run by `upscale` for through-plane factors, not
+        by the slice engine.
     """
 
     name: str
@@ -132,7 +136,8 @@ def parameter_count(module: nn.Module) -> int:
 
 
 def weights_stem(spec: ModelSpec, scale: int) -> str:
-    return spec.name if spec.multi_scale or spec.kind == "detector" else f"{spec.name}_x{scale}"
+    return spec.name if spec.multi_scale or spec.kind in ("detector", "through_plane") \
+        else f"{spec.name}_x{scale}"
 
 
 #: Modalities that may have their own weights file, `<stem>_<modality>.safetensors` (e.g.
@@ -167,7 +172,7 @@ def shipped_sr_weights() -> list[tuple[str, int, str | None]]:
     cases = []
     for name in model_names():
         spec = get_spec(name)
-        if spec.kind in ("interpolation", "detector"):
+        if spec.kind in ("interpolation", "detector", "through_plane"):
             continue
         for scale in spec.scales:
             cases += [(name, scale, modality or None) for modality in weights_files(spec, scale)]
@@ -314,6 +319,9 @@ def load_model(name: str, factors: int | tuple[int, int], *, allow_untrained: bo
     spec = get_spec(name)
     if spec.kind == "detector":
         raise InputError(f"model {name!r} is a lesion detector, not a super-resolution model")
+    if spec.kind == "through_plane":
+        raise InputError(f"model {name!r} is the through-plane network: ask for a through-plane "
+                         "factor (--scale 1,1,2.5 or --target-spacing)")
     factors = (factors, factors) if isinstance(factors, int) else (int(factors[0]), int(factors[1]))
     if min(factors) < 1 or max(factors) < 2:
         raise InputError(f"scale factors must be integers >= 1 with one >= 2, got {factors}")

@@ -64,11 +64,13 @@ def test_bad_scale_factors_are_refused(factors):
         geometry.check_scale_factors(factors)
 
 
-def test_auto_axis_is_largest_spacing_and_one_slice_images_use_z():
+def test_auto_axis_inplane_is_the_stored_slices_and_through_plane_the_largest_spacing():
     from MedSRLib.api import plan_scale
 
     assert plan_scale(2, "auto", (0.8, 0.8, 5.0), (64, 64, 10)).factors_xyz == (2, 2, 1)
-    assert plan_scale(2, "auto", (3.0, 0.8, 0.8), (10, 64, 64)).factors_xyz == (1, 2, 2)
+    # in-plane means the stored slices' plane even when its pixels are the coarser (issue 16)
+    assert plan_scale(2, "auto", (3.0, 0.8, 0.8), (10, 64, 64)).factors_xyz == (2, 2, 1)
+    assert plan_scale(2, "x", (3.0, 0.8, 0.8), (10, 64, 64)).factors_xyz == (1, 2, 2)
     assert plan_scale(2, "auto", (1.0, 1.0, 1.0), (64, 64, 1)).factors_xyz == (2, 2, 1)
     plan = plan_scale((1, 1, 3), "auto", (0.8, 0.8, 5.0), (64, 64, 10))
     assert plan.factors_xyz == (1, 1, 3) and plan.slice_axis_xyz in (0, 1)

@@ -36,7 +36,7 @@ RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 SCALES = (2, 3, 4)
 DIRECTIONS = (("in-plane", "In-plane"), ("through-plane", "Through-plane"))
-SLICE_AXES = (("auto", "Auto (largest spacing)"), ("x", "I (x)"), ("y", "J (y)"), ("z", "K (z)"))
+SLICE_AXES = (("auto", "Auto (in-plane: stored slices; through: largest spacing)"), ("x", "I (x)"), ("y", "J (y)"), ("z", "K (z)"))
 DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "GPU (CUDA)"))
 PRECISIONS = (("auto", "Auto"), ("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16"))
 #: Modality choices; "auto" = the input node's DICOM modality when Slicer knows it (else none).
@@ -254,6 +254,7 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.run = None
         self.lastError = None
         self._updatingGUI = False
+        self._thinTargetFor = None  # input whose default target spacing the spin box holds
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -275,6 +276,9 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.populateModels()
 
         self.ui.inputSelector.currentNodeChanged.connect(self.onInputChanged)
+        self.ui.thinSlicesCheckBox.toggled.connect(self.updateThinning)
+        self.ui.adaptCheckBox.toggled.connect(self.updateThinning)
+        self.ui.targetSpacingSpinBox.valueChanged.connect(self.updateThinning)
         for combo in (self.ui.modelComboBox, self.ui.scaleComboBox, self.ui.roiModelComboBox):
             combo.currentIndexChanged.connect(self.updateModelDescription)
         self.ui.modalityComboBox.currentIndexChanged.connect(self.updateModalityToolTip)
@@ -291,6 +295,7 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.lesionCheckBox.toggled.connect(self.saveParametersToNode)
         for selector in (self.ui.inputSelector, self.ui.roiSelector):
             selector.currentNodeChanged.connect(self.saveParametersToNode)
+        self.updateThinning()
         self.updateApplyButton()
 
     def cleanup(self):
@@ -423,7 +428,29 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onInputChanged(self, *args):
         self.updateModalityToolTip()
+        self.updateThinning()
         self.updateApplyButton()
+
+    def updateThinning(self, *args):
+        """Show the factor "Make slices thinner" will use (and the adaptation's time budget)."""
+        thin = bool(_widgetProperty(self.ui.thinSlicesCheckBox, "checked"))
+        for widget in (self.ui.targetSpacingSpinBox, self.ui.adaptCheckBox):
+            widget.setEnabled(thin)
+        inputVolume = self.ui.inputSelector.currentNode()
+        if not thin or inputVolume is None or inputVolume.GetImageData() is None:
+            self.ui.thinFactorLabel.setText("-" if not thin else "Select an input volume.")
+            return
+        if self._thinTargetFor != inputVolume.GetID():  # a new input: its in-plane pixel size
+            self._thinTargetFor = inputVolume.GetID()
+            self.ui.targetSpacingSpinBox.setValue(self.logic.defaultTargetSpacing(inputVolume))
+            return  # setValue called updateThinning again
+        try:
+            summary = self.logic.thinningSummary(
+                inputVolume, float(_widgetProperty(self.ui.targetSpacingSpinBox, "value")),
+                bool(_widgetProperty(self.ui.adaptCheckBox, "checked")))
+            self.ui.thinFactorLabel.setText(summary["text"])
+        except (ValueError, ImportError) as error:
+            self.ui.thinFactorLabel.setText(str(error))
 
     def updateApplyButton(self):
         if self.run is not None:
@@ -451,7 +478,15 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             precision=self._comboData(self.ui.precisionComboBox),
             roiNode=self.ui.roiSelector.currentNode() if lesion else None,
             roiModel=self.roiModelName() if lesion else None,
+            **self.thinningParameters(),
         )
+
+    def thinningParameters(self):
+        """{} or the "Make slices thinner" keyword arguments of MedSRLogic.process."""
+        if not _widgetProperty(self.ui.thinSlicesCheckBox, "checked"):
+            return {}
+        return dict(targetSpacing=float(_widgetProperty(self.ui.targetSpacingSpinBox, "value")),
+                    adapt=bool(_widgetProperty(self.ui.adaptCheckBox, "checked")))
 
     # -- actions --------------------------------------------------------------------------------
 
@@ -848,18 +883,41 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
         """(scale, axis) arguments of MedSRLib.upscale for the panel's choices.
 
         In-plane: the integer `scale` with the slice axis. Through-plane: a per-axis (x, y, z)
-        tuple with `scale` on the slice axis; "auto" asks MedSRLib which axis it would slice.
+        tuple with `scale` on the slice axis; "auto" asks MedSRLib which axis it would take
+        (the largest spacing).
         """
         if direction == "in-plane":
             return int(scale), sliceAxis
         if direction != "through-plane":
             raise ValueError(f"direction must be 'in-plane' or 'through-plane', got {direction!r}")
-        from MedSRLib import api
+        _medsrlib()
+        from MedSRLib.through_plane import planning
 
-        plan = api.plan_scale(2, sliceAxis, image.GetSpacing(), image.GetSize())
+        axis = planning.through_axis((1.0, 1.0, 1.0), image.GetSpacing(), sliceAxis)
         factors = [1, 1, 1]
-        factors[plan.slice_axis_xyz] = int(scale)
-        return tuple(factors), plan.slice_axis_xyz
+        factors[axis] = int(scale)
+        return tuple(factors), axis
+
+    @staticmethod
+    def _spacingAndSize(inputVolume):
+        return tuple(inputVolume.GetSpacing()), tuple(inputVolume.GetImageData().GetDimensions())
+
+    def defaultTargetSpacing(self, inputVolume):
+        """The default "Make slices thinner" target: the input's in-plane pixel size (mm)."""
+        _medsrlib()
+        from MedSRLib.through_plane import planning
+
+        return planning.default_target_spacing(self._spacingAndSize(inputVolume)[0])
+
+    def thinningSummary(self, inputVolume, targetSpacing, adapt=False):
+        """MedSRLib's plan for "Make slices thinner" to `targetSpacing` mm: {"axis", "factor",
+        "in_slices", "out_slices", "text"}; ValueError (MedSRLib's InputError) when it cannot."""
+        _medsrlib()
+        from MedSRLib.through_plane import planning, run
+
+        spacing, size = self._spacingAndSize(inputVolume)
+        return planning.thinning_summary(spacing, size, targetSpacing,
+                                         run.DEFAULT_ADAPT_SECONDS if adapt else None)
 
     @staticmethod
     def roiCornersInVolumeFrame(roiNode, inputVolume):
@@ -902,19 +960,33 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
             self.roiCornersInVolumeFrame(roiNode, inputVolume), slicer.util.arrayFromVTKMatrix(rasToIJK),
             inputVolume.GetImageData().GetDimensions(), roiNode.GetName(), inputVolume.GetName())
 
-    def prepareImage(self, inputVolume, scale, direction, sliceAxis, roiNode):
-        """(image, scale argument, axis argument, roi box or None) for MedSRLib.upscale."""
+    def prepareImage(self, inputVolume, scale, direction, sliceAxis, roiNode, targetSpacing=None):
+        """(image, scale argument, axis argument, roi box or None) for MedSRLib.upscale; with
+        `targetSpacing` ("Make slices thinner") the scale is None and the axis "auto"."""
         image = self.volumeNodeToImage(inputVolume)
         roiBox = self.roiIndexBox(inputVolume, roiNode) if roiNode is not None else None
+        if targetSpacing is not None:
+            if roiBox is not None:
+                raise ValueError("Make slices thinner and lesion-focused mode cannot be combined.")
+            return image, None, "auto", None
         scaleArgument, axisArgument = self.scaleAndAxis(image, scale, direction, sliceAxis)
         return image, scaleArgument, axisArgument, roiBox
+
+    @staticmethod
+    def thinOutputName(inputVolume, targetSpacing):
+        return f"{inputVolume.GetName()}_{targetSpacing:g}mm"
 
     # -- running --------------------------------------------------------------------------------
 
     def process(self, inputVolume, outputVolume=None, model=None, scale=2, direction="in-plane",
                 sliceAxis="auto", device="auto", precision="auto", roiNode=None, roiModel=None,
-                allowUntrained=False, progress=None, cancel=None, show=True, modality="auto"):
+                allowUntrained=False, progress=None, cancel=None, show=True, modality="auto",
+                targetSpacing=None, adapt=False):
         """Super-resolve `inputVolume` in this process (blocking); return the output node.
+
+        `targetSpacing` (mm) is "Make slices thinner": MedSRLib.upscale(target_spacing=...)
+        with the through-plane network (any factor; `model`, `scale` and `direction` are not
+        used), `adapt` fine-tunes a copy of it on this volume first.
 
         `modality` ("auto", "CT", "MR" or "XR"; see `resolveModality`) picks the default model
         and a model's per-modality weights; MedSRLib.upscale gets it only when it is known.
@@ -929,8 +1001,11 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
         """
         MedSRLib = _medsrlib()
         image, scaleArgument, axisArgument, roiBox = self.prepareImage(
-            inputVolume, scale, direction, sliceAxis, roiNode)
+            inputVolume, scale, direction, sliceAxis, roiNode, targetSpacing)
         roiArguments = dict(roi=roiBox, roi_model=roiModel or None) if roiBox is not None else {}
+        if targetSpacing is not None:
+            model = None
+            roiArguments = dict(target_spacing=float(targetSpacing), adapt=bool(adapt))
         modality = self.resolveModality(inputVolume, modality)
         modalityArguments = dict(modality=modality) if modality else {}
         startTime = time.time()
@@ -944,15 +1019,17 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
             if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
                 raise MemoryError(outOfMemoryMessage(str(error))) from error
             raise
-        node = self.addOutputVolume(inputVolume, result, outputVolume,
-                                    self.outputName(inputVolume, scale, roiBox is not None), show=show)
+        name = (self.thinOutputName(inputVolume, targetSpacing) if targetSpacing is not None
+                else self.outputName(inputVolume, scale, roiBox is not None))
+        node = self.addOutputVolume(inputVolume, result, outputVolume, name, show=show)
         self.lastRoiReport = roiReportFromImage(result)
         logging.info(f"MedSR finished in {time.time() - startTime:.1f} s")
         return node
 
     def startProcessing(self, inputVolume, outputVolume=None, model=None, scale=2,
                         direction="in-plane", sliceAxis="auto", device="auto", precision="auto",
-                        roiNode=None, roiModel=None, allowUntrained=False, show=True, modality="auto"):
+                        roiNode=None, roiModel=None, allowUntrained=False, show=True, modality="auto",
+                        targetSpacing=None, adapt=False):
         """Start super-resolution in a background process; return the MedSRBackgroundRun.
 
         Arguments as `process`. Call `run.poll()` from a QTimer until it returns True (the
@@ -960,13 +1037,16 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
         `run.roiReport`), or `run.cancel()`. The scene is only touched on success.
         """
         image, scaleArgument, axisArgument, roiBox = self.prepareImage(
-            inputVolume, scale, direction, sliceAxis, roiNode)
-        arguments = dict(model=model, scale=scaleArgument, axis=axisArgument, device=device,
+            inputVolume, scale, direction, sliceAxis, roiNode, targetSpacing)
+        arguments = dict(model=model if targetSpacing is None else None, scale=scaleArgument,
+                         axis=axisArgument, device=device,
                          precision=precision, allowUntrained=allowUntrained, roi=roiBox,
                          modality=self.resolveModality(inputVolume, modality),
-                         roiModel=(roiModel or None) if roiBox is not None else None)
-        run = MedSRBackgroundRun(self, inputVolume, image, arguments, outputVolume,
-                                 self.outputName(inputVolume, scale, roiBox is not None), show)
+                         roiModel=(roiModel or None) if roiBox is not None else None,
+                         targetSpacing=targetSpacing, adapt=bool(adapt) and targetSpacing is not None)
+        name = (self.thinOutputName(inputVolume, targetSpacing) if targetSpacing is not None
+                else self.outputName(inputVolume, scale, roiBox is not None))
+        run = MedSRBackgroundRun(self, inputVolume, image, arguments, outputVolume, name, show)
         run.start()
         return run
 
@@ -1043,9 +1123,13 @@ class MedSRBackgroundRun:
         a = self.arguments
         scale = a["scale"]
         scaleText = ",".join(str(s) for s in scale) if isinstance(scale, tuple) else str(scale)
+        size = (["--target-spacing", repr(float(a["targetSpacing"]))] if a.get("targetSpacing") is not None
+                else ["--scale", scaleText])
         command = [self.pythonExecutable(), "-m", "MedSRLib.cli", "upscale", str(inputPath), str(outputPath),
-                   "--scale", scaleText, "--axis", str(a["axis"]), "--device", a["device"],
+                   *size, "--axis", str(a["axis"]), "--device", a["device"],
                    "--precision", a["precision"], "--progress", "json"]
+        if a.get("adapt"):
+            command.append("--adapt")
         if a["model"]:
             command += ["--model", a["model"]]
         if a.get("modality"):  # known only: else MedSRLib reads DICOM tags (an .nrrd has none)

@@ -555,3 +555,26 @@ def test_out_of_memory_becomes_a_clear_message(scene, MedSR, monkeypatch):
     with pytest.raises(MemoryError, match="Out of memory while super-resolving.*CPU"):
         MedSR.MedSRLogic().process(node, model="edsr_baseline", scale=2)
     assert scene_state(scene) == before
+
+
+def test_make_slices_thinner_uses_the_through_plane_plan_in_process_and_background(scene, MedSR):
+    node, ijk_to_ras = oblique_anisotropic_volume(MedSR)  # 0.8 x 0.9 x 3.0 mm
+    logic = MedSR.MedSRLogic()
+    assert logic.defaultTargetSpacing(node) == pytest.approx(0.8)
+    summary = logic.thinningSummary(node, 1.0, adapt=True)
+    assert summary["factor"] == pytest.approx(3.0) and summary["out_slices"] == 18
+    assert "x3" in summary["text"] and "CPU minutes" in summary["text"]
+    with pytest.raises(ValueError, match="above the limit"):
+        logic.thinningSummary(node, 0.1)
+    output = logic.process(node, targetSpacing=1.0, show=False)
+    assert output.GetName() == "CT chest_1mm"
+    np.testing.assert_allclose(ijk_to_ras_of(output), expected_ijk_to_ras(ijk_to_ras, (1, 1, 3)), atol=1e-6)
+    reference = MedSRLib.upscale(logic.volumeNodeToImage(node), target_spacing=1.0)
+    assert reference.GetMetaData("medsr_model") == "through_plane_net"
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(output), sitk.GetArrayFromImage(reference))
+    run = logic.startProcessing(node, model="linear", targetSpacing=1.0, show=False)
+    command = run.commandLine("in.nrrd", "out.nrrd")
+    assert command[6:8] == ["--target-spacing", "1.0"] and "--scale" not in command
+    assert "--model" not in command and "--adapt" not in command
+    run_to_end(run)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(run.outputVolume), slicer.util.arrayFromVolume(output))

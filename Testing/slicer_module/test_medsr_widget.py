@@ -363,3 +363,23 @@ def test_module_self_test_runs_under_pytest(scene, MedSR):
     assert result.wasSuccessful(), result.failures + result.errors
     assert slicer.util.getFirstNodeByName("MedSRTestInput_SRx2") is not None
     assert slicer.util.getFirstNodeByName("MedSRTestInput_LFSRx2") is not None
+
+
+def test_make_slices_thinner_shows_its_factor_and_applies(widget, scene, MedSR, qapp):
+    node, _ = MedSR.MedSRTest.makeObliqueAnisotropicVolume("Thick CT")  # 0.8 x 0.9 x 3.0 mm
+    qapp.processEvents()
+    widget.ui.inputSelector.setCurrentNode(node)
+    assert not widget.ui.targetSpacingSpinBox.isEnabled()
+    widget.ui.thinSlicesCheckBox.setChecked(True)
+    assert widget.ui.targetSpacingSpinBox.value() == pytest.approx(0.8)  # the in-plane pixel
+    assert "factor x3.83 (6 -> 23 slices)" in widget.ui.thinFactorLabel.text()  # 3 / 0.8 = 3.75
+    widget.ui.targetSpacingSpinBox.setValue(1.0)
+    assert "x3 (6 -> 18 slices)" in widget.ui.thinFactorLabel.text()
+    widget.ui.adaptCheckBox.setChecked(True)
+    assert "3.0 CPU minutes" in widget.ui.thinFactorLabel.text()
+    widget.ui.adaptCheckBox.setChecked(False)
+    widget.ui.applyButton.click()
+    wait_until_idle(widget, qapp)
+    assert widget.lastError is None, widget.lastError
+    output = slicer.util.getFirstNodeByName("Thick CT_1mm")
+    assert output is not None and output.GetImageData().GetDimensions() == (24, 20, 18)

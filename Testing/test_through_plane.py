@@ -1,0 +1,251 @@
+"""Through-plane SR (issue 16): slice-profile matrices, planning (any factor, exact grid,
+target spacing, slice thickness from DICOM), the shipped network against cubic interpolation
+on real data, per-volume adaptation (budget, cancel, shipped weights untouched), CLI."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import MedSRLib
+from MedSRLib import cli, geometry, io, zoo
+from MedSRLib.demo import SAMPLE_PATH
+from MedSRLib.errors import CancelledError, InputError
+from MedSRLib.through_plane import apply, data, model_io, planning, profile
+from MedSRLib.through_plane.network import ThroughPlaneEDSR
+
+from conftest import make_volume, oblique_direction
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+# ---- slice profiles --------------------------------------------------------------------------
+
+def test_box_profile_is_the_mean_of_consecutive_thin_slices():
+    thin = np.random.default_rng(0).normal(size=(15, 4))
+    thick = profile.degradation_matrix(15, 3.0) @ thin
+    np.testing.assert_allclose(thick, thin.reshape(5, 3, 4).mean(axis=1), atol=1e-12)
+
+
+def test_box_profile_with_a_gap_and_a_real_factor():
+    gap = profile.degradation_matrix(20, 5.0, 0.6)  # 3 mm slices every 5 mm on 1 mm samples
+    np.testing.assert_allclose(gap[0], [0, 1 / 3, 1 / 3, 1 / 3] + [0] * 16, atol=1e-12)
+    real = profile.degradation_matrix(20, 2.5)
+    np.testing.assert_allclose(real.sum(axis=1), 1.0)
+    np.testing.assert_allclose(real[0, :3], [0.4, 0.4, 0.2])  # box [-0.5, 2.0)
+    gaussian = profile.degradation_matrix(40, 4.0, 1.0, "gaussian")
+    np.testing.assert_allclose(gaussian.sum(axis=1), 1.0)
+    row = gaussian[3]  # centre 3 * 4 + 1.5 = 13.5: symmetric about it
+    np.testing.assert_allclose(row[13 - 5:14], row[14:19 + 1][::-1], atol=1e-9)
+
+
+def test_cubic_matrix_reproduces_quadratics_and_covers_the_extent():
+    positions = profile.sample_positions(25, 10 / 25)
+    matrix = profile.cubic_matrix(10, positions)
+    x = np.arange(10.0)
+    inner = (positions >= 1) & (positions <= 8)
+    np.testing.assert_allclose((matrix @ (0.5 * x ** 2 - x))[inner],
+                               (0.5 * positions ** 2 - positions)[inner], atol=1e-9)
+    assert positions[0] == pytest.approx(-0.3) and positions[-1] == pytest.approx(9.3)
+
+
+# ---- planning: any factor, exact grid -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def oblique_5mm_ct(tmp_path_factory) -> Path:
+    """A 96 x 80 x 6 crop of the bundled 0.8 x 0.8 x 5 mm CT, made oblique, as a NRRD file."""
+    image = sitk.ReadImage(str(SAMPLE_PATH))[80:176, 90:170, 5:11]
+    image.SetDirection(tuple(oblique_direction().reshape(-1)))
+    path = tmp_path_factory.mktemp("tp") / "oblique_5mm.nrrd"
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _corner_error(a: sitk.Image, b: sitk.Image) -> float:
+    return float(np.abs(geometry.corner_points(geometry.Grid.of(a))
+                        - geometry.corner_points(geometry.Grid.of(b))).max())
+
+
+def test_target_spacing_1_on_a_5mm_oblique_ct_gives_1mm_slices_over_the_same_extent(oblique_5mm_ct, tmp_path):
+    image = io.read_volume(oblique_5mm_ct)
+    out = MedSRLib.upscale(image, target_spacing=1)
+    written = tmp_path / "thin.nrrd"
+    io.write_volume(out, written)
+    thin = io.read_volume(written)
+    assert thin.GetSize() == (96, 80, 30)
+    np.testing.assert_allclose(thin.GetSpacing(), (image.GetSpacing()[0], image.GetSpacing()[1], 1.0), atol=1e-9)
+    assert _corner_error(image, thin) < 1e-4
+    np.testing.assert_allclose(thin.GetDirection(), image.GetDirection(), atol=1e-12)
+    assert out.GetMetaData("medsr_model") == "through_plane_net"
+    assert "box, thickness 5.000 mm, spacing 5.000 mm" in out.GetMetaData("medsr_slice_profile")
+    assert sitk.GetArrayViewFromImage(thin).dtype == np.int16
+
+
+def test_a_real_factor_keeps_the_extent_exact_and_says_what_it_did(oblique_5mm_ct):
+    image = io.read_volume(oblique_5mm_ct)
+    out = MedSRLib.upscale(image, scale=(1, 1, 2.5), slice_thickness=3.0, slice_profile="gaussian")
+    assert out.GetSize() == (96, 80, 15)
+    assert out.GetSpacing()[2] == pytest.approx(2.0)
+    assert _corner_error(image, out) < 1e-4
+    assert "gaussian, thickness 3.000 mm, spacing 5.000 mm, gap 2.000 mm (--slice-thickness)" in \
+        out.GetMetaData("medsr_slice_profile")
+    odd = MedSRLib.upscale(image[:, :, :5], scale=(1, 1, 2.5), model="through_plane_net")
+    assert odd.GetSize()[2] == 13 and _corner_error(image[:, :, :5], odd) < 1e-4  # 12.5 half up
+    assert "effective factor 2.6" in odd.GetMetaData("medsr_through_plane")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"scale": (1, 1, 0.5)}, "must be >= 1"),
+    ({"scale": (1, 1, 9)}, "above the limit 8"),
+    ({"target_spacing": (1, 1, 1)}, "coarser than the input"),
+    ({"target_spacing": 6}, "not finer"),
+    ({"target_spacing": 1, "scale": 2}, "not both"),
+    ({"scale": (1, 1, 2.5), "model": "edsr_lite"}, "integer factors"),
+    ({"scale": 2, "slice_thickness": 3.0}, "for through-plane SR"),
+    ({"scale": (1, 1, 3), "slice_thickness": -1.0}, "positive"),
+    ({"scale": (1, 1, 3), "adapt": True, "adapt_seconds": 0}, "positive"),
+])
+def test_bad_through_plane_requests_are_input_errors(kwargs, message):
+    image = make_volume(spacing=(0.8, 0.8, 5.0))
+    with pytest.raises(InputError, match=message):
+        MedSRLib.upscale(image, **kwargs)
+
+
+def test_cli_takes_real_factors_and_refuses_out_of_range_ones(oblique_5mm_ct, tmp_path, capsys):
+    out = tmp_path / "out.nrrd"
+    assert cli.main(["upscale", str(oblique_5mm_ct), str(out), "--scale", "1,1,2.5", "--quiet"]) == 0
+    assert sitk.ReadImage(str(out)).GetSize() == (96, 80, 15)
+    assert cli.main(["upscale", str(oblique_5mm_ct), str(tmp_path / "bad.nrrd"), "--scale", "1,1,9"]) == 2
+    assert "above the limit" in capsys.readouterr().err
+    assert cli.main(["upscale", str(oblique_5mm_ct), str(tmp_path / "bad.nrrd"), "--target-spacing", "1,1,1"]) == 2
+    assert not (tmp_path / "bad.nrrd").exists()
+
+
+def test_integer_inplane_scale_scales_the_stored_slices_even_with_coarser_pixels():
+    image = make_volume(shape_kji=(8, 12, 10), spacing=(1.5, 1.5, 1.0))
+    out = MedSRLib.upscale(image, model="bicubic", scale=2)
+    assert out.GetSize() == (20, 24, 8)
+    assert out.GetSpacing() == pytest.approx((0.75, 0.75, 1.0))
+
+
+def test_dicom_slice_thickness_sets_the_profile_and_the_gap(tmp_path):
+    folder = tmp_path / "series"
+    folder.mkdir()
+    volume = make_volume(shape_kji=(5, 24, 20), spacing=(0.7, 0.7, 4.0))
+    uid = "1.2.826.0.1.3680043.8.498.1616"
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(5):
+        plane = volume[:, :, k]
+        for tag, value in (("0008|0060", "CT"), ("0020|000e", uid), ("0020|000d", uid + ".1"),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0018|0050", "2.5"),
+                           ("0020|0032", "\\".join(map(str, volume.TransformIndexToPhysicalPoint((0, 0, k))))),
+                           ("0020|0013", str(k + 1)), ("0008|0018", f"{uid}.2.{k}")):
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{k}.dcm"))
+        writer.Execute(plane)
+    image = io.read_volume(folder)
+    assert float(image.GetMetaData(io.SLICE_THICKNESS_KEY)) == 2.5
+    thin = planning.plan(image, None, "auto", target_spacing=1.0)
+    assert thin.profile.thickness_mm == 2.5 and thin.profile.gap_mm == pytest.approx(1.5)
+    assert "DICOM SliceThickness" in thin.profile.describe()
+    assert thin.out_slices == 20
+
+
+# ---- the network ---------------------------------------------------------------------------------
+
+def test_an_untrained_network_is_exactly_cubic_interpolation():
+    units = np.random.default_rng(1).random((7, 20, 22)).astype(np.float32)
+    cubic = apply.restore(units, 0, 18, 1.0, None)
+    np.testing.assert_allclose(apply.restore(units, 0, 18, 1.0, ThroughPlaneEDSR()), cubic, atol=1e-6)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b) ** 2)))
+
+
+def test_the_shipped_network_beats_cubic_on_a_held_out_mr_made_thick(shared_data):
+    units, _ = data.load_units(shared_data / data.TEST_SOURCES[1][1])  # BraTS pat0006 T1c, never trained on
+    thin = units[40:100, 90:150, 90:150]
+    thick = profile.degradation_matrix(60, 4.0).astype(np.float32) @ thin.reshape(60, -1)
+    thick = thick.reshape(15, 60, 60)
+    net = model_io.load()
+    cubic = apply.restore(thick, 0, 60, 1.0, None)
+    restored = apply.restore(thick, 0, 60, 1.0, net)
+    inner = slice(4, 56)
+    assert _psnr(restored[inner], thin[inner]) > _psnr(cubic[inner], thin[inner]) + 0.5
+
+
+def test_the_card_names_training_validation_and_test_patients_apart():
+    card = zoo.read_card(model_io.WEIGHTS_FILE)
+    training = {entry["file"] for entry in card["training_data"]}
+    assert training and card["validation_data"] and card["test_data_never_used"]
+    assert not training & set(card["validation_data"])
+    assert not (training | set(card["validation_data"])) & set(card["test_data_never_used"])
+    assert card["cpu_seconds"] > 0 and "validation" in card["metrics"]
+    assert model_io.load().card["model"] == "through_plane_net"
+    listed = {m["name"]: m for m in MedSRLib.list_models()}["through_plane_net"]
+    assert listed["kind"] == "through_plane" and listed["weights"]
+
+
+def test_the_committed_through_plane_benchmark_meets_the_bar():
+    """benchmarks/results/through_plane (`medsr benchmark --through-plane`): on the test volumes
+    the network gains >= 1.5 dB over cubic-z at x3 and x5 (box, contiguous), CT and MR averaged,
+    and it beats cubic-z on every row, the gap case included."""
+    import json
+    rows = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "through_plane"
+                       / "results.json").read_text())["rows"]
+    by_case = {}
+    for row in rows:
+        by_case.setdefault((row["case"], row["factor"], row["thickness_ratio"]), {})[row["method"]] = row
+    for methods in by_case.values():
+        assert methods["MedSR through-plane"]["psnr"] > methods["cubic-z"]["psnr"]
+    for factor in (3.0, 5.0):
+        per_modality = []
+        for modality in ("CT", "MR"):
+            gains = [m["MedSR through-plane"]["psnr"] - m["cubic-z"]["psnr"]
+                     for (case, f, ratio), m in by_case.items()
+                     if f == factor and ratio == 1.0 and m["cubic-z"]["modality"] == modality
+                     and m["cubic-z"]["role"] == "test"]
+            assert gains, (factor, modality)
+            per_modality.append(np.mean(gains))
+        assert np.mean(per_modality) >= 1.5, (factor, per_modality)
+
+
+# ---- adaptation ----------------------------------------------------------------------------------
+
+def _digest(net: torch.nn.Module) -> str:
+    return hashlib.sha256(b"".join(t.numpy().tobytes() for t in net.state_dict().values())).hexdigest()
+
+
+def test_adaptation_trains_a_copy_within_its_budget_and_leaves_the_shipped_weights(oblique_5mm_ct):
+    file_digest = hashlib.sha256(model_io.WEIGHTS_FILE.read_bytes()).hexdigest()
+    shipped = model_io.load()
+    before = _digest(shipped)
+    image = io.read_volume(oblique_5mm_ct)
+    messages = []
+    out = MedSRLib.upscale(image, target_spacing=1, adapt=True, adapt_seconds=3,
+                           progress=lambda fraction, message: messages.append(message))
+    assert out.GetMetaData("medsr_model") == "through_plane_net + adapted"
+    assert any(m.startswith("adapting to this volume") for m in messages)
+    assert _digest(model_io.load()) == before and model_io.load() is shipped
+    assert hashlib.sha256(model_io.WEIGHTS_FILE.read_bytes()).hexdigest() == file_digest
+    plain = MedSRLib.upscale(image, target_spacing=1)
+    assert not np.array_equal(sitk.GetArrayViewFromImage(out), sitk.GetArrayViewFromImage(plain))
+
+
+def test_adaptation_is_cancellable(oblique_5mm_ct):
+    token = MedSRLib.CancelToken()
+
+    def progress(fraction, message):
+        if message.startswith("adapting") and "step 3," in message:
+            token.cancel()
+
+    with pytest.raises(CancelledError):
+        MedSRLib.upscale(io.read_volume(oblique_5mm_ct), target_spacing=1, adapt=True,
+                         adapt_seconds=60, progress=progress, cancel=token)
