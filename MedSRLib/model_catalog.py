@@ -13,6 +13,7 @@ from .networks.fmen import FMEN
 from .networks.hybrid import HybridSRGANVDSR
 from .networks.improved_srcnn import ImprovedSRCNN
 from .networks.lesion_detector import LesionDetector
+from .networks.lesion_segmenter import LesionSegmenter
 from .networks.srcnn import SRCNN
 from .networks.srresnet import SRResNet
 from .networks.vdsr import VDSR
@@ -136,3 +137,12 @@ register(ModelSpec(
     modalities=("MR",),
     description="Max-pooling residual network, any input size; per slice a box (cx, cy, w, h "
                 "normalised to [0, 1]) and a score logit. Not an SR model (scale x1)."))
+
+register(ModelSpec(
+    name="lesion_segmenter", title="Lesion segmenter (2.5-D BasicUNet localiser)",
+    builder=LesionSegmenter, kind="detector", paper="issue 19 (MONAI BasicUNet, Dice + CE)",
+    scales=(1,), default_config={"in_channels": 3, "features": [16, 16, 32, 64, 128, 16]},
+    modalities=("CT", "MR"),
+    description="Per-pixel lesion probability from 3 adjacent slices, run along all three axes "
+                "and averaged; ROIs are its connected components (MedSRLib.lesion_localiser). "
+                "Not an SR model (scale x1)."))
