@@ -119,11 +119,11 @@ def score_settings(probability_kji: np.ndarray, lr_image: sitk.Image, hr_mask_kj
         total = np.count_nonzero(hr_binary) + np.count_nonzero(hr_mask_kji)
         touched = set(np.unique(components[inside])) - {0}
         results.append(CaseResult(
-            volume, factor, threshold, min_volume, coverage.lesion_slices, coverage.perfect,
-            coverage.acceptable, per_slice.perfect, per_slice.acceptable,
+            volume, factor, threshold, min_volume, coverage.lesion_slices, int(coverage.perfect),
+            int(coverage.acceptable), int(per_slice.perfect), int(per_slice.acceptable),
             round(float(coverage.voxel_fraction), 4), round(float(inside.mean()), 4), len(regions),
             tuple(round(r.confidence, 3) for r in regions), n_components,
-            n_components - len(touched), round(2 * overlap / total, 4) if total else 1.0))
+            n_components - len(touched), round(float(2 * overlap / total), 4) if total else 1.0))
     return results
 
 
@@ -158,7 +158,7 @@ def evaluate_cases(root: Path, selected: Sequence[Case], factors: Sequence[int],
 def pooled(results: Sequence[CaseResult]) -> dict[str, float]:
     """Pooled shares over lesion slices; mean ROI share over volumes; volumes with a missed lesion."""
     slices = sum(r.lesion_slices for r in results) or 1
-    return {"lesion_slices": sum(r.lesion_slices for r in results),
+    return {"lesion_slices": int(sum(r.lesion_slices for r in results)),
             "perfect": sum(r.perfect for r in results) / slices,
             "acceptable": sum(r.acceptable for r in results) / slices,
             "per_slice_perfect": sum(r.per_slice_perfect for r in results) / slices,
@@ -166,8 +166,8 @@ def pooled(results: Sequence[CaseResult]) -> dict[str, float]:
             "mean_roi_share": float(np.mean([r.roi_share for r in results])),
             "max_roi_share": float(np.max([r.roi_share for r in results])),
             "mean_dice": float(np.mean([r.dice for r in results])),
-            "missed_components": sum(r.missed_components for r in results),
-            "volumes_entirely_missed": sum(r.voxel_coverage == 0 for r in results)}
+            "missed_components": int(sum(r.missed_components for r in results)),
+            "volumes_entirely_missed": int(sum(r.voxel_coverage == 0 for r in results))}
 
 
 def choose_setting(results: Sequence[CaseResult],
@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     setting, table = choose_setting(results)
     (args.run / "calibration.json").write_text(json.dumps(
         {"chosen": setting, "table": {f"{a}/{b}": row for (a, b), row in table.items()},
-         "results": [asdict(r) for r in results]}, indent=2) + "\n")
+         "results": [asdict(r) for r in results]}, indent=2,
+        default=lambda v: v.item() if hasattr(v, "item") else str(v)) + "\n")
     print(f"chosen threshold {setting[0]}, min component {setting[1]} mm3: {table[setting]}")
     if args.export:
         export(args.run, args.export, setting, table, args.margin_mm, time.process_time() - start)
