@@ -183,20 +183,21 @@ def test_calibration_picks_the_best_coverage_within_the_roi_share_limit():
 
 
 def two_lesion_mr(shared_data):
-    """(HR volume, HR lesion mask) with two real lesions side by side along x: the sarcoma MR of
-    held-out test patients STS_012 and STS_014 (never trained on, never used for the threshold),
-    26 slices each, each scaled to its own 99th percentile, on one 1.0 x 0.98 x 3.27 mm grid."""
+    """(HR volume, HR lesion mask) with two real lesions, one above the other along z: 26
+    slices of the sarcoma MR of held-out test patient STS_012, then 26 of STS_014 (never
+    trained on, never used for the threshold), cropped in-plane to 109 x 98 around each
+    tumour, each scaled to its own 99th percentile; one 0.98 x 0.98 x 3.27 mm grid."""
     parts, masks = [], []
-    for patient, y0, x0 in (("STS_012", 0, 0), ("STS_014", 25, 35)):
+    for patient, z0, y0, x0 in (("STS_012", 14, 0, 0), ("STS_014", 8, 23, 35)):
         folder = shared_data / "sarcoma" / patient
         voxels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_image.nii.gz")))
         mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_mask.nii.gz"))) > 0
-        crop = (slice(14, 40), slice(y0, y0 + 96), slice(x0, x0 + 108))
+        crop = (slice(z0, z0 + 26), slice(y0, y0 + 98), slice(x0, x0 + 109))
         parts.append(voxels[crop].astype(np.float32) / np.percentile(voxels[crop], 99) * 1000)
         masks.append(mask[crop])
-    image = sitk.GetImageFromArray(np.concatenate(parts, axis=2).astype(np.int16))
+    image = sitk.GetImageFromArray(np.concatenate(parts).astype(np.int16))
     image.SetSpacing(sitk.ReadImage(str(shared_data / "sarcoma/STS_012/MR_T1_image.nii.gz")).GetSpacing())
-    return image, np.concatenate(masks, axis=2)
+    return image, np.concatenate(masks)
 
 
 def test_auto_roi_finds_two_real_lesions_and_the_lesion_model_improves_both(shared_data):
@@ -215,10 +216,10 @@ def test_auto_roi_finds_two_real_lesions_and_the_lesion_model_improves_both(shar
     assert all(0.5 <= r["confidence"] <= 1.0 for r in report.regions)
     whole = array(api.upscale(lr, scale=2, model="bicubic", output_float=True))
     out, truth = array(result), sitk.GetArrayFromImage(hr).astype(np.float64)
-    half = hr_mask.shape[2] // 2
+    half = hr_mask.shape[0] // 2
     for lesion_side in (slice(0, half), slice(half, None)):
         lesion = np.zeros(hr_mask.shape, bool)
-        lesion[:, :, lesion_side] = hr_mask[:, :, lesion_side]
+        lesion[lesion_side] = hr_mask[lesion_side]
         holders = [r for r in report.regions
                    if roi_boxes.union_mask([roi.RoiBox(*r["processed_index_xyz"]).scaled((2, 2, 1))],
                                            lesion.shape)[lesion].mean() >= 0.9]
@@ -227,3 +228,21 @@ def test_auto_roi_finds_two_real_lesions_and_the_lesion_model_improves_both(shar
         error = {name: np.sqrt(np.mean((v[box.slices_kji] - truth[box.slices_kji]) ** 2))
                  for name, v in (("auto", out), ("bicubic", whole))}
         assert error["auto"] < 0.9 * error["bicubic"], error   # the lesion model helped here
+
+
+def test_shipped_card_records_patients_licences_and_the_validation_calibration():
+    path = zoo.shipped_weights(zoo.get_spec("lesion_segmenter"), 1)
+    if path is None:
+        pytest.skip("no lesion segmenter ships")
+    card = zoo.read_card(path)
+    patients = {key: {f.split("/")[1] for f in card[key]}
+                for key in ("training_data", "validation_data", "test_data")}
+    assert not patients["training_data"] & patients["validation_data"]
+    assert not (patients["training_data"] | patients["validation_data"]) & patients["test_data"]
+    assert patients["test_data"] == {c.patient for c in localiser.cases("test")}
+    assert any("non-commercial" in licence for licence in card["licence"])
+    calibration = card["calibration"]
+    assert 0 < calibration["threshold"] < 1 and "validation" in calibration["chosen_on"]
+    assert card["cpu_seconds"] > 0 and card["parameter_count"] == 496_210
+    network, loaded = loc.load_localiser()          # strict load into the architecture
+    assert loaded == card and not network.training

@@ -42,8 +42,8 @@ def markdown(results, command: str, setting: tuple[float, float], margin_mm: flo
              f"the validation patients), margin {margin_mm} mm. Per axial lesion slice: share of its",
              "lesion voxels inside the ROIs; perfect = 100 %, acceptable >= 95 %. Per-slice = the box of",
              "that slice's thresholded prediction (paper 003's protocol); 3-D ROIs = one box per connected",
-             "component + margin, what `upscale(roi=\"auto\")` super-resolves. Missed = lesion components",
-             f"(26-connected) no ROI touches. {seconds:.0f} s on one CPU thread.", "",
+             "component + margin, what `upscale(roi=\"auto\")` super-resolves. Missed = lesion components of at least",
+             f"{calib.MIN_LESION_MM3:.0f} mm^3 (26-connected) that no ROI touches. {seconds:.0f} s on one CPU thread.", "",
              "| Volume | input | lesion slices | per-slice perfect | per-slice acceptable | 3-D ROI perfect | "
              "3-D ROI acceptable | ROIs (confidence) | ROI share of volume | Dice | missed lesions |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -185,15 +185,19 @@ def prepare(root: Path, cache: Path, recipe: dict[str, Any] = RECIPE, seed: int 
 
 
 def augmentation(seed: int):
-    """MONAI per-sample augmentation: flips, 90-degree rotations, intensity scale and shift,
-    contrast (gamma), Gaussian noise and blur (a further resolution loss)."""
-    from monai.transforms import (Compose, RandAdjustContrastd, RandFlipd, RandGaussianNoised,
-                                  RandGaussianSmoothd, RandRotate90d, RandScaleIntensityd,
-                                  RandShiftIntensityd)
+    """MONAI per-sample augmentation: flips, 90-degree rotations, shifts, zooms and small
+    rotations (RandAffine), intensity scale and shift, contrast (gamma), Gaussian noise and blur
+    (a further resolution loss)."""
+    from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandFlipd,
+                                  RandGaussianNoised, RandGaussianSmoothd, RandRotate90d,
+                                  RandScaleIntensityd, RandShiftIntensityd)
     keys = ("image", "label")
     transform = Compose([
         RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1),
         RandRotate90d(keys, prob=0.5, max_k=3),
+        # shifts and zooms: the sarcoma crops centre every tumour, which must not become a prior
+        RandAffined(keys, prob=0.8, translate_range=(40, 40), scale_range=(0.3, 0.3),
+                    rotate_range=0.3, mode=("bilinear", "nearest"), padding_mode="zeros"),
         RandScaleIntensityd("image", factors=0.3, prob=0.8),
         RandShiftIntensityd("image", offsets=0.2, prob=0.8),
         RandAdjustContrastd("image", gamma=(0.6, 1.6), prob=0.4),
