@@ -184,7 +184,7 @@ def prepare(root: Path, cache: Path, recipe: dict[str, Any] = RECIPE, seed: int 
     return summary
 
 
-def augmentation(seed: int):
+def augmentation(seed: int, affine: bool = True):
     """MONAI per-sample augmentation: flips, 90-degree rotations, shifts, zooms and small
     rotations (RandAffine), intensity scale and shift, contrast (gamma), Gaussian noise and blur
     (a further resolution loss)."""
@@ -196,8 +196,9 @@ def augmentation(seed: int):
         RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1),
         RandRotate90d(keys, prob=0.5, max_k=3),
         # shifts and zooms: the sarcoma crops centre every tumour, which must not become a prior
-        RandAffined(keys, prob=0.8, translate_range=(40, 40), scale_range=(0.3, 0.3),
-                    rotate_range=0.3, mode=("bilinear", "nearest"), padding_mode="zeros"),
+        *([RandAffined(keys, prob=0.8, translate_range=(40, 40), scale_range=(0.3, 0.3),
+                       rotate_range=0.3, mode=("bilinear", "nearest"), padding_mode="zeros")]
+          if affine else []),
         RandScaleIntensityd("image", factors=0.3, prob=0.8),
         RandShiftIntensityd("image", offsets=0.2, prob=0.8),
         RandAdjustContrastd("image", gamma=(0.6, 1.6), prob=0.4),
@@ -246,8 +247,11 @@ def save_state(network: torch.nn.Module, path: Path) -> None:
 
 def train(cache: Path, run: Path, steps: int = 3000, batch_size: int = 16, lr: float = 2e-3,
           max_minutes: float = 33.0, val_every: int = 200, seed: int = 0,
-          features: Sequence[int] = (16, 16, 32, 64, 128, 16)) -> dict[str, Any]:
-    """Train from the cache; `run`/best.safetensors holds the best-validation-Dice weights."""
+          features: Sequence[int] = (16, 16, 32, 64, 128, 16), init: Path | None = None,
+          affine: bool = True) -> dict[str, Any]:
+    """Train from the cache; `run`/best.safetensors holds the best-validation-Dice weights.
+    `init`: safetensors weights to start from (a continued run); `affine`: with the shift /
+    zoom / rotation augmentation."""
     from monai.losses import DiceCELoss
 
     torch.manual_seed(seed)
@@ -258,9 +262,12 @@ def train(cache: Path, run: Path, steps: int = 3000, batch_size: int = 16, lr: f
     val_inputs, val_targets = val["inputs"], val["targets"]
     context = inputs.shape[1]
     network = zoo.build_network(loc.LOCALISER_NAME, in_channels=context, features=list(features))
+    if init is not None:
+        from safetensors.torch import load_file
+        network.load_state_dict(load_file(str(init)))
     optimiser = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    transform = augmentation(seed)
+    transform = augmentation(seed, affine)
     rng = np.random.default_rng(seed)
     log = open(run / "train.log", "a")
     start, cpu_start = time.time(), time.process_time()
@@ -297,6 +304,7 @@ def train(cache: Path, run: Path, steps: int = 3000, batch_size: int = 16, lr: f
             best = {"dice": dice, "step": step}
             save_state(network, run / "best.safetensors")
     summary = {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed,
+               "init": str(init) if init else None, "affine_augmentation": affine,
                "features": list(features), "in_channels": context,
                "best_validation_dice": round(best["dice"], 4), "best_step": best["step"],
                "wall_seconds": round(time.time() - start, 1),
@@ -321,13 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--max-minutes", type=float, default=33.0)
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--init", type=Path, default=None, help="weights to start from")
+    t.add_argument("--no-affine", action="store_true", help="without shift/zoom/rotation")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare(args.data_root.resolve(), args.cache)
     else:
         torch.set_num_threads(args.threads)
         train(args.cache, args.run, steps=args.steps, batch_size=args.batch_size,
-              max_minutes=args.max_minutes)
+              max_minutes=args.max_minutes, lr=args.lr, init=args.init,
+              affine=not args.no_affine)
     return 0
 
 
