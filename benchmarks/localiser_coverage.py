@@ -54,9 +54,11 @@ def markdown(results, command: str, setting: tuple[float, float], margin_mm: flo
                      f"{r.per_slice_acceptable / n:.0%} | {r.perfect / n:.0%} | {r.acceptable / n:.0%} | "
                      f"{r.rois} ({confidences}) | {r.roi_share:.1%} | {r.dice:.3f} | "
                      f"{r.missed_components} of {r.lesion_components} |")
-    for factor in sorted({r.factor for r in results}):
-        p = calib.pooled([r for r in results if r.factor == factor])
-        lines.append(f"| **all (x{factor})** | x{factor} | {p['lesion_slices']} | "
+    groups = [("all", lambda r: True),
+              ("CT, MR, T1c, FLAIR (the old detector's volumes)", lambda r: "PET_" not in r.volume)]
+    for (label, keep), factor in ((g, f) for g in groups for f in sorted({r.factor for r in results})):
+        p = calib.pooled([r for r in results if r.factor == factor and keep(r)])
+        lines.append(f"| **{label} (x{factor})** | x{factor} | {p['lesion_slices']} | "
                      f"**{p['per_slice_perfect']:.0%}** | **{p['per_slice_acceptable']:.0%}** | "
                      f"**{p['perfect']:.0%}** | **{p['acceptable']:.0%}** | - | "
                      f"mean {p['mean_roi_share']:.1%}, max {p['max_roi_share']:.1%} | "
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "coverage.md").write_text(text)
         summary = {f"x{f}": calib.pooled([r for r in results if r.factor == f]) for f in args.factors}
+        summary.update({f"x{f}_without_pet": calib.pooled(
+            [r for r in results if r.factor == f and "PET_" not in r.volume]) for f in args.factors})
         (args.out / "coverage.json").write_text(json.dumps(
             {"setting": setting, "margin_mm": args.margin_mm, "summary": summary,
              "volumes": [asdict(r) for r in results]}, indent=2,
