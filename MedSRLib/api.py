@@ -73,16 +73,18 @@ def upscale(
         weights: a safetensors file to use instead of the shipped weights (for `model`).
         progress: called with (fraction done in [0, 1], message).
         cancel: CancelToken; cancelling raises CancelledError.
-        roi: lesion-focused mode (paper 003): "auto" (lesion detector), a box
+        roi: lesion-focused mode (paper 003): "auto" (the lesion segmenter: one ROI per lesion
+            found; "auto:lesion_detector" for paper 003's box detector), a box
             (x0, y0, z0, x1, y1, z1) of input voxel indices (lower inclusive, upper exclusive) or
-            "x0,y0,z0,x1,y1,z1", a mask image on the input's grid, or a mask file. `roi_model`
-            runs inside the ROI plus `roi_margin_mm`, `model` elsewhere, feathered together
-            across the margin; the run's `roi.RoiReport` is in the output's metadata
-            (`roi.RoiReport.from_image`).
+            "x0,y0,z0,x1,y1,z1", a list of such boxes, a mask image on the input's grid, or a
+            mask file. `roi_model` runs inside each ROI plus `roi_margin_mm`, `model` elsewhere,
+            feathered together across the margin; the run's `roi.RoiReport` is in the output's
+            metadata (`roi.RoiReport.from_image`).
         roi_model: registry name of the model inside the ROI (default: lfsr, the LFSR
             generator, when it ships); `roi_weights` its weights file instead of the shipped one.
         roi_margin_mm: margin around the ROI (whole voxels per axis, >= 1 when > 0).
-        detector_weights: lesion-detector weights instead of the shipped ones (roi="auto").
+        detector_weights: lesion-finder weights instead of the shipped ones (roi="auto"; their
+            card says which finder: lesion_segmenter or lesion_detector).
         target_spacing: output spacing in mm, one number (every coarser axis) or (x, y, z);
             the factors are computed from the input spacing (instead of `scale`).
         slice_thickness, slice_profile: the thick slices' thickness in mm (default: DICOM

@@ -194,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="progress on stderr: bar, JSON lines, or none")
     up.add_argument("--roi", default=None, metavar="auto|x0,y0,z0,x1,y1,z1|MASK_FILE",
                     help="lesion-focused mode: run --roi-model inside this ROI (plus a margin) and "
-                         "--model elsewhere, feathered: 'auto' (lesion detector), a box of input "
-                         "voxel indices (lower inclusive, upper exclusive), or a mask file on "
-                         "the input's grid")
+                         "--model elsewhere, feathered: 'auto' (lesion segmenter: one ROI per "
+                         "lesion found; 'auto:lesion_detector' for paper 003's box detector), a "
+                         "box of input voxel indices (lower inclusive, upper exclusive; several "
+                         "joined by ';'), or a mask file on the input's grid")
     up.add_argument("--roi-model", default=None,
                     help="model inside the ROI (default: lfsr, the LFSR generator, when its weights ship)")
     up.add_argument("--roi-margin", type=float, default=None, metavar="MM",
@@ -326,7 +327,9 @@ def _roi_mask_path(roi: str) -> str | None:
     """The mask file named by --roi, if it names one (not auto, not a box)."""
     from .roi import looks_like_box
     text = roi.strip()
-    return None if text.lower() == "auto" or looks_like_box(text) else text
+    boxes = ";" in text and all(looks_like_box(part) for part in text.split(";") if part.strip())
+    auto = text.lower() == "auto" or text.lower().startswith("auto:")
+    return None if auto or boxes or looks_like_box(text) else text
 
 
 def _through_plane_options(args: argparse.Namespace) -> dict:
@@ -365,7 +368,10 @@ def _upscale_with_roi(args: argparse.Namespace, image, output: Path, progress: _
         print(f"medsr: {report.message}", file=sys.stderr)
     if not args.quiet:
         where = ("nowhere (fallback)" if report.fallback else
-                 f"ROI {report.roi_index_xyz} (+{report.margin_voxels_xyz} voxels margin)")
+                 f"ROI {report.roi_index_xyz} (+{report.margin_voxels_xyz} voxels margin)"
+                 if len(report.regions) <= 1 else
+                 f"{len(report.regions)} ROIs " + ", ".join(str(r["index_xyz"]) for r in report.regions)
+                 + f" (+{report.margin_voxels_xyz} voxels margin)")
         print(f"wrote {output}: {result.GetSize()} voxels, model {report.model} everywhere, "
               f"{report.roi_model} in {where}, {time.perf_counter() - started:.1f} s",
               file=sys.stderr)

@@ -13,6 +13,7 @@ from .networks.fmen import FMEN
 from .networks.hybrid import HybridSRGANVDSR
 from .networks.improved_srcnn import ImprovedSRCNN
 from .networks.lesion_detector import LesionDetector
+from .networks.lesion_segmenter import LesionSegmenter
 from .networks.srcnn import SRCNN
 from .networks.srresnet import SRResNet
 from .networks.vdsr import VDSR
@@ -150,3 +151,12 @@ register(ModelSpec(
                 "interpolation; both orientations averaged; trained on one-axis slice-profile "
                 "degradations (box, box with gap, Gaussian). The default for through-plane "
                 "factors (MedSRLib/through_plane/)."))
+
+register(ModelSpec(
+    name="lesion_segmenter", title="Lesion segmenter (2.5-D BasicUNet localiser)",
+    builder=LesionSegmenter, kind="detector", paper="issue 19 (MONAI BasicUNet, Dice + CE)",
+    scales=(1,), default_config={"in_channels": 3, "features": [16, 16, 32, 64, 128, 16]},
+    modalities=("CT", "MR"),
+    description="Per-pixel lesion probability from 3 adjacent slices, run along all three axes "
+                "and averaged; ROIs are its connected components (MedSRLib.lesion_localiser). "
+                "Not an SR model (scale x1)."))

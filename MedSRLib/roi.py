@@ -7,11 +7,15 @@
   (`slice_boxes_from_mask`), their 3-D aggregation with a margin (`aggregate_slice_boxes`), and
   the paper's coverage metric (`lesion_coverage`: "perfect" = 100 %, "acceptable" >= 95 % of a
   slice's lesion voxels inside the ROI).
-- `detect_lesion` runs the registered `lesion_detector` through its shipped weights.
-- The steps `api.upscale(roi=...)` composes: `plan_region` (resolve the ROI, before any voxel
-  work), `refine_region` (the lesion model on the ROI plus a margin, run on a crop with enough
-  context that the crop's border does not show, blended into the whole-volume result with a
-  feathered weight map, `blend.py`), `annotate` (the report, also in the output's metadata).
+- `detect_lesion` runs the registered `lesion_detector` (paper 003's box regressor) through
+  its shipped weights; `detect_lesions` runs the default lesion finder (`AUTO_FINDERS`: the
+  2.5-D `lesion_segmenter`, `lesion_localiser.py`, whose probability map gives one ROI per
+  connected component, `roi_boxes.py`) and returns every ROI with its confidence.
+- The steps `api.upscale(roi=...)` composes: `plan_region` (resolve the ROI or ROIs, before
+  any voxel work), `refine_region` (the lesion model on each ROI plus a margin, run on a crop
+  with enough context that the crop's border does not show, blended into the whole-volume
+  result with a feathered weight map, `blend.py`), `annotate` (the report, also in the
+  output's metadata).
 """
 
 from __future__ import annotations
@@ -53,7 +57,14 @@ ACCEPTABLE_COVERAGE = 0.95
 #: The learned model that runs inside the ROI by default (paper 003's LFSR generator).
 DEFAULT_ROI_MODEL = "lfsr"
 DETECTOR_NAME = "lesion_detector"
+LOCALISER_NAME = "lesion_segmenter"
+#: Lesion finders `roi="auto"` may run, the default first (when its weights ship).
+AUTO_FINDERS = (LOCALISER_NAME, DETECTOR_NAME)
 NO_DETECTOR_MESSAGE = "no trained lesion detector ships; pass a box or a mask"
+#: Metadata key: every ROI of the run as "x0 y0 z0 x1 y1 z1" groups joined by "; " (most
+#: confident first); ROI_INDEX_KEY keeps the first one for readers of a single ROI.
+ROI_ALL_INDEX_KEY = "medsr_roi_regions_index_xyz"
+ROI_CONFIDENCE_KEY = "medsr_roi_confidences"  # one per ROI, same order, "none" when not known
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +412,21 @@ def detect_lesion(image: sitk.Image, **options: Any) -> tuple[tuple[int, int, in
     return detection.roi.lower_xyz, detection.roi.upper_xyz
 
 
+def detect_lesions(image: sitk.Image, finder: str | None = None,
+                   weights_path: str | os.PathLike | None = None
+                   ) -> list[tuple[tuple[int, int, int], tuple[int, int, int], float]]:
+    """Every lesion ROI the lesion finder sees in `image` (no margin), most confident first:
+    (lower_index_xyz inclusive, upper_index_xyz exclusive, confidence in [0, 1]). Voxel indices
+    of `image`, (x, y, z). `finder`: a name of `AUTO_FINDERS` (default: the first that ships).
+    An empty list when it finds none; InputError when no finder ships."""
+    image = validate_image(image)
+    name = auto_finder(finder, weights_path)
+    found, _, _, _ = _found_regions(image, name, _auto_slice_axis(image),
+                                    margin_voxels(DEFAULT_MARGIN_MM, image.GetSpacing()),
+                                    weights_path)
+    return [(box.lower_xyz, box.upper_xyz, float(confidence)) for box, confidence in found]
+
+
 # ---------------------------------------------------------------------------------------------
 # Lesion-focused upscaling
 
@@ -422,6 +448,10 @@ class RoiReport:
     scale_factors_xyz: tuple[int, int, int]
     message: str = ""
     slice_scores: tuple[float, ...] = field(default_factory=tuple)
+    # Every ROI, most confident first (the fields above describe the first): dicts with
+    # index_xyz, bounds_lps_mm, processed_index_xyz and confidence (None when not known).
+    regions: tuple[dict, ...] = field(default_factory=tuple)
+    finder: str = ""                              # lesion finder of an "auto" run
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -432,6 +462,8 @@ class RoiReport:
         if not image.HasMetaDataKey(ROI_REPORT_KEY):
             return None
         fields = json.loads(image.GetMetaData(ROI_REPORT_KEY))
+        fields["regions"] = [{k: _as_tuples(v) for k, v in r.items()}
+                             for r in fields.get("regions", [])]
         return cls(**{key: _as_tuples(value) if isinstance(value, list) else value
                       for key, value in fields.items()})
 
@@ -441,15 +473,22 @@ class RoiReport:
 
 
 def resolve_roi_argument(roi: Any) -> tuple[str, Any]:
-    """Normalise the `roi` argument: ("auto", None), ("box", RoiBox) or ("mask", sitk.Image).
+    """Normalise the `roi` argument: ("auto", None or a finder name), ("box", RoiBox),
+    ("boxes", tuple of RoiBox) or ("mask", sitk.Image).
 
-    Accepted: "auto"; a RoiBox; six integers (tuple/list or "x0,y0,z0,x1,y1,z1"); a
+    Accepted: "auto" (the default lesion finder, `AUTO_FINDERS`) or "auto:NAME" (that finder,
+    e.g. "auto:lesion_detector"); a RoiBox; six integers (tuple/list or "x0,y0,z0,x1,y1,z1");
+    several boxes (a list of RoiBox or of six-integer tuples, or box texts joined by ";"); a
     SimpleITK mask image; a path to a mask file.
     """
     if isinstance(roi, RoiBox):
         return "box", roi
     if isinstance(roi, sitk.Image):
         return "mask", roi
+    if isinstance(roi, (tuple, list)) and roi and all(
+            isinstance(v, RoiBox) or (isinstance(v, (tuple, list)) and len(v) == 6) for v in roi):
+        boxes = tuple(v if isinstance(v, RoiBox) else resolve_roi_argument(tuple(v))[1] for v in roi)
+        return ("box", boxes[0]) if len(boxes) == 1 else ("boxes", boxes)
     if isinstance(roi, (tuple, list)):
         if len(roi) == 2 and all(isinstance(v, (tuple, list)) for v in roi):
             roi = (*roi[0], *roi[1])
@@ -460,8 +499,16 @@ def resolve_roi_argument(roi: Any) -> tuple[str, Any]:
         text = str(roi).strip()
         if text.lower() == "auto":
             return "auto", None
+        if text.lower().startswith("auto:"):
+            finder = text[5:].strip()
+            if finder not in AUTO_FINDERS:
+                raise InputError(f"roi {text!r}: unknown lesion finder {finder!r}; choose one of "
+                                 + ", ".join(f"auto:{name}" for name in AUTO_FINDERS))
+            return "auto", finder
         if looks_like_box(text):
             return "box", parse_box(text)
+        if ";" in text and all(looks_like_box(part) for part in text.split(";") if part.strip()):
+            return resolve_roi_argument([parse_box(part) for part in text.split(";") if part.strip()])
         if Path(text).exists():
             return "mask", io.read_volume(text)
         raise InputError(f"roi {text!r} is neither auto, a box x0,y0,z0,x1,y1,z1 (voxel "
@@ -502,70 +549,141 @@ def _as_tuples(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class PlannedRegion:
+    """One ROI of a lesion-focused run. Boxes are input-grid indices (x, y, z), lower inclusive,
+    upper exclusive: `lesion_box` the ROI itself, `processed` the ROI plus the margin (the
+    feathering lies in it), `crop_box` the processed box plus the ROI model's receptive field
+    (what it reads). `confidence`: the lesion finder's, None for a given box or mask."""
+
+    lesion_box: RoiBox
+    processed: RoiBox
+    crop_box: RoiBox
+    confidence: float | None = None
+
+
+@dataclass(frozen=True)
 class RegionPlan:
-    """Where the ROI model runs, decided before any voxel work. Boxes are input-grid indices
-    (x, y, z), lower inclusive, upper exclusive: `lesion_box` the ROI itself, `processed` the ROI
-    plus the margin (the feathering lies in it), `crop_box` the processed box plus the ROI
-    model's receptive field (what it reads). All None when nothing is to be refined."""
+    """Where the ROI model runs, decided before any voxel work: `regions`, most confident first
+    (empty when nothing is to be refined). `lesion_box`, `processed` and `crop_box` are the
+    first region's boxes (None without one)."""
 
     source: str
     roi_model: str
-    lesion_box: RoiBox | None
-    processed: RoiBox | None
-    crop_box: RoiBox | None
+    regions: tuple[PlannedRegion, ...]
     margins_xyz: tuple[int, int, int]
     score: float | None = None
     slice_scores: tuple[float, ...] = ()
     message: str = ""
+    finder: str = ""
+
+    @property
+    def lesion_box(self) -> RoiBox | None:
+        return self.regions[0].lesion_box if self.regions else None
+
+    @property
+    def processed(self) -> RoiBox | None:
+        return self.regions[0].processed if self.regions else None
+
+    @property
+    def crop_box(self) -> RoiBox | None:
+        return self.regions[0].crop_box if self.regions else None
 
     def crop_share(self, size_xyz: Sequence[int]) -> float:
-        """The crop's voxels as a share of the volume's (a proxy for its run time)."""
-        if self.crop_box is None:
-            return 0.0
-        return float(np.prod(self.crop_box.size_xyz)) / float(np.prod(size_xyz))
+        """The crops' voxels as a share of the volume's (a proxy for their run time)."""
+        return sum(float(np.prod(r.crop_box.size_xyz)) for r in self.regions) / float(np.prod(size_xyz))
+
+
+def auto_finder(finder: str | None, weights_path: str | os.PathLike | None) -> str:
+    """The lesion finder an "auto" ROI runs: `finder` when named; else the model the given
+    weights' card names; else the first of `AUTO_FINDERS` whose weights ship.
+    InputError (NO_DETECTOR_MESSAGE) when none does."""
+    if finder:
+        return finder
+    if weights_path is not None:
+        model = zoo.read_card(zoo.check_weights_file(Path(weights_path))).get("model")
+        if model not in AUTO_FINDERS:
+            raise WeightsError(f"{weights_path}: card names model {model!r}, not a lesion "
+                               "finder (" + ", ".join(AUTO_FINDERS) + ")")
+        return model
+    for name in AUTO_FINDERS:
+        if zoo.shipped_weights(zoo.get_spec(name), 1) is not None:
+            return name
+    raise InputError(NO_DETECTOR_MESSAGE)
+
+
+def _found_regions(image: sitk.Image, finder: str, slice_axis_xyz: int, margins_xyz,
+                   weights_path) -> tuple[list[tuple[RoiBox, float | None]], float, tuple, str]:
+    """([(ROI box, confidence)], score, slice scores, message) of the lesion finder."""
+    if finder == DETECTOR_NAME:
+        detection = detect_lesion_roi(image, slice_axis=slice_axis_xyz, margin_mm=0.0,
+                                      weights_path=weights_path)
+        message = "" if detection.roi is not None else (
+            f"no lesion found (detector score {detection.score:.3f} < "
+            f"{detection.threshold:.3f}): the fast model ran everywhere")
+        found = [(detection.roi, detection.score)] if detection.roi is not None else []
+        return found, detection.score, detection.slice_scores, message
+    from . import lesion_localiser, roi_boxes  # they build on this module
+    found = lesion_localiser.find_regions(image, weights_path=weights_path)
+    regions = roi_boxes.merge_overlapping(found.regions, margins_xyz, image.GetSize())
+    message = "" if regions else (
+        f"no lesion found (highest lesion probability {found.peak_probability:.3f} < "
+        f"{found.threshold:.3f}): the fast model ran everywhere")
+    return ([(r.box, r.confidence) for r in regions], found.peak_probability, (), message)
 
 
 def plan_region(image: sitk.Image, roi: Any, plan: ScalePlan, roi_model: str, roi_for,
                 margin_mm: float = DEFAULT_MARGIN_MM,
                 detector_weights: str | os.PathLike | None = None) -> RegionPlan:
-    """Step 1 of lesion-focused SR: resolve `roi` ("auto" runs the lesion detector, a box must
+    """Step 1 of lesion-focused SR: resolve `roi` ("auto" runs the lesion finder, a box must
     lie inside the volume, a mask must be on the input's grid and not empty) into the boxes
-    `refine_region` needs. `roi_for` loads the ROI model (its receptive field sizes the crop)."""
+    `refine_region` needs, one set per ROI. `roi_for` loads the ROI model (its receptive field
+    sizes the crops)."""
     source, value = resolve_roi_argument(roi)
     size_xyz = tuple(image.GetSize())
     margins = margin_voxels(margin_mm, image.GetSpacing())
-    score, slice_scores, message = None, (), ""
+    score, slice_scores, message, finder = None, (), "", ""
     if source == "box":
-        lesion_box = value.check_inside(size_xyz)
+        found = [(value.check_inside(size_xyz), None)]
+    elif source == "boxes":
+        found = [(box.check_inside(size_xyz, f"ROI box {n + 1}"), None) for n, box in enumerate(value)]
     elif source == "mask":
-        lesion_box = roi_from_mask(value, image)
+        found = [(roi_from_mask(value, image), None)]
     else:
-        detection = detect_lesion_roi(image, slice_axis=plan.slice_axis_xyz, margin_mm=0.0,
-                                      weights_path=detector_weights)
-        lesion_box, score, slice_scores = detection.roi, detection.score, detection.slice_scores
-        if lesion_box is None:
-            message = (f"no lesion found (detector score {detection.score:.3f} < "
-                       f"{detection.threshold:.3f}): the fast model ran everywhere")
-    processed = crop_box = None
-    if lesion_box is not None:
-        processed = lesion_box.grown(margins, size_xyz)
+        finder = auto_finder(value, detector_weights)
+        found, score, slice_scores, message = _found_regions(
+            validate_image(image), finder, plan.slice_axis_xyz, margins, detector_weights)
+    regions = []
+    if found:
         context_kji = _context_voxels_kji(roi_for, plan.factors_kji, plan.slice_axis_kji,
                                           size_xyz[::-1])
-        crop_box = processed.grown(context_kji[::-1], size_xyz)
-    return RegionPlan(source, roi_model, lesion_box, processed, crop_box, margins, score,
-                      tuple(slice_scores), message)
+        for lesion_box, confidence in found:
+            processed = lesion_box.grown(margins, size_xyz)
+            regions.append(PlannedRegion(lesion_box, processed,
+                                         processed.grown(context_kji[::-1], size_xyz), confidence))
+    return RegionPlan(source, roi_model, tuple(regions), margins, score, tuple(slice_scores),
+                      message, finder)
 
 
 def refine_region(result_units: np.ndarray, voxels: np.ndarray, region: RegionPlan,
                   plan: ScalePlan, roi_for, to_unit, options: EngineOptions,
                   progress: ProgressCallback | None = None,
                   cancel: CancelToken | None = None) -> None:
-    """Step 2: run the ROI model on the crop of `voxels` (K, J, I, the input's units) and blend
-    it into `result_units` (the whole-volume output in network units, modified in place) with a
-    feathered weight that is 1 on the ROI and falls to 0 across the margin."""
-    if region.processed is None:
-        return
-    processed, crop_box = region.processed, region.crop_box
+    """Step 2: for each ROI, run the ROI model on its crop of `voxels` (K, J, I, the input's
+    units) and blend it into `result_units` (the whole-volume output in network units, modified
+    in place) with a feathered weight that is 1 on the ROI and falls to 0 across the margin."""
+    for number, planned in enumerate(region.regions):
+        share = (lambda f, text, n=number: progress((n + f) / len(region.regions), text)) \
+            if progress is not None else None
+        _refine_one(result_units, voxels, planned, region.margins_xyz, plan, roi_for, to_unit,
+                    options, share, cancel)
+
+
+def _refine_one(result_units: np.ndarray, voxels: np.ndarray, planned: PlannedRegion,
+                margins_xyz: Sequence[int], plan: ScalePlan, roi_for, to_unit,
+                options: EngineOptions, progress: ProgressCallback | None,
+                cancel: CancelToken | None) -> None:
+    """`refine_region` for one ROI."""
+    processed, crop_box = planned.processed, planned.crop_box
     crop = super_resolve_volume(
         np.ascontiguousarray(voxels[crop_box.slices_kji]), plan.factors_kji, plan.slice_axis_kji,
         roi_for, to_unit=to_unit, from_unit=lambda units: units, out_dtype=np.dtype(np.float32),
@@ -578,7 +696,7 @@ def refine_region(result_units: np.ndarray, voxels: np.ndarray, region: RegionPl
     ramps_lower, ramps_upper = [], []
     for a_kji in range(3):
         a = 2 - a_kji
-        ramp = max(blend.MIN_RAMP_VOXELS, region.margins_xyz[a] * plan.factors_kji[a_kji])
+        ramp = max(blend.MIN_RAMP_VOXELS, margins_xyz[a] * plan.factors_kji[a_kji])
         ramps_lower.append(ramp if processed.lower_xyz[a] > 0 else 0)
         ramps_upper.append(ramp if processed.upper_xyz[a] < size_xyz[a] else 0)
     weights_map = blend.feather_weights(out_box.size_xyz[::-1], ramps_lower, ramps_upper)
@@ -589,6 +707,12 @@ def annotate(output: sitk.Image, region: RegionPlan, plan: ScalePlan, model: str
              image: sitk.Image) -> RoiReport:
     """Step 3: the run's RoiReport, also written into `output`'s "medsr_roi_*" metadata."""
     lesion_box, processed = region.lesion_box, region.processed
+    regions = tuple(
+        {"index_xyz": (r.lesion_box.lower_xyz, r.lesion_box.upper_xyz),
+         "bounds_lps_mm": r.lesion_box.bounds_lps(image),
+         "processed_index_xyz": (r.processed.lower_xyz, r.processed.upper_xyz),
+         "confidence": None if r.confidence is None else round(float(r.confidence), 6)}
+        for r in region.regions)
     report = RoiReport(
         source=region.source,
         roi_index_xyz=(lesion_box.lower_xyz, lesion_box.upper_xyz) if lesion_box else None,
@@ -597,7 +721,8 @@ def annotate(output: sitk.Image, region: RegionPlan, plan: ScalePlan, model: str
         margin_voxels_xyz=region.margins_xyz, score=region.score, fallback=lesion_box is None,
         roi_model=region.roi_model, model=model, scale_factors_xyz=plan.factors_xyz,
         message=region.message.replace("the fast model", f"the fast model {model!r}"),
-        slice_scores=tuple(round(s, 6) for s in region.slice_scores))
+        slice_scores=tuple(round(s, 6) for s in region.slice_scores), regions=regions,
+        finder=region.finder)
     output.SetMetaData(ROI_MODEL_KEY, region.roi_model)
     output.SetMetaData(ROI_INDEX_KEY, " ".join(str(v) for v in (*lesion_box.lower_xyz,
                                                                *lesion_box.upper_xyz))
@@ -606,5 +731,10 @@ def annotate(output: sitk.Image, region: RegionPlan, plan: ScalePlan, model: str
                                                 for v in corner) if lesion_box else "none")
     output.SetMetaData(ROI_SCORE_KEY, "none" if region.score is None else f"{region.score:.6f}")
     output.SetMetaData(ROI_FALLBACK_KEY, "1" if report.fallback else "0")
+    output.SetMetaData(ROI_ALL_INDEX_KEY, "; ".join(
+        " ".join(str(v) for v in (*r.lesion_box.lower_xyz, *r.lesion_box.upper_xyz))
+        for r in region.regions) or "none")
+    output.SetMetaData(ROI_CONFIDENCE_KEY, " ".join(
+        "none" if r.confidence is None else f"{r.confidence:.4f}" for r in region.regions) or "none")
     output.SetMetaData(ROI_REPORT_KEY, json.dumps(asdict(report)))
     return report

@@ -125,7 +125,7 @@ PINNED_COUNTS = {
     ("srgan", 4): 1_528_724, ("hybrid", 2): 1_383_424, ("hybrid", 4): 1_494_208,
     ("edsr_baseline", 2): 1_367_553, ("edsr_baseline", 3): 1_552_193,
     ("edsr_baseline", 4): 1_515_265, ("mdrn", 2): 7_952_835, ("edsr_multiscale", 2): 3_226_051,
-    ("lesion_detector", 1): 2_797_253,
+    ("lesion_detector", 1): 2_797_253, ("lesion_segmenter", 1): 496_210,
 }
 
 

@@ -52,6 +52,10 @@ SCALE_FACTORS_ATTRIBUTE = "MedSR.scaleFactorsXYZ"
 #: DICOM Modality value -> MedSRLib modality: radiographs (CR, DX, RG) are "XR", as in
 #: `MedSRLib.io.modality_of`; any other value (PT, US, MG, ...) has no MedSRLib modality.
 MEDSR_MODALITY_FROM_DICOM = {"CT": "CT", "MR": "MR", "CR": "XR", "DX": "XR", "RG": "XR"}
+#: Attributes of a markups ROI that Detect proposed: the input volume's node ID, and the lesion
+#: finder's confidence. Apply uses every proposal of the input still in the scene.
+DETECTED_FOR_ATTRIBUTE = "MedSR.detectedFor"
+CONFIDENCE_ATTRIBUTE = "MedSR.confidence"
 
 #: ROI-model choice meaning "the same model as outside the ROI" (not a registry name).
 SAME_AS_MODEL = "(same)"
@@ -170,8 +174,9 @@ def modalityFromDICOMInstances(instanceUIDs, dicomModalityOfInstance):
 def roiReportFromImage(image):
     """What a lesion-focused `MedSRLib.upscale` did, read from its "medsr_roi_*" metadata.
 
-    None for a whole-volume run. Keys: roiIndexXYZ (6 ints or None), roiModel, model,
-    fallback (bool), score (float or None).
+    None for a whole-volume run. Keys: roiIndexXYZ (6 ints or None: the first ROI),
+    roiIndexesXYZ (every ROI, 6 ints each), roiModel, model, fallback (bool), score (float or
+    None).
     """
     keys = set(image.GetMetaDataKeys())
     if "medsr_roi_model" not in keys:
@@ -182,8 +187,11 @@ def roiReportFromImage(image):
 
     index = value("medsr_roi_index_xyz")
     score = value("medsr_roi_score")
+    regions = value("medsr_roi_regions_index_xyz")
     return dict(
         roiIndexXYZ=tuple(int(v) for v in index.split()) if index and index != "none" else None,
+        roiIndexesXYZ=[tuple(int(v) for v in part.split()) for part in regions.split(";")]
+        if regions and regions != "none" else [],
         roiModel=value("medsr_roi_model"), model=value("medsr_model"),
         fallback=value("medsr_roi_fallback") == "1",
         score=float(score) if score and score != "none" else None)
@@ -196,6 +204,10 @@ def describeRoiReport(report):
     if report["fallback"] or report["roiIndexXYZ"] is None:
         return (f"Lesion-focused: no ROI used, {report['model']} ran everywhere"
                 + (f" (detector score {report['score']:.3f})." if report["score"] is not None else "."))
+    boxes = report.get("roiIndexesXYZ") or []
+    if len(boxes) > 1:
+        return (f"Lesion-focused: {report['roiModel']} inside {len(boxes)} ROIs (plus margin, "
+                f"feathered), {report['model']} elsewhere.")
     box = report["roiIndexXYZ"]
     return (f"Lesion-focused: {report['roiModel']} inside ROI voxels x {box[0]}..{box[3] - 1}, "
             f"y {box[1]}..{box[4] - 1}, z {box[2]}..{box[5] - 1} (plus margin, feathered), "
@@ -218,8 +230,8 @@ class MedSR(ScriptedLoadableModule):
 Super-resolves a scalar volume with a deep-learning model (or an interpolation baseline):
 in-plane (finer pixels within each slice) or through-plane (thinner slices), x2, x3 or x4.
 The output covers exactly the input's physical extent with the same directions.
-Lesion-focused (LFSR): a region of interest (drawn, or proposed by the lesion detector and
-adjusted) gets the ROI model, the rest of the volume the faster model, blended smoothly; the
+Lesion-focused (LFSR): regions of interest (drawn, or proposed by Detect, one per lesion found,
+named with its confidence, then kept, adjusted or deleted) get the ROI model, the rest of the volume the faster model, blended smoothly; the
 output is still the whole volume. The work runs in a background process; Apply becomes Cancel
 while it runs.
 See the <a href="https://github.com/medsr/MedSR">project page</a> and the model cards.
@@ -476,7 +488,7 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             sliceAxis=self._comboData(self.ui.sliceAxisComboBox),
             device=self._comboData(self.ui.deviceComboBox),
             precision=self._comboData(self.ui.precisionComboBox),
-            roiNode=self.ui.roiSelector.currentNode() if lesion else None,
+            roiNode=self.lesionROIs() if lesion else None,
             roiModel=self.roiModelName() if lesion else None,
             **self.thinningParameters(),
         )
@@ -487,6 +499,16 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return {}
         return dict(targetSpacing=float(_widgetProperty(self.ui.targetSpacingSpinBox, "value")),
                     adapt=bool(_widgetProperty(self.ui.adaptCheckBox, "checked")))
+
+    def lesionROIs(self):
+        """ROI nodes of a lesion-focused run: Detect's proposals for the input still in the scene,
+        plus the selected ROI when it is not one of them; None when there is none, the node
+        itself when there is one."""
+        nodes = self.logic.lesionROINodes(self.ui.inputSelector.currentNode())
+        selected = self.ui.roiSelector.currentNode()
+        if selected is not None and selected not in nodes:
+            nodes.append(selected)
+        return None if not nodes else nodes[0] if len(nodes) == 1 else nodes
 
     # -- actions --------------------------------------------------------------------------------
 
@@ -562,10 +584,16 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 inputVolume = self.ui.inputSelector.currentNode()
                 if inputVolume is None:
                     raise ValueError("Select an input volume first.")
-                roiNode = self.logic.detectLesionROI(inputVolume, self.ui.roiSelector.currentNode())
-                self.ui.roiSelector.setCurrentNode(roiNode)
+                nodes = self.logic.detectLesionROIs(inputVolume)
+                if not nodes:
+                    self.ui.statusLabel.setText("No lesion found: draw an ROI instead.")
+                    return
+                self.ui.roiSelector.setCurrentNode(nodes[0])
                 self.ui.lesionCheckBox.setChecked(True)
-                self.ui.statusLabel.setText("Lesion ROI proposed: move or resize it, then Apply.")
+                self.ui.statusLabel.setText(
+                    f"{len(nodes)} lesion ROI(s) proposed ("
+                    + ", ".join(node.GetName() for node in nodes)
+                    + "): keep, move, resize or delete them, then Apply.")
         except Exception as error:
             self._showFailure(error)
 
@@ -961,10 +989,18 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
             inputVolume.GetImageData().GetDimensions(), roiNode.GetName(), inputVolume.GetName())
 
     def prepareImage(self, inputVolume, scale, direction, sliceAxis, roiNode, targetSpacing=None):
-        """(image, scale argument, axis argument, roi box or None) for MedSRLib.upscale; with
+        """(image, scale argument, axis argument, roi or None) for MedSRLib.upscale: `roiNode`
+        a markups ROI (one index box) or a list of them (a list of boxes; one: that box); with
         `targetSpacing` ("Make slices thinner") the scale is None and the axis "auto"."""
         image = self.volumeNodeToImage(inputVolume)
-        roiBox = self.roiIndexBox(inputVolume, roiNode) if roiNode is not None else None
+        roiBox = None
+        if isinstance(roiNode, (list, tuple)):
+            if not roiNode:
+                raise ValueError("Lesion-focused mode needs an ROI: draw one or click Detect.")
+            boxes = [self.roiIndexBox(inputVolume, node) for node in roiNode]
+            roiBox = boxes[0] if len(boxes) == 1 else boxes
+        elif roiNode is not None:
+            roiBox = self.roiIndexBox(inputVolume, roiNode)
         if targetSpacing is not None:
             if roiBox is not None:
                 raise ValueError("Make slices thinner and lesion-focused mode cannot be combined.")
@@ -1066,6 +1102,42 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
         lower, upper = roi.detect_lesion(image)  # voxel indices (x, y, z), upper exclusive
         return self.setROIFromIndexBox(roiNode, inputVolume, (*lower, *upper))
 
+    def detectLesionROIs(self, inputVolume):
+        """Run MedSRLib's lesion finder and show every ROI it finds as its own markups ROI node,
+        named with its confidence ("<volume>_lesion1 (93%)", most confident first) and tagged
+        as a proposal for `inputVolume`; earlier proposals for that volume are removed first.
+
+        The user keeps, moves, resizes or deletes them; Apply uses those still in the scene
+        (`lesionROINodes`). Returns the new nodes (an empty list when no lesion is found).
+        """
+        _medsrlib()
+        from MedSRLib import roi
+
+        image = self.volumeNodeToImage(inputVolume)
+        found = roi.detect_lesions(image)  # [(lower xyz, upper xyz exclusive, confidence)]
+        for node in self.lesionROINodes(inputVolume):
+            slicer.mrmlScene.RemoveNode(node)
+        nodes = []
+        for number, (lower, upper, confidence) in enumerate(found, start=1):
+            node = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLMarkupsROINode",
+                f"{inputVolume.GetName()}_lesion{number} ({confidence:.0%})")
+            node.SetAttribute(DETECTED_FOR_ATTRIBUTE, inputVolume.GetID())
+            node.SetAttribute(CONFIDENCE_ATTRIBUTE, f"{confidence:.4f}")
+            nodes.append(self.setROIFromIndexBox(node, inputVolume, (*lower, *upper)))
+        return nodes
+
+    @staticmethod
+    def lesionROINodes(inputVolume):
+        """The ROI nodes Detect proposed for `inputVolume` that are still in the scene (the
+        user may have deleted some), in the order Detect made them."""
+        if inputVolume is None:
+            return []
+        nodes = slicer.mrmlScene.GetNodesByClass("vtkMRMLMarkupsROINode")
+        found = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+        return [node for node in found
+                if node.GetAttribute(DETECTED_FOR_ATTRIBUTE) == inputVolume.GetID()]
+
     def setROIFromIndexBox(self, roiNode, inputVolume, box):
         """Show input voxel index box `box` (x0, y0, z0, x1, y1, z1; upper exclusive) as a
         markups ROI aligned with the volume's axes (a new node when `roiNode` is None), under
@@ -1134,8 +1206,9 @@ class MedSRBackgroundRun:
             command += ["--model", a["model"]]
         if a.get("modality"):  # known only: else MedSRLib reads DICOM tags (an .nrrd has none)
             command += ["--modality", a["modality"]]
-        if a.get("roi") is not None:  # lesion-focused: the same box MedSRLib.upscale(roi=...) gets
-            command += ["--roi", ",".join(str(int(v)) for v in a["roi"])]
+        if a.get("roi") is not None:  # lesion-focused: the same box(es) MedSRLib.upscale(roi=...) gets
+            boxes = a["roi"] if isinstance(a["roi"], list) else [a["roi"]]
+            command += ["--roi", ";".join(",".join(str(int(v)) for v in box) for box in boxes)]
             if a.get("roiModel"):
                 command += ["--roi-model", a["roiModel"]]
         if a["allowUntrained"]:

@@ -340,14 +340,18 @@ def test_detect_without_input_or_detector_is_a_clear_error(widget, scene, MedSR,
     widget.ui.detectButton.click()
     from MedSRLib import zoo
 
-    if zoo.shipped_weights(zoo.get_spec("lesion_detector"), 1) is None:
+    if not any(zoo.shipped_weights(zoo.get_spec(name), 1) for name in medsr_roi.AUTO_FINDERS):
         assert "no trained lesion detector" in str(widget.lastError)
         assert scene_state(scene) == before
-    else:  # a detector ships: the proposed box becomes a markups ROI node
+    else:  # a lesion finder ships: each ROI it finds becomes a markups ROI node, or it says none
         assert widget.lastError is None, widget.lastError
-        roi = widget.ui.roiSelector.currentNode()
-        assert roi is not None and roi.IsA("vtkMRMLMarkupsROINode")
-        assert widget.ui.lesionCheckBox.isChecked()
+        proposals = widget.logic.lesionROINodes(node)
+        if proposals:
+            assert widget.ui.roiSelector.currentNode() is proposals[0]
+            assert all(roi.IsA("vtkMRMLMarkupsROINode") for roi in proposals)
+            assert widget.ui.lesionCheckBox.isChecked()
+        else:
+            assert "No lesion found" in widget.ui.statusLabel.text()
 
 
 def test_apply_is_disabled_without_input(widget):

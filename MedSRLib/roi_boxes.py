@@ -1,0 +1,98 @@
+"""ROIs from a lesion probability map: one index box per connected lesion component.
+
+Boxes are `roi.RoiBox` (input-grid voxel indices, (x, y, z), lower inclusive, upper exclusive).
+Components are 26-connected (SimpleITK `ConnectedComponent`, fully connected); a component's
+confidence is its highest lesion probability. `merge_overlapping` joins boxes whose grown
+versions (ROI + margin) touch, so the lesion model never runs twice on the same voxels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .roi import RoiBox
+
+
+@dataclass(frozen=True)
+class LesionRegion:
+    """One ROI: its box (no margin), its confidence (peak lesion probability in [0, 1]) and the
+    number of voxels of its component(s) above the threshold."""
+
+    box: RoiBox
+    confidence: float
+    voxels: int
+
+
+def regions_from_probability(probability_kji: np.ndarray, threshold: float,
+                             spacing_xyz: Sequence[float], min_volume_mm3: float = 0.0
+                             ) -> list[LesionRegion]:
+    """The connected components of `probability_kji >= threshold` with at least
+    `min_volume_mm3` of volume, as boxes with their confidence, most confident first."""
+    probability_kji = np.asarray(probability_kji, dtype=np.float32)
+    if probability_kji.ndim != 3:
+        raise InputError(f"probability map must be 3-D (K, J, I), got shape {probability_kji.shape}")
+    if not 0.0 < threshold <= 1.0:
+        raise InputError(f"probability threshold must lie in (0, 1], got {threshold!r}")
+    mask = sitk.GetImageFromArray((probability_kji >= threshold).astype(np.uint8))
+    labels = sitk.ConnectedComponent(mask, True)
+    label_array = sitk.GetArrayViewFromImage(labels)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(labels)
+    voxel_mm3 = float(np.prod(spacing_xyz))
+    regions = []
+    for label in stats.GetLabels():
+        count = int(stats.GetNumberOfPixels(label))
+        if count * voxel_mm3 < min_volume_mm3:
+            continue
+        x, y, z, sx, sy, sz = stats.GetBoundingBox(label)
+        box = RoiBox((x, y, z), (x + sx, y + sy, z + sz))
+        inside = label_array[box.slices_kji] == label
+        confidence = float(probability_kji[box.slices_kji][inside].max())
+        regions.append(LesionRegion(box, confidence, count))
+    regions.sort(key=lambda r: (-r.confidence, r.box.lower_xyz))
+    return regions
+
+
+def _touch(a: RoiBox, b: RoiBox) -> bool:
+    return all(a.lower_xyz[i] < b.upper_xyz[i] and b.lower_xyz[i] < a.upper_xyz[i] for i in range(3))
+
+
+def _union(a: RoiBox, b: RoiBox) -> RoiBox:
+    return RoiBox(tuple(min(p, q) for p, q in zip(a.lower_xyz, b.lower_xyz)),
+                  tuple(max(p, q) for p, q in zip(a.upper_xyz, b.upper_xyz)))
+
+
+def merge_overlapping(regions: Sequence[LesionRegion], margin_xyz: Sequence[int],
+                      size_xyz: Sequence[int]) -> list[LesionRegion]:
+    """Regions whose boxes grown by `margin_xyz` overlap become one (union box, highest
+    confidence, summed voxels), repeated until no two overlap; most confident first."""
+    merged = list(regions)
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(merged)):
+            for j in range(i + 1, len(merged)):
+                a, b = merged[i], merged[j]
+                if _touch(a.box.grown(margin_xyz, size_xyz), b.box.grown(margin_xyz, size_xyz)):
+                    merged[i] = LesionRegion(_union(a.box, b.box), max(a.confidence, b.confidence),
+                                             a.voxels + b.voxels)
+                    del merged[j]
+                    changed = True
+                    break
+            if changed:
+                break
+    merged.sort(key=lambda r: (-r.confidence, r.box.lower_xyz))
+    return merged
+
+
+def union_mask(boxes: Sequence[RoiBox], shape_kji: Sequence[int]) -> np.ndarray:
+    """Boolean (K, J, I) array, True inside any of `boxes`."""
+    inside = np.zeros(tuple(int(n) for n in shape_kji), dtype=bool)
+    for box in boxes:
+        inside[box.slices_kji] = True
+    return inside

@@ -1,0 +1,347 @@
+"""Train the 2.5-D lesion segmenter (`lesion_segmenter`) that `--roi auto` uses to find lesions.
+
+Three patient sets, kept apart (`RECIPE["split"]`): training patients (the network's weights),
+validation patients (the checkpoint and the calibrated threshold: `localiser_calibration`) and
+held-out test patients (`benchmarks/localiser_coverage.py`; nothing is tuned on them).
+
+Steps (each one command; CPU, one torch thread):
+
+    python -m MedSRLib.training.localiser prepare --data-root ../shared/data --cache /tmp/loc
+    python -m MedSRLib.training.localiser train --cache /tmp/loc --run runs/localiser
+    python -m MedSRLib.training.localiser_calibration --data-root ../shared/data \
+        --run runs/localiser --export MedSRLib/weights/lesion_segmenter.safetensors
+
+`prepare` reads every lesion mask of the training and validation patients once, degrades each
+volume in-plane by x1, x2 and x4 (anti-aliased bicubic, `degrade.bicubic_downsample`; the mask
+by area share), cuts 2.5-D stacks along all three axes at the network's input size
+(`lesion_localiser.network_stacks`, the inference code) and saves them as npz. `train` runs
+Dice + CE (MONAI `DiceCELoss`) with MONAI intensity, contrast, noise, blur, flip and rotation
+augmentation, keeps the checkpoint with the best validation Dice and stops at a wall-time cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .. import lesion_localiser as loc
+from .. import zoo
+from ..model_catalog import LesionSegmenter  # noqa: F401  (registers the model)
+from . import degrade
+
+SARCOMA_LICENCE = "CC BY 3.0 (IBSI / TCIA Soft-tissue-Sarcoma)"
+BRATS_LICENCE = "BraTS 2013, CC BY-NC-SA 3.0: non-commercial use only"
+
+#: Every lesion mask in the data pool, and the patient split. Test patients are those of the
+#: old detector's README table (benchmarks/results/detector), so both are compared on them.
+RECIPE: dict[str, Any] = {
+    "sources": [
+        {"image": "sarcoma/{p}/CT_image.nii.gz", "mask": "sarcoma/{p}/CT_mask.nii.gz",
+         "modality": "CT", "licence": SARCOMA_LICENCE, "family": "sarcoma"},
+        {"image": "sarcoma/{p}/MR_T1_image.nii.gz", "mask": "sarcoma/{p}/MR_T1_mask.nii.gz",
+         "modality": "MR", "licence": SARCOMA_LICENCE, "family": "sarcoma"},
+        {"image": "sarcoma/{p}/PET_image.nii.gz", "mask": "sarcoma/{p}/PET_mask.nii.gz",
+         "modality": "PT", "licence": SARCOMA_LICENCE, "family": "sarcoma"},
+        {"image": "brats/{p}/T1c_subtrMeanDivStd.nii.gz", "mask": "brats/{p}/OTMultiClass.nii.gz",
+         "modality": "MR", "licence": BRATS_LICENCE, "family": "brats"},
+        {"image": "brats/{p}/Flair_subtrMeanDivStd.nii.gz", "mask": "brats/{p}/OTMultiClass.nii.gz",
+         "modality": "MR", "licence": BRATS_LICENCE, "family": "brats"},
+    ],
+    "split": {
+        "sarcoma": {"train": ["STS_001", "STS_002", "STS_003", "STS_004", "STS_005", "STS_006"],
+                    "validation": ["STS_008", "STS_010"], "test": ["STS_012", "STS_014"]},
+        "brats": {"train": ["brats_2013_pat0003_1", "brats_2013_pat0004_1"],
+                  "validation": ["brats_2013_pat0005_1"], "test": ["brats_2013_pat0006_1"]},
+    },
+    "factors": [1, 2, 4],            # in-plane (x, y) degradation of the inputs
+    "input_size": loc.DEFAULT_INPUT_SIZE,
+    "context": 3,                    # adjacent slices per stack (2.5-D)
+    "lesion_share": 0.25,            # a low-resolution pixel is lesion when >= this share is
+    "train_slices": {"lesion": 20, "background": 10},   # per (volume, factor, axis)
+    "validation_slices": {"lesion": 6, "background": 3},
+    "min_inplane_size": 16,          # skip a degraded volume smaller than this in-plane
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image with its lesion mask (paths relative to the data root)."""
+
+    image: str
+    mask: str
+    patient: str
+    modality: str
+    licence: str
+    subset: str                      # "train", "validation" or "test"
+
+
+def cases(subset: str | None = None, recipe: dict[str, Any] = RECIPE) -> list[Case]:
+    """Every (image, mask) of the recipe, optionally only one subset; patients never mix."""
+    out = []
+    for family, sets in recipe["split"].items():
+        seen: dict[str, str] = {}
+        for name, patients in sets.items():
+            for patient in patients:
+                if patient in seen:
+                    raise ValueError(f"patient {patient} is in both {seen[patient]} and {name}")
+                seen[patient] = name
+        for source in (s for s in recipe["sources"] if s["family"] == family):
+            for name, patients in sets.items():
+                for patient in patients:
+                    out.append(Case(source["image"].format(p=patient),
+                                    source["mask"].format(p=patient), patient,
+                                    source["modality"], source["licence"], name))
+    return [c for c in out if subset is None or c.subset == subset]
+
+
+def read_case(root: Path, case: Case) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """(voxels (K, J, I) float32, lesion mask (K, J, I) bool, spacing (x, y, z) mm)."""
+    image = sitk.ReadImage(str(root / case.image))
+    mask = sitk.ReadImage(str(root / case.mask))
+    if image.GetSize() != mask.GetSize():
+        raise ValueError(f"{case.mask} is not on {case.image}'s grid")
+    return (sitk.GetArrayFromImage(image).astype(np.float32),
+            sitk.GetArrayFromImage(mask) > 0, tuple(image.GetSpacing()))
+
+
+def degrade_inplane(voxels_kji: np.ndarray, mask_kji: np.ndarray, factor: int,
+                    lesion_share: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """The volume and mask degraded in-plane (x, y) by `factor` (anti-aliased bicubic; a
+    low-resolution pixel is lesion when >= `lesion_share` of its area is); x1 returns them."""
+    if factor == 1:
+        return voxels_kji, mask_kji
+    low = degrade.bicubic_downsample(torch.from_numpy(voxels_kji), factor).numpy()
+    share = F.avg_pool2d(torch.from_numpy(mask_kji.astype(np.float32))[:, None], factor)[:, 0]
+    return low, (share.numpy() >= lesion_share)
+
+
+def _choose(indices: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to `count` of `indices`: all when there are no more, else `count` evenly spread
+    positions, each moved by at most one place at random."""
+    if len(indices) <= count:
+        return indices
+    spread = np.linspace(0, len(indices) - 1, count).round().astype(int)
+    jitter = rng.integers(-1, 2, size=count)
+    return np.unique(indices[np.clip(spread + jitter, 0, len(indices) - 1)])
+
+
+def stacks_of_case(voxels_kji: np.ndarray, mask_kji: np.ndarray, recipe: dict[str, Any],
+                   counts: dict[str, int], rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """2.5-D network inputs (N, context, S, S) float16 and targets (N, S, S) uint8 of one
+    (degraded) volume, along all three axes: lesion slices and lesion-free slices."""
+    size, context = int(recipe["input_size"]), int(recipe["context"])
+    units = loc.units_of(voxels_kji)
+    inputs, targets = [], []
+    for axis in (0, 1, 2):
+        slices = loc.slice_axis_view(units, axis)
+        masks = loc.slice_axis_view(mask_kji, axis)
+        has_lesion = masks.reshape(masks.shape[0], -1).any(axis=1)
+        chosen = np.concatenate([
+            _choose(np.flatnonzero(has_lesion), counts["lesion"], rng),
+            _choose(np.flatnonzero(~has_lesion), counts["background"], rng)])
+        if not len(chosen):
+            continue
+        inputs.append(loc.network_stacks(slices, chosen, context, size).half().numpy())
+        target = torch.from_numpy(masks[chosen].astype(np.float32))[:, None]
+        targets.append((loc.resize_planes(target, (size, size))[:, 0] >= 0.3).numpy().astype(np.uint8))
+    return np.concatenate(inputs), np.concatenate(targets)
+
+
+def prepare(root: Path, cache: Path, recipe: dict[str, Any] = RECIPE, seed: int = 0) -> dict:
+    """Write train.npz and validation.npz (inputs, targets) and cache.json under `cache`."""
+    cache.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    summary: dict[str, Any] = {"recipe": recipe, "subsets": {}}
+    for subset, counts, factors in (("train", recipe["train_slices"], recipe["factors"]),
+                                    ("validation", recipe["validation_slices"], [2, 4])):
+        inputs, targets, used = [], [], []
+        for case in cases(subset, recipe):
+            voxels, mask, _ = read_case(root, case)
+            for factor in factors:
+                low, low_mask = degrade_inplane(voxels, mask, factor, recipe["lesion_share"])
+                if min(low.shape[1:]) < recipe["min_inplane_size"] or not low_mask.any():
+                    continue
+                x, y = stacks_of_case(low, low_mask, recipe, counts, rng)
+                inputs.append(x)
+                targets.append(y)
+                used.append(f"{case.image} x{factor}: {len(x)} stacks")
+                print(used[-1], flush=True)
+        np.savez(cache / f"{subset}.npz", inputs=np.concatenate(inputs),
+                 targets=np.concatenate(targets))
+        summary["subsets"][subset] = used
+    (cache / "cache.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def augmentation(seed: int, affine: bool = True):
+    """MONAI per-sample augmentation: flips, 90-degree rotations, shifts, zooms and small
+    rotations (RandAffine), intensity scale and shift, contrast (gamma), Gaussian noise and blur
+    (a further resolution loss)."""
+    from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandFlipd,
+                                  RandGaussianNoised, RandGaussianSmoothd, RandRotate90d,
+                                  RandScaleIntensityd, RandShiftIntensityd)
+    keys = ("image", "label")
+    transform = Compose([
+        RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandRotate90d(keys, prob=0.5, max_k=3),
+        # shifts and zooms: the sarcoma crops centre every tumour, which must not become a prior
+        *([RandAffined(keys, prob=0.8, translate_range=(40, 40), scale_range=(0.3, 0.3),
+                       rotate_range=0.3, mode=("bilinear", "nearest"), padding_mode="zeros")]
+          if affine else []),
+        RandScaleIntensityd("image", factors=0.3, prob=0.8),
+        RandShiftIntensityd("image", offsets=0.2, prob=0.8),
+        RandAdjustContrastd("image", gamma=(0.6, 1.6), prob=0.4),
+        RandGaussianNoised("image", std=0.05, prob=0.4),
+        RandGaussianSmoothd("image", sigma_x=(0.3, 1.2), sigma_y=(0.3, 1.2), prob=0.2),
+    ])
+    transform.set_random_state(seed)
+    return transform
+
+
+def dice_score(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """Dice of the thresholded (p >= 0.5) lesion map against `target`, over the whole batch."""
+    predicted = LesionSegmenter.lesion_probability(logits) >= 0.5
+    truth = target.bool()
+    total = predicted.sum() + truth.sum()
+    return float(2 * (predicted & truth).sum() / total) if total else 1.0
+
+
+def validation_dice(network: torch.nn.Module, inputs: np.ndarray, targets: np.ndarray,
+                    batch_size: int = 32) -> float:
+    network.eval()
+    logits = []
+    with torch.inference_mode():
+        for start in range(0, len(inputs), batch_size):
+            logits.append(network(torch.from_numpy(inputs[start:start + batch_size].astype(np.float32))))
+    network.train()
+    return dice_score(torch.cat(logits), torch.from_numpy(targets))
+
+
+def scheduled_lr(peak: float, step_fraction: float, time_fraction: float,
+                 warmup: float = 0.05) -> float:
+    """Learning rate: linear warm-up over the first `warmup` of the run, then a cosine decay to
+    2 % of `peak`; the run's progress is the larger of its step and wall-time fractions, so a
+    run slowed by a busy CPU still anneals before its time cap."""
+    progress = min(1.0, max(step_fraction, time_fraction))
+    if progress < warmup:
+        return peak * max(progress / warmup, 0.05)
+    cosine = 0.5 * (1 + np.cos(np.pi * (progress - warmup) / (1 - warmup)))
+    return float(peak * (0.02 + 0.98 * cosine))
+
+
+def save_state(network: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(path))
+
+
+def train(cache: Path, run: Path, steps: int = 3000, batch_size: int = 16, lr: float = 2e-3,
+          max_minutes: float = 33.0, val_every: int = 200, seed: int = 0,
+          features: Sequence[int] = (16, 16, 32, 64, 128, 16), init: Path | None = None,
+          affine: bool = True) -> dict[str, Any]:
+    """Train from the cache; `run`/best.safetensors holds the best-validation-Dice weights.
+    `init`: safetensors weights to start from (a continued run); `affine`: with the shift /
+    zoom / rotation augmentation."""
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(seed)
+    run.mkdir(parents=True, exist_ok=True)
+    data = np.load(cache / "train.npz")
+    inputs, targets = data["inputs"], data["targets"]
+    val = np.load(cache / "validation.npz")
+    val_inputs, val_targets = val["inputs"], val["targets"]
+    context = inputs.shape[1]
+    network = zoo.build_network(loc.LOCALISER_NAME, in_channels=context, features=list(features))
+    if init is not None:
+        from safetensors.torch import load_file
+        network.load_state_dict(load_file(str(init)))
+    optimiser = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=1e-4)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    transform = augmentation(seed, affine)
+    rng = np.random.default_rng(seed)
+    log = open(run / "train.log", "a")
+    start, cpu_start = time.time(), time.process_time()
+    best = {"dice": -1.0, "step": 0}
+    step = 0
+    network.train()
+    while step < steps and (time.time() - start) / 60 < max_minutes:
+        picks = rng.integers(0, len(inputs), size=batch_size)
+        samples = [transform({"image": torch.from_numpy(inputs[i].astype(np.float32)),
+                              "label": torch.from_numpy(targets[i][None].astype(np.float32))})
+                   for i in picks]
+        x = torch.stack([torch.as_tensor(s["image"]) for s in samples])
+        y = torch.stack([torch.as_tensor(s["label"]) for s in samples]).round().long()
+        loss = loss_fn(network(x), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        step += 1
+        for group in optimiser.param_groups:  # warm-up, then cosine to the step or time cap
+            group["lr"] = scheduled_lr(lr, step / steps, (time.time() - start) / 60 / max_minutes)
+        if step % 25 == 0:
+            print(f"step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", file=log, flush=True)
+        if step % val_every == 0 or step == steps:
+            dice = validation_dice(network, val_inputs, val_targets)
+            print(f"step {step} validation dice {dice:.4f}", file=log, flush=True)
+            save_state(network, run / "last.safetensors")
+            if dice > best["dice"]:
+                best = {"dice": dice, "step": step}
+                save_state(network, run / "best.safetensors")
+    if best["step"] != step:  # the wall-time cap ended the run between validations
+        dice = validation_dice(network, val_inputs, val_targets)
+        print(f"step {step} validation dice {dice:.4f} (final)", file=log, flush=True)
+        if dice > best["dice"]:
+            best = {"dice": dice, "step": step}
+            save_state(network, run / "best.safetensors")
+    summary = {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed,
+               "init": str(init) if init else None, "affine_augmentation": affine,
+               "features": list(features), "in_channels": context,
+               "best_validation_dice": round(best["dice"], 4), "best_step": best["step"],
+               "wall_seconds": round(time.time() - start, 1),
+               "cpu_seconds": round(time.process_time() - cpu_start, 1),
+               "train_stacks": int(len(inputs)), "validation_stacks": int(len(val_inputs)),
+               "threads": torch.get_num_threads()}
+    (run / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary), file=log, flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    p.add_argument("--cache", type=Path, required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--cache", type=Path, required=True)
+    t.add_argument("--run", type=Path, required=True)
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--max-minutes", type=float, default=33.0)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--init", type=Path, default=None, help="weights to start from")
+    t.add_argument("--no-affine", action="store_true", help="without shift/zoom/rotation")
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        prepare(args.data_root.resolve(), args.cache)
+    else:
+        torch.set_num_threads(args.threads)
+        train(args.cache, args.run, steps=args.steps, batch_size=args.batch_size,
+              max_minutes=args.max_minutes, lr=args.lr, init=args.init,
+              affine=not args.no_affine)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,283 @@
+"""Coverage of the lesion localiser's ROIs (paper 003's protocol) and its calibration.
+
+The protocol (also `benchmarks/localiser_coverage.py`, on the held-out test patients): the
+high-resolution volume is degraded in-plane (x, y) by f (anti-aliased bicubic per axial slice),
+the localiser runs on that input, its ROIs (grown by the margin) are mapped back to the HR grid
+(index * f) and compared with the HR lesion mask. Per axial lesion slice: the share of its
+lesion voxels inside the ROIs; "perfect" = 100 %, "acceptable" >= 95 %. Also: the ROIs' share
+of the volume, the lesion components touched by no ROI, and the Dice of the thresholded
+probability map (upsampled to HR by repetition) against the mask.
+
+Calibration (this module's command) runs on the VALIDATION patients only: the threshold and the
+smallest component kept are the pair with the most acceptable + perfect lesion slices whose mean
+ROI share stays within `MAX_MEAN_ROI_SHARE` and that leaves no validation lesion untouched. The
+chosen weights and settings are exported with their card.
+
+    python -m MedSRLib.training.localiser_calibration --data-root ../shared/data \
+        --run runs/localiser --export MedSRLib/weights/lesion_segmenter.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .. import lesion_localiser as loc
+from .. import roi, roi_boxes, zoo
+from . import degrade
+from .localiser import RECIPE, Case, cases, read_case
+
+AXIAL = 2  # slice axis of the protocol (x, y, z index)
+#: Calibration constraint: the mean ROI share of the validation volumes (the issue asks <= 25 %
+#: on the test patients; 20 % leaves room for patients that differ).
+MAX_MEAN_ROI_SHARE = 0.20
+#: Lesion components smaller than this are annotation specks (BraTS labels hold 1-voxel ones):
+#: not counted as lesions when asking whether an ROI touches every lesion.
+MIN_LESION_MM3 = 20.0
+THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8)
+MIN_COMPONENTS_MM3 = (0.0, 100.0, 500.0, 2000.0)
+
+
+def low_resolution(image: sitk.Image, factor: int) -> sitk.Image:
+    """`image` degraded in-plane (x, y) by `factor` (anti-aliased bicubic per axial slice),
+    cropped to a multiple of the factor; spacing x factor, same origin."""
+    if factor == 1:
+        return image
+    voxels = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))
+    out = sitk.GetImageFromArray(degrade.bicubic_downsample(voxels, factor).numpy())
+    spacing = image.GetSpacing()
+    out.SetSpacing((spacing[0] * factor, spacing[1] * factor, spacing[2]))
+    out.SetDirection(image.GetDirection())
+    out.SetOrigin(image.GetOrigin())
+    return out
+
+
+@dataclass
+class CaseResult:
+    """Coverage of one volume at one input factor, with one (threshold, min volume) setting."""
+
+    volume: str
+    factor: int
+    threshold: float
+    min_component_mm3: float
+    lesion_slices: int
+    perfect: int
+    acceptable: int
+    per_slice_perfect: int
+    per_slice_acceptable: int
+    voxel_coverage: float
+    roi_share: float
+    rois: int
+    confidences: tuple[float, ...]
+    lesion_components: int
+    missed_components: int
+    dice: float
+
+
+def _lesion_components(mask_kji: np.ndarray, voxel_mm3: float) -> np.ndarray:
+    """26-connected lesion components, labelled 1..n; those under MIN_LESION_MM3 set to 0."""
+    labels = sitk.RelabelComponent(sitk.ConnectedComponent(
+        sitk.GetImageFromArray(mask_kji.astype(np.uint8)), True),
+        minimumObjectSize=int(np.ceil(MIN_LESION_MM3 / voxel_mm3)))
+    return sitk.GetArrayFromImage(labels)
+
+
+def _per_slice_boxes(binary_kji: np.ndarray, factor: int) -> np.ndarray:
+    """HR (K, J*f, I*f) array: on each axial slice, the 2-D box of that slice's prediction."""
+    boxes = roi.slice_boxes_from_mask(binary_kji, AXIAL)
+    k, j, i = binary_kji.shape
+    inside = np.zeros((k, j * factor, i * factor), dtype=bool)
+    for box in boxes:
+        (x0, y0), (x1, y1) = box.lower_ab, box.upper_ab
+        inside[box.slice_index, y0 * factor:y1 * factor, x0 * factor:x1 * factor] = True
+    return inside
+
+
+def score_settings(probability_kji: np.ndarray, lr_image: sitk.Image, hr_mask_kji: np.ndarray,
+                   factor: int, settings: Sequence[tuple[float, float]], margin_mm: float,
+                   volume: str) -> list[CaseResult]:
+    """CaseResult of each (threshold, min component mm3) on one LR probability map."""
+    size_xyz = lr_image.GetSize()
+    margins = roi.margin_voxels(margin_mm, lr_image.GetSpacing())
+    hr_voxel_mm3 = float(np.prod(lr_image.GetSpacing())) / factor ** 2
+    components = _lesion_components(hr_mask_kji, hr_voxel_mm3)
+    n_components = int(components.max())
+    hr_shape = hr_mask_kji.shape
+    results = []
+    for threshold, min_volume in settings:
+        regions = roi_boxes.regions_from_probability(probability_kji, threshold,
+                                                     lr_image.GetSpacing(), min_volume)
+        regions = roi_boxes.merge_overlapping(regions, margins, size_xyz)
+        hr_boxes = [r.box.grown(margins, size_xyz).scaled((factor, factor, 1)) for r in regions]
+        inside = roi_boxes.union_mask(hr_boxes, hr_shape)
+        coverage = roi.lesion_coverage(hr_mask_kji, inside, AXIAL)
+        binary = probability_kji >= threshold
+        per_slice = roi.lesion_coverage(hr_mask_kji, _per_slice_boxes(binary, factor), AXIAL)
+        hr_binary = binary.repeat(factor, axis=1).repeat(factor, axis=2)
+        overlap = np.count_nonzero(hr_binary & hr_mask_kji)
+        total = np.count_nonzero(hr_binary) + np.count_nonzero(hr_mask_kji)
+        touched = set(np.unique(components[inside])) - {0}
+        results.append(CaseResult(
+            volume, factor, threshold, min_volume, coverage.lesion_slices, int(coverage.perfect),
+            int(coverage.acceptable), int(per_slice.perfect), int(per_slice.acceptable),
+            round(float(coverage.voxel_fraction), 4), round(float(inside.mean()), 4), len(regions),
+            tuple(round(r.confidence, 3) for r in regions), n_components,
+            n_components - len(touched), round(float(2 * overlap / total), 4) if total else 1.0))
+    return results
+
+
+def evaluate_cases(root: Path, selected: Sequence[Case], factors: Sequence[int],
+                   settings: Sequence[tuple[float, float]], margin_mm: float,
+                   localiser: tuple[torch.nn.Module, dict]) -> list[CaseResult]:
+    """Every case x factor x setting (the probability map is computed once per case/factor)."""
+    network, card = localiser
+    context = int((card.get("config") or {}).get("in_channels", 3))
+    input_size = int(card.get("input_size", loc.DEFAULT_INPUT_SIZE))
+    results = []
+    for case in selected:
+        image = sitk.ReadImage(str(root / case.image))
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(root / case.mask))) > 0
+        for factor in factors:
+            size = [n // factor * factor if a < 2 else n for a, n in enumerate(image.GetSize())]
+            lr_image = low_resolution(image[:size[0], :size[1], :], factor)
+            hr_mask = mask[:, :size[1], :size[0]]
+            voxels = sitk.GetArrayViewFromImage(lr_image)
+            probability = loc.probability_map(loc.units_of(voxels), network, context, input_size)
+            rows = score_settings(probability, lr_image, hr_mask, factor, settings, margin_mm,
+                                  case.image)
+            results += rows
+            if len(rows) == 1:
+                r = rows[0]
+                print(f"{case.image} x{factor}: {r.lesion_slices} lesion slices, perfect "
+                      f"{r.perfect} acceptable {r.acceptable}, {r.rois} ROI(s), "
+                      f"{r.roi_share:.1%} of the volume, Dice {r.dice:.3f}", flush=True)
+    return results
+
+
+def pooled(results: Sequence[CaseResult]) -> dict[str, float]:
+    """Pooled shares over lesion slices; mean ROI share over volumes; volumes with a missed lesion."""
+    slices = sum(r.lesion_slices for r in results) or 1
+    return {"lesion_slices": int(sum(r.lesion_slices for r in results)),
+            "perfect": sum(r.perfect for r in results) / slices,
+            "acceptable": sum(r.acceptable for r in results) / slices,
+            "per_slice_perfect": sum(r.per_slice_perfect for r in results) / slices,
+            "per_slice_acceptable": sum(r.per_slice_acceptable for r in results) / slices,
+            "mean_roi_share": float(np.mean([r.roi_share for r in results])),
+            "max_roi_share": float(np.max([r.roi_share for r in results])),
+            "mean_dice": float(np.mean([r.dice for r in results])),
+            "missed_components": int(sum(r.missed_components for r in results)),
+            "volumes_entirely_missed": int(sum(r.voxel_coverage == 0 for r in results))}
+
+
+def choose_setting(results: Sequence[CaseResult],
+                   max_mean_share: float = MAX_MEAN_ROI_SHARE) -> tuple[tuple[float, float], dict]:
+    """The (threshold, min component mm3) with the most acceptable + perfect slices among those
+    with mean ROI share <= `max_mean_share` and no volume entirely missed (ties: higher
+    threshold). Falls back to the smallest mean share when none qualifies."""
+    keys = sorted({(r.threshold, r.min_component_mm3) for r in results})
+    table = {key: pooled([r for r in results if (r.threshold, r.min_component_mm3) == key])
+             for key in keys}
+    allowed = [k for k in keys if table[k]["mean_roi_share"] <= max_mean_share
+               and table[k]["volumes_entirely_missed"] == 0]
+    if allowed:
+        best = max(allowed, key=lambda k: (table[k]["acceptable"] + table[k]["perfect"], k[0], k[1]))
+    else:
+        best = min(keys, key=lambda k: table[k]["mean_roi_share"])
+    return best, table
+
+
+def export(run: Path, weights_path: Path, setting: tuple[float, float], table: dict,
+           margin_mm: float, cpu_seconds_calibration: float) -> dict[str, Any]:
+    """Copy run/best.safetensors to `weights_path` with its model card."""
+    from safetensors.torch import load_file
+
+    train_summary = json.loads((run / "train.json").read_text())
+    config = {"in_channels": train_summary["in_channels"], "features": train_summary["features"]}
+    network = zoo.build_network(loc.LOCALISER_NAME, **config)
+    network.load_state_dict(load_file(str(run / "best.safetensors")))
+    key = f"{setting[0]}/{setting[1]}"
+    sets = {name: sorted({c.image for c in cases(name)}) for name in ("train", "validation", "test")}
+    card = {
+        "model": loc.LOCALISER_NAME,
+        "title": "Lesion segmenter (2.5-D BasicUNet localiser)",
+        "config": config, "scales": [1], "input_size": RECIPE["input_size"],
+        "modality": ["CT", "MR", "PT"],
+        "licence": ["BraTS 2013, CC BY-NC-SA 3.0: non-commercial use only",
+                    "CC BY 3.0 (IBSI / TCIA Soft-tissue-Sarcoma)"],
+        "licence_note": "trained on BraTS: these weights are for non-commercial use only",
+        "normalisation": "MedSRLib.intensity.fit_mapping per volume: 0.5th/99.5th percentiles "
+                         "-> 0/1, no clipping (same as inference)",
+        "inference": "3 adjacent slices resized to 128x128 along each of the 3 axes; softmax "
+                     "lesion probability resized back and averaged over the axes "
+                     "(MedSRLib.lesion_localiser.probability_map)",
+        "loss": "monai.losses.DiceCELoss(to_onehot_y, softmax, batch=True)",
+        "augmentation": "in-plane x1/x2/x4 anti-aliased bicubic degradation (cached); MONAI "
+                        "flips, rot90, intensity scale/shift, gamma contrast, Gaussian noise, "
+                        "Gaussian blur",
+        "recipe": "MedSRLib/training/localiser.py (RECIPE)",
+        "training_data": sets["train"], "validation_data": sets["validation"],
+        "test_data": sets["test"],
+        "patients": {family: sets_ for family, sets_ in RECIPE["split"].items()},
+        "training": train_summary,
+        "cpu_seconds": train_summary["cpu_seconds"],
+        "calibration": {
+            "threshold": setting[0], "min_component_mm3": setting[1], "margin_mm": margin_mm,
+            "chosen_on": "validation patients (x2 and x4 inputs), never the test patients",
+            "objective": f"max acceptable + perfect lesion slices, mean ROI share <= "
+                         f"{MAX_MEAN_ROI_SHARE:.0%}, no validation lesion volume entirely missed",
+            "validation": {k: round(v, 4) for k, v in table[setting].items()},
+            "cpu_seconds": round(cpu_seconds_calibration, 1),
+        },
+        "metrics": {"validation_dice_2d": train_summary["best_validation_dice"],
+                    **{f"validation_{k}": round(v, 4) for k, v in table[setting].items()}},
+        "calibration_grid": {k: {m: round(v, 4) for m, v in row.items()} for k, row in
+                             ((f"{a}/{b}", row) for (a, b), row in table.items())},
+        "calibration_key": key,
+        "parameter_count": zoo.parameter_count(network),
+    }
+    zoo.save_weights(network, weights_path, card)
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--run", type=Path, required=True, help="training run folder")
+    parser.add_argument("--export", type=Path, default=None, help="weights file to write")
+    parser.add_argument("--margin-mm", type=float, default=roi.DEFAULT_MARGIN_MM)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from safetensors.torch import load_file
+    train_summary = json.loads((args.run / "train.json").read_text())
+    network = zoo.build_network(loc.LOCALISER_NAME, in_channels=train_summary["in_channels"],
+                                features=train_summary["features"])
+    network.load_state_dict(load_file(str(args.run / "best.safetensors")))
+    card = {"config": {"in_channels": train_summary["in_channels"]},
+            "input_size": RECIPE["input_size"]}
+    settings = [(t, m) for t in THRESHOLDS for m in MIN_COMPONENTS_MM3]
+    start = time.process_time()
+    results = evaluate_cases(args.data_root.resolve(), cases("validation"), (2, 4), settings,
+                             args.margin_mm, (network.eval(), card))
+    setting, table = choose_setting(results)
+    (args.run / "calibration.json").write_text(json.dumps(
+        {"chosen": setting, "table": {f"{a}/{b}": row for (a, b), row in table.items()},
+         "results": [asdict(r) for r in results]}, indent=2,
+        default=lambda v: v.item() if hasattr(v, "item") else str(v)) + "\n")
+    print(f"chosen threshold {setting[0]}, min component {setting[1]} mm3: {table[setting]}")
+    if args.export:
+        export(args.run, args.export, setting, table, args.margin_mm, time.process_time() - start)
+        print(f"wrote {args.export}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
