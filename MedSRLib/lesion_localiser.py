@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import intensity, roi_boxes, zoo
-from .errors import InputError, WeightsError
+from .errors import InputError
 
 LOCALISER_NAME = "lesion_segmenter"
 #: Side of the square slice the network sees (training and inference).
@@ -107,16 +106,7 @@ def probability_map(units_kji: np.ndarray, network: torch.nn.Module, context: in
 def load_localiser(weights_path: str | os.PathLike | None = None) -> tuple[torch.nn.Module, dict]:
     """The registered lesion segmenter with its shipped (or given) safetensors weights, and
     its card. InputError when none ships, WeightsError for a missing or mismatched file."""
-    spec = zoo.get_spec(LOCALISER_NAME)
-    path = Path(weights_path) if weights_path is not None else zoo.shipped_weights(spec, 1)
-    if path is None:
-        raise InputError(NO_LOCALISER_MESSAGE)
-    if not path.is_file():
-        raise WeightsError(f"{path}: lesion localiser weights not found")
-    config = zoo.config_from_card(spec, path)
-    network = zoo.build_network(LOCALISER_NAME, **config)
-    card = zoo.load_weights_into(network, spec, path, 1, config)
-    return network.eval(), card
+    return zoo.load_finder(LOCALISER_NAME, weights_path, NO_LOCALISER_MESSAGE)
 
 
 @dataclass(frozen=True)

@@ -339,16 +339,7 @@ def load_detector(weights_path: str | os.PathLike | None = None) -> tuple[torch.
 
     InputError "no trained lesion detector ships; pass a box or a mask" while none ships.
     """
-    spec = zoo.get_spec(DETECTOR_NAME)
-    path = Path(weights_path) if weights_path is not None else zoo.shipped_weights(spec, 1)
-    if path is None:
-        raise InputError(NO_DETECTOR_MESSAGE)
-    if not path.is_file():
-        raise WeightsError(f"{path}: lesion detector weights not found")
-    config = zoo.config_from_card(spec, path)  # the widths it was trained with
-    network = zoo.build_network(DETECTOR_NAME, **config)
-    card = zoo.load_weights_into(network, spec, path, 1, config)
-    return network.eval(), card
+    return zoo.load_finder(DETECTOR_NAME, weights_path, NO_DETECTOR_MESSAGE)
 
 
 def detector_input_size(card: Mapping[str, Any]) -> int | None:

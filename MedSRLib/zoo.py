@@ -352,6 +352,22 @@ def load_model(name: str, factors: int | tuple[int, int], *, allow_untrained: bo
     return model
 
 
+def load_finder(name: str, weights_path: Path | None, missing_message: str) -> tuple[nn.Module, dict[str, Any]]:
+    """A scale-1 network (lesion detector or segmenter) in eval mode with its shipped (or the
+    given) safetensors weights, and its card; InputError `missing_message` when none ships,
+    WeightsError for a missing or mismatched file."""
+    spec = get_spec(name)
+    path = Path(weights_path) if weights_path is not None else shipped_weights(spec, 1)
+    if path is None:
+        raise InputError(missing_message)
+    if not path.is_file():
+        raise WeightsError(f"{path}: {spec.title} weights not found")
+    config = config_from_card(spec, path)  # the widths it was trained with
+    network = build_network(name, **config)
+    card = load_weights_into(network, spec, path, 1, config)
+    return network.eval(), card
+
+
 def describe(spec: ModelSpec, weights_dir: Path | None = None) -> dict[str, Any]:
     """Registry metadata of `spec` as plain JSON-able data (for `medsr models` and the UI)."""
     weights = {}
