@@ -153,14 +153,16 @@ def upscale(
     out_dtype = np.dtype(np.float32) if output_float else voxels.dtype
 
     def to_output(units: np.ndarray) -> np.ndarray:
-        return intensity.cast_to_dtype(mapping.from_unit(units), out_dtype)
+        return intensity.cast_to_dtype(mapping.from_unit(units), out_dtype, in_place=True)
 
+    out_size = [n * f for n, f in zip(image.GetSize(), plan.factors_xyz)]
+    output, result = io.new_volume(out_size, out_dtype)  # written in place: no second copy
     if region is None or region.processed is None:
-        result = super_resolve_volume(
+        super_resolve_volume(
             voxels, plan.factors_kji, plan.slice_axis_kji, model_for, to_unit=mapping.to_unit,
             from_unit=to_output, out_dtype=out_dtype, options=options,
             progress=_stage(progress, 0.0, 1.0, f"fast model {name}" if region else ""),
-            cancel=cancel)
+            cancel=cancel, out=result)
     else:  # blend in network units, then map back once, a few slices at a time
         total = 1.0 + region.crop_share(image.GetSize())
         units = super_resolve_volume(
@@ -171,14 +173,12 @@ def upscale(
             units, voxels, region, plan, roi_for, mapping.to_unit, options,
             progress=_stage(progress, 1.0 / total, (total - 1.0) / total, f"ROI model {roi_name}"),
             cancel=cancel)
-        result = np.empty(units.shape, dtype=out_dtype)
         for start in range(0, units.shape[0], 8):
             result[start:start + 8] = to_output(units[start:start + 8])
         del units
+    del result
     if cancel is not None:
         cancel.raise_if_cancelled()
-    output = sitk.GetImageFromArray(result, isVector=False)
-    del result
     geometry.upscaled_grid(geometry.Grid.of(image), plan.factors_xyz).apply_to(output)
     for key in image.GetMetaDataKeys():
         if key.startswith("medsr_"):

@@ -384,12 +384,15 @@ def super_resolve_volume(
     options: EngineOptions = EngineOptions(),
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Super-resolve `volume` (K, J, I) by integer `factors_kji`, slice-wise along `slice_axis`.
 
     `model_for((fy, fx))` returns (model, learned) mapping (N, 1, h, w) network units to
     (N, 1, h*fy, w*fx). `to_unit` maps voxel values to network units, `from_unit` maps them back
     and casts to `out_dtype`. Work is done batch by batch; `cancel` is checked between batches.
+    The result is written into `out` when given (its shape and dtype must be the result's), else
+    into a new array.
     """
     if volume.ndim != 3:
         raise InputError(f"volume must be 3-D (K, J, I), got shape {volume.shape}")
@@ -414,7 +417,13 @@ def super_resolve_volume(
         plane = [a for a in range(3) if a != axis]
         for a, f in zip(plane, slice_pass.plane_factors):
             out_shape[a] *= f
-        result = np.empty(out_shape, dtype=out_dtype if last else np.float32)
+        if last and out is not None:
+            if out.shape != tuple(out_shape) or out.dtype != out_dtype:
+                raise ValueError(f"out is {out.shape} {out.dtype}, the result {tuple(out_shape)} "
+                                 f"{np.dtype(out_dtype)}")
+            result = out
+        else:
+            result = np.empty(out_shape, dtype=out_dtype if last else np.float32)
         n_slices = current.shape[axis]
         cost_per_slice = _pass_cost(volume.shape, factors_kji, passes, pass_index) / n_slices
         for start in range(0, n_slices, options.batch_size):

@@ -67,9 +67,10 @@ def fit_mapping(volume: np.ndarray, low_percentile: float = 0.5,
     return IntensityMapping(offset=float(low), scale=scale)
 
 
-def cast_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def cast_to_dtype(values: np.ndarray, dtype: np.dtype, in_place: bool = False) -> np.ndarray:
     """Cast float `values` to `dtype`: integers are rounded and clipped to the dtype's range,
-    floats clipped to the dtype's finite range."""
+    floats clipped to the dtype's finite range. `in_place` lets it round and clip in `values`
+    itself (a float array the caller no longer needs), saving two temporaries of its size."""
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
@@ -77,6 +78,10 @@ def cast_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
         # or the cast wraps around to 0 / the minimum.
         high = float(info.max)
         if int(high) <= info.max:
+            if in_place and values.dtype.kind == "f":
+                np.rint(values, out=values)
+                np.clip(values, float(info.min), high, out=values)
+                return values.astype(dtype)
             return np.clip(np.rint(values), float(info.min), high).astype(dtype)
         rounded = np.rint(values)
         cast = np.clip(rounded, float(info.min), float(np.nextafter(high, -np.inf))).astype(dtype)

@@ -15,6 +15,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -374,9 +375,12 @@ def _as_png_image(image: sitk.Image, path: Path) -> sitk.Image:
 class _ImageBuffer:
     """Keeps a SimpleITK image alive for as long as a numpy view of its buffer exists."""
 
-    def __init__(self, image: sitk.Image):
+    def __init__(self, image: sitk.Image, writable: bool = False):
         self.image = image
-        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
+        interface = dict(sitk.GetArrayViewFromImage(image).__array_interface__)  # after MakeUnique
+        if writable:  # SimpleITK offers read-only views only; the buffer itself is the image's own
+            interface["data"] = (interface["data"][0], False)
+        self.__array_interface__ = interface
 
 
 def image_array(image: sitk.Image) -> np.ndarray:
@@ -385,3 +389,12 @@ def image_array(image: sitk.Image) -> np.ndarray:
     view = np.asarray(_ImageBuffer(image))
     view.flags.writeable = False
     return view
+
+
+def new_volume(size_xyz: Sequence[int], dtype: np.dtype) -> tuple[sitk.Image, np.ndarray]:
+    """A zero-filled scalar image of `size_xyz` voxels and `dtype`, with a writable (K, J, I)
+    numpy view of its own buffer: results written there need no second full-size copy
+    (`sitk.GetImageFromArray` would hold the array and the image at once). The view keeps the
+    image alive; write the voxels before handing the image on."""
+    image = sitk.Image([int(n) for n in size_xyz], sitk.GetImageFromArray(np.zeros((1, 1), dtype)).GetPixelID())
+    return image, np.asarray(_ImageBuffer(image, writable=True))

@@ -31,6 +31,9 @@ def test_unit_mapping_inverts_exactly(name):
     assert units.dtype == np.float32
     assert -0.1 < np.percentile(units, 50) < 1.1
     restored = intensity.cast_to_dtype(mapping.from_unit(units), dtype)
+    in_place = intensity.cast_to_dtype(mapping.from_unit(units), dtype, in_place=True)
+    np.testing.assert_array_equal(in_place, restored)
+    assert in_place.dtype == restored.dtype == np.dtype(dtype)
     if np.issubdtype(dtype, np.integer):
         np.testing.assert_array_equal(restored, values)
     else:
@@ -72,3 +75,13 @@ def test_constant_volume_round_trips():
     image = sitk.GetImageFromArray(np.full((2, 6, 6), 42, np.int16))
     out = MedSRLib.upscale(image, model="bicubic", scale=3)
     assert np.all(sitk.GetArrayViewFromImage(out) == 42)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.int64])
+def test_in_place_cast_rounds_and_saturates_like_the_copying_one(dtype):
+    info = np.iinfo(dtype)
+    values = np.array([-1e30, float(info.min) - 0.6, -2.5, -0.5, 0.49, 1.5, 2.5,
+                       float(info.max) + 0.7, 1e30])
+    expected = intensity.cast_to_dtype(values.copy(), dtype)
+    np.testing.assert_array_equal(intensity.cast_to_dtype(values.copy(), dtype, in_place=True), expected)
+    assert expected[0] == info.min and expected[-1] == info.max

@@ -139,3 +139,18 @@ def test_png_output_refuses_multi_slice_and_float(tmp_path):
     with pytest.raises(InputError, match="unsigned"):
         io.write_volume(flat, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32])
+def test_new_volume_view_writes_into_the_image_itself(dtype):
+    image, voxels = io.new_volume((5, 4, 3), np.dtype(dtype))
+    assert voxels.shape == (3, 4, 5) and voxels.dtype == np.dtype(dtype) and voxels.flags.writeable
+    assert image.GetSize() == (5, 4, 3) and not voxels.any()
+    voxels[1, 2, 3] = 7
+    voxels[2] = 1
+    expected = np.zeros((3, 4, 5), dtype)
+    expected[1, 2, 3], expected[2] = 7, 1
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
+    del image  # the view keeps the image's buffer alive
+    voxels[0, 0, 0] = 3
+    assert voxels[0, 0, 0] == 3 and voxels[1, 2, 3] == 7
