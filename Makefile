@@ -80,9 +80,11 @@ weights: $(VENV)/.installed
 	      "$${f%.safetensors}.json" > MedSRLib/weights/$${stem}_$$mod.json; \
 	  done; \
 	done
-	# int8 OpenVINO models of the default networks (calibrated on their training patients)
+	# int8 OpenVINO models of the default networks and of VDSR, the heaviest per pixel
+	# (calibrated on their training patients)
 	$(VENV)/bin/pip install --quiet nncf
 	for s in 2 3 4; do $(PY) -m MedSRLib.training.quantize_int8 --model edsr_lite --scale $$s; done
+	for s in 2 3 4; do $(PY) -m MedSRLib.training.quantize_int8 --model vdsr --scale $$s; done
 
 # Benchmark-only runs for benchmarks/bench_lfsr.py (not shipped): paper 003's whole-slice GAN
 # baseline, and LFSR x2 re-trained with k-space noise sigma 20 and 40 (after `make weights`).

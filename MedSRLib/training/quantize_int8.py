@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import benchmark as bench
-from .. import int8_models, intensity, io, openvino_runtime, zoo
+from .. import int8_models, intensity, openvino_runtime, zoo
 from ..metrics import psnr
+from .data import read_volume_array
 from .degrade import bicubic_downsample
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -31,8 +32,7 @@ CROP = 192
 
 
 def _unit_slices(path: Path, count: int) -> list[np.ndarray]:
-    import SimpleITK as sitk
-    voxels = sitk.GetArrayFromImage(io.read_volume(path))
+    voxels = read_volume_array(path)  # as training reads it (RGB(A) X-ray PNGs become grey)
     unit = intensity.fit_mapping(voxels).to_unit(voxels)
     return [bench.centre_crop(unit[z], CROP) for z in bench.choose_slices(unit, count)]
 
