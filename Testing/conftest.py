@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,7 +18,9 @@ SHARED_DATA = Path(os.environ.get("MEDSR_SHARED_DATA", REPO_ROOT.parent / "share
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 # Converted OpenVINO models of this test session go to a folder of its own, not the user's cache.
-os.environ.setdefault("MEDSR_CACHE_DIR", tempfile.mkdtemp(prefix="medsr-test-cache-"))
+if "MEDSR_CACHE_DIR" not in os.environ:  # removed when the session ends
+    os.environ["MEDSR_CACHE_DIR"] = tempfile.mkdtemp(prefix="medsr-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MEDSR_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
