@@ -136,3 +136,30 @@ def test_quantisation_keeps_first_last_and_shuffle_convolutions_float():
                            and any(i.get_node().get_type_name() == "FakeQuantize"
                                    for i in op.input_values())]
     assert additions_quantized == []
+
+
+def test_quantisation_aware_fine_tuning_keeps_the_same_layers_float_and_learns():
+    pytest.importorskip("nncf")
+    from MedSRLib.training import qat_int8
+    torch.manual_seed(0)
+    model = zoo.load_model("edsr_lite", (2, 2), allow_untrained=True)
+    body = openvino_runtime.residual_body(model)
+    assert qat_int8.float_kept_names(body) == [
+        "model/network/head/conv/conv2d/0", "model/network/tail/0/0/conv_block/conv2d/0",
+        "model/network/tail/1/conv/conv2d/0"]
+    generator = np.random.default_rng(0)
+    smooth = [np.kron(generator.random((12, 12)), np.ones((4, 4))).astype(np.float32) for _ in range(4)]
+    calibration = [bicubic_downsample(torch.from_numpy(s)[None, None], 2).numpy() for s in smooth]
+    quantised = qat_int8.quantise(body, calibration)
+    before = [p.detach().clone() for p in quantised.parameters()]
+    report = qat_int8.fine_tune(quantised, smooth, 2, steps=3, batch_size=2, patch=32, lr=1e-3)
+    assert report["steps"] == 3
+    assert any(not torch.equal(a, b) for a, b in zip(before, quantised.parameters()))
+    converted = qat_int8.to_openvino(quantised)
+    convolutions = [op.get_friendly_name() for op in converted.get_ops()
+                    if op.get_type_name() == "Convolution"]
+    kept = int8_models.float_layers(converted)
+    assert len(convolutions) == 20 and len(kept) == 3  # the trunk's 17 convolutions in int8
+    assert not any(op.get_type_name() == "Add" and any(
+        i.get_node().get_type_name() == "FakeQuantize" for i in op.input_values())
+        for op in converted.get_ops())

@@ -107,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-file", type=int, default=2, help="slices per training file")
     parser.add_argument("--max-drop", type=float, default=0.04,
                         help="PSNR drop (dB) allowed on the selection patients")
+    parser.add_argument("--qat-steps", type=int, default=0,
+                        help="quantisation-aware fine-tuning steps (0: post-training "
+                             "quantisation with accuracy control); the whole trunk in int8")
+    parser.add_argument("--qat-lr", type=float, default=2e-5, help="fine-tuning learning rate")
+    parser.add_argument("--qat-per-file", type=int, default=8,
+                        help="HR slices per calibration file to fine-tune on")
     args = parser.parse_args(argv)
     import openvino as ov
 
@@ -121,10 +127,27 @@ def main(argv: list[str] | None = None) -> int:
     calibration, selection, calibration_files, selection_files = training_pairs(
         card, args.data_root, args.scale, args.per_file)
     fp32_model, adds_bicubic = openvino_runtime.converted_body(model, (args.scale, args.scale))
-    quantized = int8_models.quantize(
-        fp32_model, [lr for lr, _ in calibration], tuple(calibration[0][0].shape[-2:]),
-        selection=selection, max_drop_db=args.max_drop,
-        score=lambda compiled, items: _psnr_of(compiled, items, args.scale, adds_bicubic))
+    if args.qat_steps:
+        from . import qat_int8
+        fake_quantised = qat_int8.quantise(openvino_runtime.residual_body(model),
+                                           [lr for lr, _ in calibration])
+        hr_slices = [s for name in calibration_files
+                     for s in _unit_slices(args.data_root / name, args.qat_per_file)]
+        fine_tuning = qat_int8.fine_tune(fake_quantised, hr_slices, args.scale, args.qat_steps,
+                                         lr=args.qat_lr)
+        fine_tuning["hr_slices"] = len(hr_slices)
+        quantized = qat_int8.to_openvino(fake_quantised)
+        selection_drop = held_out_costs(fp32_model, quantized, selection, args.scale,
+                                        adds_bicubic)["cost_db"]["fp32"]
+        print(f"QAT: selection-patient PSNR drop {selection_drop:+.4f} dB", flush=True)
+        if selection_drop > args.max_drop:
+            raise SystemExit(f"QAT drops {selection_drop:.3f} dB on the selection patients "
+                             f"(> {args.max_drop}); nothing written")
+    else:
+        quantized = int8_models.quantize(
+            fp32_model, [lr for lr, _ in calibration], tuple(calibration[0][0].shape[-2:]),
+            selection=selection, max_drop_db=args.max_drop,
+            score=lambda compiled, items: _psnr_of(compiled, items, args.scale, adds_bicubic))
     modalities = [m for m in card.get("modality", ["CT"]) if m in bench.HELD_OUT]
     if args.modality:
         modalities = [args.modality]
@@ -137,14 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     ov.save_model(quantized, str(target), compress_to_fp16=False)
     entry = {
         "file": target.name, "weights_sha256": int8_models.file_sha256(weights),
-        "recipe": "NNCF PTQ, preset mixed, full bias correction; float: additions and "
-                  "convolutions changing channels or size",
+        "recipe": ("NNCF quantisation-aware fine-tuning (torch), preset mixed" if args.qat_steps
+                   else "NNCF PTQ, preset mixed, full bias correction")
+                  + "; float: additions and convolutions changing channels or size",
         "float_convolutions": int8_models.float_layers(quantized),
         "calibration": {"training_files": calibration_files, "slices": len(calibration),
                         "crop": CROP},
         "float_layer_selection": {"training_files": selection_files, "slices": len(selection),
                                   "max_drop_db": args.max_drop},
         "held_out": {"modalities": modalities, **costs},
+        **({"fine_tuning": {**fine_tuning, "selection_drop_db": round(selection_drop, 4)}}
+           if args.qat_steps else {}),
         "openvino": ov.__version__, "cpu_seconds": round(time.process_time() - start, 1),
         "command": "python -m MedSRLib.training.quantize_int8 " + " ".join(argv or sys.argv[1:]),
     }
