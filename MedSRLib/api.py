@@ -118,11 +118,9 @@ def upscale(
     if thin is not None:  # thick slices to thin: in-plane pass (if any), then the network
         voxels = sitk.GetArrayViewFromImage(image)
         out_dtype = np.dtype(np.float32) if output_float else voxels.dtype
-        result, names = through_plane.super_resolve(
+        output, names = through_plane.super_resolve(
             voxels, thin, modality or io.modality_of(image), allow_untrained, weights, options,
             out_dtype, progress, cancel)
-        output = sitk.GetImageFromArray(result, isVector=False)
-        del result
         thin.grid.apply_to(output)
         for key in image.GetMetaDataKeys():
             if key.startswith("medsr_") and key != io.SLICE_THICKNESS_KEY:

@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 import SimpleITK as sitk
 
-from .. import intensity, zoo
+from .. import intensity, io, zoo
 from ..engine import CancelToken, EngineOptions, ProgressCallback, super_resolve_volume
 from ..errors import InputError
 from ..run_plan import model_loader
@@ -71,8 +71,9 @@ def load_network(weights: str | None, allow_untrained: bool) -> "torch.nn.Module
 def super_resolve(voxels: np.ndarray, thin: planning.ThroughPlanePlan, modality: str | None,
                   allow_untrained: bool, weights: str | None, options: EngineOptions,
                   out_dtype: np.dtype, progress: ProgressCallback | None = None,
-                  cancel: CancelToken | None = None) -> tuple[np.ndarray, str]:
-    """(output voxels (K, J, I) in `out_dtype`, model names used) for `voxels` (K, J, I)."""
+                  cancel: CancelToken | None = None) -> tuple[sitk.Image, str]:
+    """(output image of the voxels (K, J, I) in `out_dtype`, no geometry set yet; model names
+    used) for `voxels` (K, J, I)."""
     import torch
 
     cancel = cancel or CancelToken()
@@ -116,12 +117,13 @@ def super_resolve(voxels: np.ndarray, thin: planning.ThroughPlanePlan, modality:
                              net, progress=lambda f, m: report(offset + (1 - offset) * f, m),
                              cancel=cancel, autocast_dtype=_autocast_dtype(options))
     del units
-    result = np.empty(restored.shape, dtype=out_dtype)
+    output, result = io.new_volume(restored.shape[::-1], out_dtype)  # no second full copy
     for start in range(0, restored.shape[0], 8):
         result[start:start + 8] = intensity.cast_to_dtype(mapping.from_unit(restored[start:start + 8]),
-                                                          out_dtype)
+                                                          out_dtype, in_place=True)
+    del result
     cancel.raise_if_cancelled()
-    return result, " + ".join(names)
+    return output, " + ".join(names)
 
 
 def annotate(output: sitk.Image, thin: planning.ThroughPlanePlan) -> None:
