@@ -240,6 +240,13 @@ def choose_int8(model: nn.Module, factors: tuple[int, int], precision: str,
     return path
 
 
+def bf16_keeps_the_image(card: dict | None, scale: int) -> bool:
+    """False when the card records that bf16 costs a held-out volume more than the accuracy
+    contract at `scale` (`training.bf16_cost`); True otherwise (most networks lose <= 0.02 dB)."""
+    entry = ((card or {}).get("bf16") or {}).get(f"x{scale}")
+    return entry is None or bool(entry.get("automatic", True))
+
+
 class SliceUpscaler:
     """Runs one ready model on batches of 2-D slices, tiled, on one device, backend and
     precision."""
@@ -249,6 +256,9 @@ class SliceUpscaler:
         self.factors = factors
         self.device = resolve_device(options.device)
         self.autocast_dtype = resolve_precision(options.precision, self.device, learned)
+        if (options.precision == "auto" and self.autocast_dtype == torch.bfloat16
+                and not bf16_keeps_the_image(getattr(model, "card", None), factors[0])):
+            self.autocast_dtype = None
         self.channels_last = options.channels_last
         self.model = model.eval()
         # Random-weight (untrained) networks stay in torch under "auto": converting them would

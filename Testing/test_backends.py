@@ -58,6 +58,10 @@ def test_openvino_agrees_with_torch_fp32_on_real_slices(name, scale, modality, r
     reference = runs["torch fp32"]
     assert np.abs(runs["openvino fp32"] - reference).max() < 1e-3
     scores = {k: psnr(torch.from_numpy(v)[:, None], hr) for k, v in runs.items()}
+    if not engine.bf16_keeps_the_image(model.card, scale):
+        # measured too costly in bf16 on a held-out volume (its card): auto runs it in fp32
+        assert "fp32" in SliceUpscaler(model, (scale, scale), EngineOptions()).description
+        return
     # The accuracy contract on real slices: bf16 costs at most 0.05 dB against the truth.
     assert scores["openvino bf16"] >= scores["torch fp32"] - 0.05, scores
 
@@ -125,3 +129,20 @@ def test_backend_option_in_cli_and_api(tmp_path, capsys):
     assert np.abs(a - b).max() <= 1  # int16 HU: rounding of float differences only
     with pytest.raises(MedSRLib.InputError, match=r"backend \(--backend\) must be one of"):
         MedSRLib.upscale(make_volume(), model="bicubic", backend="tensorrt")
+
+
+def test_auto_keeps_fp32_for_a_model_whose_card_records_a_costly_bf16():
+    if engine.resolve_precision("auto", torch.device("cpu"), True) != torch.bfloat16:
+        pytest.skip("this CPU has no fast bf16: auto is fp32 anyway")
+    model = model_cache.load_model("edsr_lite", (2, 2), modality="CT")
+    assert "bf16" in SliceUpscaler(model, (2, 2), EngineOptions(precision="bf16")).description
+    card = dict(model.card)
+    try:
+        model.card = {**card, "bf16": {"x2": {"held_out_cost_db": 0.02, "automatic": True}}}
+        assert SliceUpscaler(model, (2, 2), EngineOptions()).autocast_dtype == torch.bfloat16
+        model.card = {**card, "bf16": {"x2": {"held_out_cost_db": 0.09, "automatic": False}}}
+        assert SliceUpscaler(model, (2, 2), EngineOptions()).autocast_dtype is None
+        # asked for explicitly, bf16 is still what runs
+        assert SliceUpscaler(model, (2, 2), EngineOptions(precision="bf16")).autocast_dtype == torch.bfloat16
+    finally:
+        model.card = card
