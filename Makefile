@@ -43,7 +43,7 @@ SRCNN_CPU_ARGS := --steps 1500 --set optimizer.lr=5.0e-4 \
 	--set 'scheduler={milestones: [1000, 1300], gamma: 0.5}' \
 	--set train.val_every=250 --set train.checkpoint_every=250
 MR_X4 := --set scale=4 --set init_from=runs/edsr_lite_x4_stage4/edsr_lite_x4.safetensors
-SHIPPED_RUNS := edsr_lite_x2_stage4 edsr_lite_x4_stage4 edsr_lite_x3_stage2 srcnn_x2 srcnn_x3 srcnn_x4 \
+SHIPPED_RUNS := edsr_lite_x2_stage4 edsr_lite_x4_stage4 edsr_lite_x3_stage2 fmen_x2 fmen_x3 fmen_x4 srcnn_x2 srcnn_x3 srcnn_x4 \
 	improved_srcnn_x2 improved_srcnn_x3 improved_srcnn_x4 lesion_detector lfsr_x2 lfsr_x4 \
 	vdsr_cpu_x2 vdsr_cpu_x3 vdsr_cpu_x4 edsr_multiscale_lite
 # run:modality -> MedSRLib/weights/<stem>_<modality>.safetensors (one file per modality, zoo.weights_files)
@@ -69,7 +69,7 @@ weights: $(VENV)/.installed
 	$(TRAIN) lesion_detector
 	$(TRAIN) lfsr_x2
 	$(TRAIN) lfsr_x2 $(MR_X4) --set name=lfsr_x4 --set output.dir=runs/lfsr_x4
-	for run in vdsr_cpu_x2 vdsr_cpu_x3 vdsr_cpu_x4 edsr_multiscale_lite srresnet_mr_x2 srresnet_mr_x4 \
+	for run in fmen_x2 fmen_x3 fmen_x4 vdsr_cpu_x2 vdsr_cpu_x3 vdsr_cpu_x4 edsr_multiscale_lite srresnet_mr_x2 srresnet_mr_x4 \
 	  srresnet_xr_x4 srgan_mr_x2 srgan_mr_x4 srgan_xr_x4 hybrid_mr_x2 hybrid_mr_x4 hybrid_xr_x4_from_mr; do $(TRAIN) $$run; done
 	for run in $(SHIPPED_RUNS); do \
 	  for f in runs/$$run/*.safetensors; do cp "$$f" "$${f%.safetensors}.json" MedSRLib/weights/; done; \
@@ -85,6 +85,8 @@ weights: $(VENV)/.installed
 	$(VENV)/bin/pip install --quiet nncf
 	for s in 2 3 4; do $(PY) -m MedSRLib.training.quantize_int8 --model edsr_lite --scale $$s; done
 	for s in 2 3 4; do $(PY) -m MedSRLib.training.quantize_int8 --model vdsr --scale $$s; done
+	# bf16's held-out cost per volume for FMEN (auto keeps fp32 where a volume loses > 0.05 dB)
+	for s in 2 3 4; do $(PY) -m MedSRLib.training.bf16_cost --model fmen --scale $$s; done
 
 # Benchmark-only runs for benchmarks/bench_lfsr.py (not shipped): paper 003's whole-slice GAN
 # baseline, and LFSR x2 re-trained with k-space noise sigma 20 and 40 (after `make weights`).
