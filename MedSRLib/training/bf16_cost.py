@@ -13,31 +13,23 @@ automatic precision keeps fp32 for a model whose card says it does not.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from .. import benchmark as bench
 from .. import int8_models, openvino_runtime, zoo
-from .quantize_int8 import DEFAULT_DATA_ROOT, _pairs, _unit_slices, held_out_costs
+from .quantize_int8 import (_pairs, _unit_slices, held_out_costs, shipped_model_parser,
+                            shipped_weights_of)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--scale", type=int, required=True)
-    parser.add_argument("--modality", default=None)
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
-    args = parser.parse_args(argv)
+    args = shipped_model_parser(__doc__.splitlines()[0]).parse_args(argv)
     import openvino as ov
 
     if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         raise SystemExit("this CPU has no bf16: the cost cannot be measured here")
-    weights = zoo.shipped_weights(zoo.get_spec(args.model), args.scale, None, args.modality)
-    if weights is None:
-        raise SystemExit(f"no shipped weights for {args.model} x{args.scale} {args.modality or ''}")
+    weights = shipped_weights_of(args)
     model = zoo.load_model(args.model, (args.scale, args.scale), modality=args.modality)
     start = time.process_time()
     modalities = [args.modality] if args.modality else \

@@ -98,12 +98,26 @@ def held_out_costs(fp32_model, int8_model, pairs, scale: int, adds_bicubic: bool
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def shipped_model_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments naming one shipped weights file (--model, --scale, --modality) and the data."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", required=True)
     parser.add_argument("--scale", type=int, required=True)
     parser.add_argument("--modality", default=None)
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
+    return parser
+
+
+def shipped_weights_of(args: argparse.Namespace) -> Path:
+    """The shipped weights file the arguments name (SystemExit when there is none)."""
+    weights = zoo.shipped_weights(zoo.get_spec(args.model), args.scale, None, args.modality)
+    if weights is None:
+        raise SystemExit(f"no shipped weights for {args.model} x{args.scale} {args.modality or ''}")
+    return weights
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = shipped_model_parser(__doc__.splitlines()[0])
     parser.add_argument("--per-file", type=int, default=2, help="slices per training file")
     parser.add_argument("--max-drop", type=float, default=0.04,
                         help="PSNR drop (dB) allowed on the selection patients")
@@ -117,10 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     import openvino as ov
 
     torch.manual_seed(0)
-    spec = zoo.get_spec(args.model)
-    weights = zoo.shipped_weights(spec, args.scale, None, args.modality)
-    if weights is None:
-        raise SystemExit(f"no shipped weights for {args.model} x{args.scale} {args.modality or ''}")
+    weights = shipped_weights_of(args)
     model = zoo.load_model(args.model, (args.scale, args.scale), modality=args.modality)
     card = dict(model.card)
     start = time.process_time()
