@@ -5,7 +5,10 @@ identical inputs:
 
 - intensities go to the SR models' network units (`intensity.fit_mapping`, per volume);
 - along each slice axis, every slice is stacked with its neighbours (`context` slices, edge
-  slices repeated) and resized to `input_size` x `input_size` (bilinear, anti-aliased);
+  slices repeated) and resampled (bilinear, anti-aliased when shrinking) onto the card's pixel
+  spacing in mm (`input_spacing_mm`: a lesion has the same size in pixels whatever the scanner,
+  field of view, slice thickness or SR input factor), padded with zeros to a multiple of 16;
+  cards of the first segmenter instead record a fixed square `input_size`;
 - the network's lesion probability is resized back to the slice's own size and the three axes'
   maps are averaged into one (K, J, I) map on the input grid.
 
@@ -28,8 +31,10 @@ from . import intensity, roi_boxes, zoo
 from .errors import InputError
 
 LOCALISER_NAME = "lesion_segmenter"
-#: Side of the square slice the network sees (training and inference).
+#: Side of the square slice the first segmenter saw (cards with "input_size", no spacing).
 DEFAULT_INPUT_SIZE = 128
+#: The network's input sizes must be multiples of this (four 2x poolings of the BasicUNet).
+SIZE_MULTIPLE = 16
 #: Probability threshold when a card does not record a calibrated one.
 DEFAULT_THRESHOLD = 0.5
 NO_LOCALISER_MESSAGE = "no trained lesion localiser ships; pass a box or a mask"
@@ -65,14 +70,51 @@ def resize_planes(planes: torch.Tensor, size: Sequence[int], mode: str = "biline
                          antialias=shrinking)
 
 
+@dataclass(frozen=True)
+class Slicing:
+    """How slices become network inputs: `context` adjacent slices per stack, resampled to
+    `spacing_mm` pixels (mm) or, when it is None, resized to `size` x `size` pixels."""
+
+    context: int = 3
+    spacing_mm: float | None = None
+    size: int = DEFAULT_INPUT_SIZE
+
+    @classmethod
+    def of_card(cls, card: Mapping[str, Any]) -> "Slicing":
+        spacing = card.get("input_spacing_mm")
+        return cls(int((card.get("config") or {}).get("in_channels", 3)),
+                   None if spacing is None else float(spacing),
+                   int(card.get("input_size", DEFAULT_INPUT_SIZE)))
+
+    def plane_shape(self, shape_hw: Sequence[int], spacing_hw: Sequence[float]) -> tuple[int, int]:
+        """(rows, columns) in network pixels of a slice of `shape_hw` pixels of `spacing_hw` mm."""
+        if self.spacing_mm is None:
+            return self.size, self.size
+        return tuple(max(1, round(n * s / self.spacing_mm))  # type: ignore[return-value]
+                     for n, s in zip(shape_hw, spacing_hw))
+
+
+def plane_spacing(spacing_xyz: Sequence[float], axis_xyz: int) -> tuple[float, float]:
+    """(row, column) spacing in mm of the slices of `slice_axis_view(volume, axis_xyz)`."""
+    rows_columns = [a for a in (2, 1, 0) if a != axis_xyz]  # x, y, z index of rows, columns
+    return float(spacing_xyz[rows_columns[0]]), float(spacing_xyz[rows_columns[1]])
+
+
 def network_stacks(slices: np.ndarray, indices: Sequence[int], context: int,
-                   input_size: int) -> torch.Tensor:
-    """(len(indices), context, input_size, input_size) float32 network input for the slices
-    `indices` of `slices` (slices, rows, columns), with their neighbours as channels."""
+                   plane_hw: int | Sequence[int]) -> torch.Tensor:
+    """(len(indices), context, *plane_hw) float32 network input for the slices `indices` of
+    `slices` (slices, rows, columns), with their neighbours as channels (an int: a square)."""
+    if isinstance(plane_hw, (int, np.integer)):
+        plane_hw = (int(plane_hw), int(plane_hw))
     count = slices.shape[0]
     stack = np.stack([slices[context_indices(i, count, context)] for i in indices])
-    return resize_planes(torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32)),
-                         (input_size, input_size))
+    return resize_planes(torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32)), plane_hw)
+
+
+def pad_to_multiple(planes: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
+    """(N, C, h, w) zero-padded at the bottom and right to multiples of `multiple`."""
+    h, w = planes.shape[-2:]
+    return F.pad(planes, (0, -w % multiple, 0, -h % multiple))
 
 
 def _batches(count: int, batch_size: int) -> Iterator[list[int]]:
@@ -80,11 +122,13 @@ def _batches(count: int, batch_size: int) -> Iterator[list[int]]:
         yield list(range(start, min(count, start + batch_size)))
 
 
-def probability_map(units_kji: np.ndarray, network: torch.nn.Module, context: int = 3,
-                    input_size: int = DEFAULT_INPUT_SIZE, axes_xyz: Sequence[int] = (0, 1, 2),
+def probability_map(units_kji: np.ndarray, network: torch.nn.Module,
+                    spacing_xyz: Sequence[float] = (1.0, 1.0, 1.0),
+                    slicing: Slicing = Slicing(), axes_xyz: Sequence[int] = (0, 1, 2),
                     batch_size: int = 16) -> np.ndarray:
-    """Lesion probability (float32, (K, J, I), in [0, 1]) of a volume in network units: the
-    mean over `axes_xyz` of the per-slice predictions resized back onto the input grid."""
+    """Lesion probability (float32, (K, J, I), in [0, 1]) of a volume in network units with
+    voxel spacing `spacing_xyz` (mm): the mean over `axes_xyz` of the per-slice predictions
+    resized back onto the input grid."""
     units_kji = np.asarray(units_kji, dtype=np.float32)
     if units_kji.ndim != 3 or min(units_kji.shape) < 1:
         raise InputError(f"the lesion localiser needs a 3-D volume, got shape {units_kji.shape}")
@@ -94,8 +138,10 @@ def probability_map(units_kji: np.ndarray, network: torch.nn.Module, context: in
         for axis in axes_xyz:
             slices = slice_axis_view(units_kji, axis)
             out = slice_axis_view(total, axis)  # a view: writes land in `total`
+            plane = slicing.plane_shape(slices.shape[1:], plane_spacing(spacing_xyz, axis))
             for batch in _batches(slices.shape[0], batch_size):
-                logits = network(network_stacks(slices, batch, context, input_size))
+                stacks = network_stacks(slices, batch, slicing.context, plane)
+                logits = network(pad_to_multiple(stacks))[..., :plane[0], :plane[1]]
                 probability = torch.softmax(logits.float(), dim=1)[:, 1:2]
                 probability = resize_planes(probability, slices.shape[1:])[:, 0]
                 out[batch[0]:batch[-1] + 1] += probability.numpy()
@@ -133,10 +179,8 @@ def find_regions(image: sitk.Image, weights_path: str | os.PathLike | None = Non
     (the card's minimum component volume, mm^3), each with its confidence (peak probability)."""
     network, card = localiser or load_localiser(weights_path)
     voxels = sitk.GetArrayViewFromImage(image)
-    context = int((card.get("config") or {}).get("in_channels", 3))
-    input_size = int(card.get("input_size", DEFAULT_INPUT_SIZE))
-    probability = probability_map(units_of(voxels), network, context, input_size,
-                                  batch_size=batch_size)
+    probability = probability_map(units_of(voxels), network, image.GetSpacing(),
+                                  Slicing.of_card(card), batch_size=batch_size)
     threshold = calibrated_setting(card, "threshold", DEFAULT_THRESHOLD) if threshold is None \
         else float(threshold)
     min_volume = calibrated_setting(card, "min_component_mm3", 0.0)

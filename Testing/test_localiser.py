@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from conftest import make_volume
 from MedSRLib import api, lesion_localiser as loc, roi, roi_boxes, zoo
@@ -141,28 +142,73 @@ def test_training_validation_and_test_patients_never_mix():
         localiser.cases(recipe=bad)
 
 
+def window_offset(window: np.ndarray, plane: np.ndarray) -> tuple[int, int] | None:
+    """(top, left) where `window` (C, c, c) sits in `plane` (C, h, w), or None."""
+    c = window.shape[-1]
+    for top in range(plane.shape[-2] - c + 1):
+        for left in range(plane.shape[-1] - c + 1):
+            if np.allclose(plane[:, top:top + c, left:left + c], window, atol=2e-3):
+                return top, left
+    return None
+
+
 def test_degraded_training_mask_keeps_the_lesion_and_stacks_match_inference(shared_data):
     case = next(c for c in localiser.cases("train") if c.image.endswith("STS_002/CT_image.nii.gz"))
-    voxels, mask, _ = localiser.read_case(shared_data, case)
+    voxels, mask, spacing = localiser.read_case(shared_data, case)
     low, low_mask = localiser.degrade_inplane(voxels, mask, 4)
+    low_spacing = (spacing[0] * 4, spacing[1] * 4, spacing[2])
     assert low.shape == (voxels.shape[0], voxels.shape[1] // 4, voxels.shape[2] // 4)
     lesion_slices = np.flatnonzero(mask.any(axis=(1, 2)))
     assert np.array_equal(np.flatnonzero(low_mask.any(axis=(1, 2))), lesion_slices)
-    inputs, targets = localiser.stacks_of_case(low, low_mask, localiser.RECIPE,
+    crop = localiser.RECIPE["crop"]
+    inputs, targets = localiser.stacks_of_case(low, low_mask, low_spacing, localiser.RECIPE,
                                                {"lesion": 4, "background": 2},
                                                np.random.default_rng(0))
-    assert inputs.shape == (3 * 6, 3, 128, 128) and targets.shape == (3 * 6, 128, 128)
+    assert inputs.shape == (3 * 6, 3, crop, crop) and targets.shape == (3 * 6, crop, crop)
     assert targets[:4].any(axis=(1, 2)).all() and not targets[4:6].any()
-    inputs, targets = localiser.stacks_of_case(low, low_mask, localiser.RECIPE,
+    inputs, targets = localiser.stacks_of_case(low, low_mask, low_spacing, localiser.RECIPE,
                                                {"lesion": 1000, "background": 0},
                                                np.random.default_rng(0))
     assert len(inputs) == sum(low_mask.any(axis=tuple(a for a in range(3) if a != axis)).sum()
                               for axis in range(3))                     # every lesion slice
-    # the first stack is the first lesion slice along x, as the inference code builds it
+    # the first stack is a window of the first lesion slice along x as the inference code
+    # builds it: resampled to the recipe's 2 mm pixels (z 3.27 mm, y 3.9 mm here), zero-padded
     units = loc.units_of(low)
     first = np.flatnonzero(low_mask.any(axis=(0, 1)))[0]
-    expected = loc.network_stacks(loc.slice_axis_view(units, 0), [first], 3, 128)
-    np.testing.assert_allclose(inputs[0].astype(np.float32), expected[0].numpy(), atol=2e-3)
+    slicing = loc.Slicing(3, localiser.RECIPE["input_spacing_mm"])
+    plane = slicing.plane_shape(units.shape[:2], loc.plane_spacing(low_spacing, 0))
+    assert plane == (round(units.shape[0] * spacing[2] / 2), round(units.shape[1] * spacing[1] * 4 / 2))
+    expected = loc.network_stacks(loc.slice_axis_view(units, 0), [first], 3, plane)[0].numpy()
+    padded = np.pad(expected, [(0, 0)] + [(crop, crop)] * 2)        # the crop may hang over
+    assert window_offset(inputs[0].astype(np.float32), padded) is not None
+
+
+def test_a_training_crop_holds_lesion_anywhere_and_pads_small_slices():
+    rng = np.random.default_rng(1)
+    stack = torch.arange(1, 2 * 40 * 50 + 1, dtype=torch.float32).reshape(2, 40, 50)
+    target = torch.zeros(40, 50, dtype=torch.bool)
+    target[30:33, 40:44] = True
+    places = set()
+    for _ in range(30):
+        x, y = localiser.random_crop(stack, target, 16, rng)
+        assert x.shape == (2, 16, 16) and y.shape == (16, 16) and y.any()
+        offset = window_offset(x.numpy(), stack.numpy())
+        assert offset is not None and np.array_equal(y.numpy(), target.numpy()[
+            offset[0]:offset[0] + 16, offset[1]:offset[1] + 16])
+        places.add(tuple(np.argwhere(y.numpy())[0]))
+    assert len(places) > 5                    # the lesion is not always at the same place
+    x, y = localiser.random_crop(stack[:, :10, :12], target[:10, :12], 16, rng)
+    assert x.shape == (2, 16, 16) and not y.any() and (x == 0).sum() == 2 * (256 - 120)
+
+
+def test_slices_are_resampled_to_the_cards_pixel_spacing_and_padded_for_the_network():
+    slicing = loc.Slicing.of_card({"config": {"in_channels": 3}, "input_spacing_mm": 2.0})
+    assert slicing.plane_shape((100, 60), (3.0, 0.5)) == (150, 15)
+    assert loc.plane_spacing((0.5, 0.7, 3.0), 2) == (0.7, 0.5)   # axial: rows y, columns x
+    assert loc.plane_spacing((0.5, 0.7, 3.0), 0) == (3.0, 0.7)   # sagittal: rows z, columns y
+    legacy = loc.Slicing.of_card({"input_size": 128})           # the first segmenter's cards
+    assert legacy.spacing_mm is None and legacy.plane_shape((100, 60), (3.0, 0.5)) == (128, 128)
+    assert loc.pad_to_multiple(torch.ones(1, 3, 150, 15)).shape == (1, 3, 160, 16)
 
 
 def test_a_short_training_run_writes_best_weights_and_its_summary(shared_data, tmp_path):
@@ -173,8 +219,8 @@ def test_a_short_training_run_writes_best_weights_and_its_summary(shared_data, t
     case = next(c for c in localiser.cases("train") if c.image.endswith("STS_002/MR_T1_image.nii.gz"))
     voxels, mask, _ = localiser.read_case(shared_data, case)
     low, low_mask = localiser.degrade_inplane(voxels, mask, 2)
-    x, y = localiser.stacks_of_case(low, low_mask, localiser.RECIPE, {"lesion": 3, "background": 1},
-                                    np.random.default_rng(0))
+    x, y = localiser.stacks_of_case(low, low_mask, (2, 2, 3.3), localiser.RECIPE,
+                                    {"lesion": 3, "background": 1}, np.random.default_rng(0))
     np.savez(tmp_path / "train.npz", inputs=x, targets=y)
     np.savez(tmp_path / "validation.npz", inputs=x[:4], targets=y[:4])
     features = (4, 4, 8, 8, 16, 4)
@@ -197,6 +243,17 @@ def test_calibration_picks_the_best_coverage_within_the_roi_share_limit():
     assert setting == (0.5, 0.0)              # ties on coverage: the higher threshold
     assert table[(0.1, 0.0)]["mean_roi_share"] == pytest.approx(0.40)
     assert calib.choose_setting(results[:1], max_mean_share=0.2)[0] == (0.1, 0.0)  # fallback
+
+
+def test_checkpoint_candidates_are_every_nth_validated_step_and_always_the_last(tmp_path):
+    assert calib.candidate_checkpoints(tmp_path) == [tmp_path / "best.safetensors"]
+    for step in (200, 400, 600, 800, 1000):
+        (tmp_path / f"step_{step:05d}.safetensors").write_bytes(b"")
+    names = lambda paths: [p.name for p in paths]  # noqa: E731
+    assert names(calib.candidate_checkpoints(tmp_path, every=2)) == [
+        "step_00200.safetensors", "step_00600.safetensors", "step_01000.safetensors"]
+    assert names(calib.candidate_checkpoints(tmp_path, every=2, first_step=400)) == [
+        "step_00400.safetensors", "step_00800.safetensors", "step_01000.safetensors"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,3 +302,4 @@ def test_auto_roi_on_a_held_out_x2_mr_holds_its_tumour(shared_data):
     coverage = roi.lesion_coverage(hr_mask, roi_boxes.union_mask(boxes, hr_mask.shape))
     assert coverage.acceptable_share >= 0.95 and coverage.voxel_fraction >= 0.95
     assert roi_boxes.union_mask(boxes, hr_mask.shape).mean() < 0.4
+

