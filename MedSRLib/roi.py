@@ -32,11 +32,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import blend, geometry, intensity, io, zoo
+from . import blend, intensity, io, lesion_localiser, roi_boxes, zoo
 from .engine import (CancelToken, EngineOptions, ProgressCallback, plan_passes,
                      receptive_radius, super_resolve_volume)
 from .run_plan import ScalePlan, plan_scale, validate_image
 from .errors import InputError, WeightsError
+from .roi_boxes import RoiBox
 from .networks.lesion_detector import resize_slices
 
 #: Metadata keys written on the output image of a lesion-focused run.
@@ -68,70 +69,7 @@ ROI_CONFIDENCE_KEY = "medsr_roi_confidences"  # one per ROI, same order, "none" 
 
 
 # ---------------------------------------------------------------------------------------------
-# The ROI: an index box on the input grid
-
-
-@dataclass(frozen=True)
-class RoiBox:
-    """Voxel index box, (x, y, z) order: `lower_xyz` inclusive, `upper_xyz` exclusive."""
-
-    lower_xyz: tuple[int, int, int]
-    upper_xyz: tuple[int, int, int]
-
-    def __post_init__(self) -> None:
-        for name in ("lower_xyz", "upper_xyz"):
-            value = getattr(self, name)
-            if len(value) != 3 or not all(isinstance(v, (int, np.integer)) for v in value):
-                raise InputError(f"ROI {name} must be 3 integers (x, y, z), got {value!r}")
-            object.__setattr__(self, name, tuple(int(v) for v in value))
-        bad = [a for a in range(3) if self.upper_xyz[a] <= self.lower_xyz[a]]
-        if bad:
-            axis = "xyz"[bad[0]]
-            raise InputError(
-                f"ROI box {self.as_text()} is empty or inverted along {axis}: upper "
-                f"{self.upper_xyz[bad[0]]} must exceed lower {self.lower_xyz[bad[0]]} "
-                "(lower inclusive, upper exclusive)")
-
-    @property
-    def size_xyz(self) -> tuple[int, int, int]:
-        return tuple(u - l for l, u in zip(self.lower_xyz, self.upper_xyz))  # type: ignore
-
-    @property
-    def slices_kji(self) -> tuple[slice, slice, slice]:
-        """numpy index of the box in a (K, J, I) array."""
-        return tuple(slice(l, u) for l, u in zip(self.lower_xyz[::-1], self.upper_xyz[::-1]))  # type: ignore
-
-    def as_text(self) -> str:
-        return ",".join(str(v) for v in (*self.lower_xyz, *self.upper_xyz))
-
-    def grown(self, margin_xyz: Sequence[int], size_xyz: Sequence[int]) -> "RoiBox":
-        """The box grown by `margin_xyz` voxels each side, clipped to a volume of `size_xyz`."""
-        return RoiBox(tuple(max(0, l - m) for l, m in zip(self.lower_xyz, margin_xyz)),
-                      tuple(min(n, u + m) for u, m, n in zip(self.upper_xyz, margin_xyz, size_xyz)))
-
-    def scaled(self, factors_xyz: Sequence[int]) -> "RoiBox":
-        """The same physical box as output-grid indices (voxel boundaries line up)."""
-        return RoiBox(tuple(l * f for l, f in zip(self.lower_xyz, factors_xyz)),
-                      tuple(u * f for u, f in zip(self.upper_xyz, factors_xyz)))
-
-    def check_inside(self, size_xyz: Sequence[int], what: str = "ROI box") -> "RoiBox":
-        """InputError unless 0 <= lower and upper <= size on every axis."""
-        for a in range(3):
-            if self.lower_xyz[a] < 0 or self.upper_xyz[a] > size_xyz[a]:
-                raise InputError(
-                    f"{what} {self.as_text()} lies outside the volume along {'xyz'[a]}: "
-                    f"voxels {self.lower_xyz[a]}..{self.upper_xyz[a] - 1} asked, the volume has "
-                    f"0..{size_xyz[a] - 1} (size {tuple(size_xyz)}, x,y,z order)")
-        return self
-
-    def bounds_lps(self, image: sitk.Image) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Physical (LPS mm) min and max corners of the box's voxel boundaries in `image`."""
-        origin = image.TransformContinuousIndexToPhysicalPoint([float(v) for v in self.lower_xyz])
-        grid = geometry.Grid(self.size_xyz, tuple(image.GetSpacing()), tuple(origin),
-                             tuple(image.GetDirection()))
-        corners = geometry.corner_points(grid)
-        return (tuple(float(v) for v in corners.min(axis=0)),
-                tuple(float(v) for v in corners.max(axis=0)))
+# The ROI: an index box on the input grid (`roi_boxes.RoiBox`)
 
 
 _BOX_PATTERN = re.compile(r"^\s*-?\d+(\s*,\s*-?\d+){5}\s*$")
@@ -613,7 +551,6 @@ def _found_regions(image: sitk.Image, finder: str, slice_axis_xyz: int, margins_
             f"{detection.threshold:.3f}): the fast model ran everywhere")
         found = [(detection.roi, detection.score)] if detection.roi is not None else []
         return found, detection.score, detection.slice_scores, message
-    from . import lesion_localiser, roi_boxes  # they build on this module
     found = lesion_localiser.find_regions(image, weights_path=weights_path)
     regions = roi_boxes.merge_overlapping(found.regions, margins_xyz, image.GetSize())
     message = "" if regions else (
