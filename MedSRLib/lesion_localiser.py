@@ -10,22 +10,27 @@ identical inputs:
   field of view, slice thickness or SR input factor), padded with zeros to a multiple of 16;
   cards of the first segmenter instead record a fixed square `input_size`;
 - the network's lesion probability is resized back to the slice's own size and the three axes'
-  maps are averaged into one (K, J, I) map on the input grid.
+  maps are averaged into one (K, J, I) map on the input grid;
+- a card may list `ensemble` members (segmenters with their own slicing, e.g. another pixel
+  size): their maps are averaged with its own (`Localiser`, `load_ensemble`).
 
 `find_regions` turns the map into ROIs (`roi_boxes`): connected components above the card's
-calibrated threshold, one box per component, with a confidence each.
+calibrated threshold, one box per component grown by the card's calibrated padding (mm), with a
+confidence each.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
 
 from . import intensity, roi_boxes, zoo
 from .errors import InputError
@@ -73,18 +78,23 @@ def resize_planes(planes: torch.Tensor, size: Sequence[int], mode: str = "biline
 @dataclass(frozen=True)
 class Slicing:
     """How slices become network inputs: `context` adjacent slices per stack, resampled to
-    `spacing_mm` pixels (mm) or, when it is None, resized to `size` x `size` pixels."""
+    `spacing_mm` pixels (mm) or, when it is None, resized to `size` x `size` pixels; with a
+    `window` (the training crop, network pixels), a slice is run in overlapping windows of that
+    size, so the network sees what it was trained on whatever the field of view."""
 
     context: int = 3
     spacing_mm: float | None = None
     size: int = DEFAULT_INPUT_SIZE
+    window: int | None = None
 
     @classmethod
     def of_card(cls, card: Mapping[str, Any]) -> "Slicing":
         spacing = card.get("input_spacing_mm")
+        window = card.get("training_crop") if spacing is not None else None
         return cls(int((card.get("config") or {}).get("in_channels", 3)),
                    None if spacing is None else float(spacing),
-                   int(card.get("input_size", DEFAULT_INPUT_SIZE)))
+                   int(card.get("input_size", DEFAULT_INPUT_SIZE)),
+                   None if window is None else int(window))
 
     def plane_shape(self, shape_hw: Sequence[int], spacing_hw: Sequence[float]) -> tuple[int, int]:
         """(rows, columns) in network pixels of a slice of `shape_hw` pixels of `spacing_hw` mm."""
@@ -112,14 +122,33 @@ def network_stacks(slices: np.ndarray, indices: Sequence[int], context: int,
 
 
 def pad_to_multiple(planes: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
-    """(N, C, h, w) zero-padded at the bottom and right to multiples of `multiple`."""
+    """(N, C, h, w) zero-padded at the bottom and right to multiples of `multiple`, and to at
+    least 2 x `multiple` (the network's deepest level then keeps 2 x 2 pixels, which instance
+    normalisation needs)."""
     h, w = planes.shape[-2:]
-    return F.pad(planes, (0, -w % multiple, 0, -h % multiple))
+    rows, columns = max(h + -h % multiple, 2 * multiple), max(w + -w % multiple, 2 * multiple)
+    return F.pad(planes, (0, columns - w, 0, rows - h))
 
 
 def _batches(count: int, batch_size: int) -> Iterator[list[int]]:
     for start in range(0, count, batch_size):
         yield list(range(start, min(count, start + batch_size)))
+
+
+def lesion_probability(network: torch.nn.Module, stacks: torch.Tensor, window: int | None,
+                       batch_size: int = 16) -> torch.Tensor:
+    """(N, 1, h, w) lesion probability of network inputs (N, C, h, w): the whole plane at once
+    (zero-padded for the network), or in `window`-pixel windows overlapping by a quarter and
+    blended with Gaussian weights (MONAI `sliding_window_inference`)."""
+    def predict(planes: torch.Tensor) -> torch.Tensor:
+        h, w = planes.shape[-2:]
+        logits = network(pad_to_multiple(planes))[..., :h, :w]
+        return torch.softmax(logits.float(), dim=1)[:, 1:2]
+
+    if window is None:
+        return predict(stacks)
+    return sliding_window_inference(stacks, (window, window), batch_size, predict,
+                                    overlap=0.25, mode="gaussian")
 
 
 def probability_map(units_kji: np.ndarray, network: torch.nn.Module,
@@ -141,8 +170,7 @@ def probability_map(units_kji: np.ndarray, network: torch.nn.Module,
             plane = slicing.plane_shape(slices.shape[1:], plane_spacing(spacing_xyz, axis))
             for batch in _batches(slices.shape[0], batch_size):
                 stacks = network_stacks(slices, batch, slicing.context, plane)
-                logits = network(pad_to_multiple(stacks))[..., :plane[0], :plane[1]]
-                probability = torch.softmax(logits.float(), dim=1)[:, 1:2]
+                probability = lesion_probability(network, stacks, slicing.window, batch_size)
                 probability = resize_planes(probability, slices.shape[1:])[:, 0]
                 out[batch[0]:batch[-1] + 1] += probability.numpy()
     total /= float(len(axes_xyz))
@@ -153,6 +181,49 @@ def load_localiser(weights_path: str | os.PathLike | None = None) -> tuple[torch
     """The registered lesion segmenter with its shipped (or given) safetensors weights, and
     its card. InputError when none ships, WeightsError for a missing or mismatched file."""
     return zoo.load_finder(LOCALISER_NAME, weights_path, NO_LOCALISER_MESSAGE)
+
+
+@dataclass(frozen=True)
+class Localiser:
+    """The segmenters whose probability maps are averaged, each with its own slicing (the
+    first: the weights file asked for; the others: its card's `ensemble` members), and the
+    first one's card, which holds the calibration of the whole."""
+
+    members: tuple[tuple[torch.nn.Module, Slicing], ...]
+    card: dict
+
+    @classmethod
+    def of_network(cls, network: torch.nn.Module, card: dict) -> "Localiser":
+        """One segmenter alone (its card's ensemble members, if any, are not loaded)."""
+        return cls(((network.eval(), Slicing.of_card(card)),), card)
+
+    def probability(self, units_kji: np.ndarray, spacing_xyz: Sequence[float],
+                    batch_size: int = 16) -> np.ndarray:
+        """Mean lesion probability of the members (float32, (K, J, I), in [0, 1])."""
+        total = None
+        for network, slicing in self.members:
+            one = probability_map(units_kji, network, spacing_xyz, slicing, batch_size=batch_size)
+            total = one if total is None else np.add(total, one, out=total)
+        return total / np.float32(len(self.members))
+
+
+def ensemble_member_paths(weights_path: Path, card: Mapping[str, Any]) -> list[Path]:
+    """Files of the card's `ensemble` members (names relative to `weights_path`'s folder)."""
+    names = (card.get("ensemble") or {}).get("members", [])
+    return [weights_path.parent / str(name) for name in names]
+
+
+def load_ensemble(weights_path: str | os.PathLike | None = None) -> Localiser:
+    """The shipped (or given) localiser with every ensemble member its card lists; errors as
+    `load_localiser` (a member file that is missing or mismatched: WeightsError)."""
+    network, card = load_localiser(weights_path)
+    path = Path(weights_path) if weights_path is not None else \
+        zoo.shipped_weights(zoo.get_spec(LOCALISER_NAME), 1)
+    members = [(network, Slicing.of_card(card))]
+    for member_path in ensemble_member_paths(path, card):
+        member, member_card = zoo.load_finder(LOCALISER_NAME, member_path, NO_LOCALISER_MESSAGE)
+        members.append((member, Slicing.of_card(member_card)))
+    return Localiser(tuple(members), card)
 
 
 @dataclass(frozen=True)
@@ -171,19 +242,34 @@ def calibrated_setting(card: Mapping[str, Any], key: str, default: float) -> flo
     return float(value)
 
 
+def regions_of_map(probability_kji: np.ndarray, spacing_xyz: Sequence[float], threshold: float,
+                   min_volume_mm3: float = 0.0, padding_mm: float = 0.0
+                   ) -> list[roi_boxes.LesionRegion]:
+    """One region per connected component of `probability_kji >= threshold` of at least
+    `min_volume_mm3`, its box grown by `padding_mm` (whole voxels, clipped to the volume): the
+    localiser's estimate of the lesion's extent, before any ROI margin."""
+    regions = roi_boxes.regions_from_probability(probability_kji, threshold, spacing_xyz,
+                                                 min_volume_mm3=min_volume_mm3)
+    padding = roi_boxes.margin_voxels(padding_mm, spacing_xyz)
+    size_xyz = probability_kji.shape[::-1]
+    return [roi_boxes.LesionRegion(r.box.grown(padding, size_xyz), r.confidence, r.voxels)
+            for r in regions]
+
+
 def find_regions(image: sitk.Image, weights_path: str | os.PathLike | None = None,
                  threshold: float | None = None, batch_size: int = 16,
-                 localiser: tuple[torch.nn.Module, dict] | None = None) -> Localisation:
-    """ROIs of `image` (no margin): the lesion probability map thresholded at the card's
-    calibrated threshold (or `threshold`), one box per connected component large enough
-    (the card's minimum component volume, mm^3), each with its confidence (peak probability)."""
-    network, card = localiser or load_localiser(weights_path)
+                 localiser: Localiser | None = None) -> Localisation:
+    """ROIs of `image` (no margin): the lesion probability map (the ensemble's mean)
+    thresholded at the card's calibrated threshold (or `threshold`), one box per connected
+    component large enough (the card's minimum component volume, mm^3) grown by the card's
+    padding (mm), each with its confidence (peak probability)."""
+    localiser = localiser or load_ensemble(weights_path)
+    card = localiser.card
     voxels = sitk.GetArrayViewFromImage(image)
-    probability = probability_map(units_of(voxels), network, image.GetSpacing(),
-                                  Slicing.of_card(card), batch_size=batch_size)
+    probability = localiser.probability(units_of(voxels), image.GetSpacing(), batch_size)
     threshold = calibrated_setting(card, "threshold", DEFAULT_THRESHOLD) if threshold is None \
         else float(threshold)
-    min_volume = calibrated_setting(card, "min_component_mm3", 0.0)
-    regions = roi_boxes.regions_from_probability(probability, threshold, image.GetSpacing(),
-                                                 min_volume_mm3=min_volume)
+    regions = regions_of_map(probability, image.GetSpacing(), threshold,
+                             calibrated_setting(card, "min_component_mm3", 0.0),
+                             calibrated_setting(card, "padding_mm", 0.0))
     return Localisation(tuple(regions), threshold, float(probability.max(initial=0.0)))

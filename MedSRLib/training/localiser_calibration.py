@@ -8,15 +8,18 @@ lesion voxels inside the ROIs; "perfect" = 100 %, "acceptable" >= 95 %. Also: th
 of the volume, the lesion components touched by no ROI, and the Dice of the thresholded
 probability map (upsampled to HR by repetition) against the mask.
 
-Calibration (this module's command) runs on the VALIDATION patients only. For each candidate
-checkpoint of the run, the threshold and the smallest component kept are, among the pairs whose
-mean ROI share stays within `MAX_MEAN_ROI_SHARE`, the one that leaves the fewest validation
-lesion volumes entirely missed and then covers the most acceptable + perfect lesion slices at
-the worse input factor (`choose_setting`); the checkpoint is chosen by the same ranking. The
-chosen weights and settings are exported with their card.
+Calibration (this module's command) runs on the VALIDATION patients only (their volumes and
+their multi-lesion composites, `lesion_composites`). For each candidate (a checkpoint of a run,
+a weights file, or an ensemble "A+B" whose probability maps are averaged), the threshold, the
+smallest component kept and the box padding are, among the settings whose mean ROI share stays
+within `MAX_MEAN_ROI_SHARE`, the one that leaves the fewest validation lesions touched by no ROI,
+then the fewest volumes entirely missed, then covers the most acceptable + perfect lesion slices
+at the worse input factor (`choose_setting`); the candidate is chosen by the same ranking. The
+chosen weights (ensemble members beside them) and settings are exported with their card.
 
     python -m MedSRLib.training.localiser_calibration --data-root ../shared/data \
-        --run runs/localiser --export MedSRLib/weights/lesion_segmenter.safetensors
+        --run runs/localiser [--candidates A.safetensors A.safetensors+B.safetensors] \
+        --export MedSRLib/weights/lesion_segmenter.safetensors
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ import torch
 from .. import lesion_localiser as loc
 from .. import roi, roi_boxes, zoo
 from . import degrade
-from .localiser import RECIPE, Case, cases
+from .lesion_composites import Composite, read_composite
+from .localiser import RECIPE, Case, cases, composite_cases
 
 AXIAL = 2  # slice axis of the protocol (x, y, z index)
 #: Calibration constraint: the mean ROI share of the validation volumes (the issue asks <= 25 %
@@ -46,6 +50,9 @@ MAX_MEAN_ROI_SHARE = 0.20
 MIN_LESION_MM3 = 20.0
 THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8)
 MIN_COMPONENTS_MM3 = (0.0, 100.0, 500.0, 2000.0)
+#: Padding (mm) of each component's box before the ROI margin: probability maps fade inside the
+#: lesion's edge, so a box of the thresholded map falls short of the lesion.
+PADDINGS_MM = (0.0, 2.5, 5.0)
 
 
 def low_resolution(image: sitk.Image, factor: int) -> sitk.Image:
@@ -64,12 +71,14 @@ def low_resolution(image: sitk.Image, factor: int) -> sitk.Image:
 
 @dataclass
 class CaseResult:
-    """Coverage of one volume at one input factor, with one (threshold, min volume) setting."""
+    """Coverage of one volume at one input factor, with one (threshold, min volume, padding)
+    setting."""
 
     volume: str
     factor: int
     threshold: float
     min_component_mm3: float
+    padding_mm: float
     lesion_slices: int
     perfect: int
     acceptable: int
@@ -82,6 +91,10 @@ class CaseResult:
     lesion_components: int
     missed_components: int
     dice: float
+
+    @property
+    def setting(self) -> tuple[float, float, float]:
+        return (self.threshold, self.min_component_mm3, self.padding_mm)
 
 
 def _lesion_components(mask_kji: np.ndarray, voxel_mm3: float) -> np.ndarray:
@@ -104,9 +117,9 @@ def _per_slice_boxes(binary_kji: np.ndarray, factor: int) -> np.ndarray:
 
 
 def score_settings(probability_kji: np.ndarray, lr_image: sitk.Image, hr_mask_kji: np.ndarray,
-                   factor: int, settings: Sequence[tuple[float, float]], margin_mm: float,
+                   factor: int, settings: Sequence[tuple[float, float, float]], margin_mm: float,
                    volume: str) -> list[CaseResult]:
-    """CaseResult of each (threshold, min component mm3) on one LR probability map."""
+    """CaseResult of each (threshold, min component mm3, padding mm) on one LR probability map."""
     size_xyz = lr_image.GetSize()
     margins = roi.margin_voxels(margin_mm, lr_image.GetSpacing())
     hr_voxel_mm3 = float(np.prod(lr_image.GetSpacing())) / factor ** 2
@@ -114,9 +127,9 @@ def score_settings(probability_kji: np.ndarray, lr_image: sitk.Image, hr_mask_kj
     n_components = int(components.max())
     hr_shape = hr_mask_kji.shape
     results = []
-    for threshold, min_volume in settings:
-        regions = roi_boxes.regions_from_probability(probability_kji, threshold,
-                                                     lr_image.GetSpacing(), min_volume)
+    for threshold, min_volume, padding in settings:
+        regions = loc.regions_of_map(probability_kji, lr_image.GetSpacing(), threshold,
+                                     min_volume, padding)
         regions = roi_boxes.merge_overlapping(regions, margins, size_xyz)
         hr_boxes = [r.box.grown(margins, size_xyz).scaled((factor, factor, 1)) for r in regions]
         inside = roi_boxes.union_mask(hr_boxes, hr_shape)
@@ -128,7 +141,7 @@ def score_settings(probability_kji: np.ndarray, lr_image: sitk.Image, hr_mask_kj
         total = np.count_nonzero(hr_binary) + np.count_nonzero(hr_mask_kji)
         touched = set(np.unique(components[inside])) - {0}
         results.append(CaseResult(
-            volume, factor, threshold, min_volume, coverage.lesion_slices, int(coverage.perfect),
+            volume, factor, threshold, min_volume, padding, coverage.lesion_slices, int(coverage.perfect),
             int(coverage.acceptable), int(per_slice.perfect), int(per_slice.acceptable),
             round(float(coverage.voxel_fraction), 4), round(float(inside.mean()), 4), len(regions),
             tuple(round(r.confidence, 3) for r in regions), n_components,
@@ -136,29 +149,39 @@ def score_settings(probability_kji: np.ndarray, lr_image: sitk.Image, hr_mask_kj
     return results
 
 
-def evaluate_cases(root: Path, selected: Sequence[Case], factors: Sequence[int],
-                   settings: Sequence[tuple[float, float]], margin_mm: float,
-                   localiser: tuple[torch.nn.Module, dict]) -> list[CaseResult]:
+def read_hr(root: Path, case: Case | Composite) -> tuple[str, sitk.Image, np.ndarray]:
+    """(name, HR image, lesion mask (K, J, I) bool) of a recipe case or a composite."""
+    if isinstance(case, Composite):
+        image, masks = read_composite(root, case)
+        return case.name, image, np.any(masks, axis=0)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(root / case.mask))) > 0
+    return case.image, sitk.ReadImage(str(root / case.image)), mask
+
+
+def evaluation_cases(subset: str) -> list[Case | Composite]:
+    """The recipe's volumes of `subset` with a lesion mask, then its multi-lesion composites."""
+    return [*(c for c in cases(subset) if c.mask), *composite_cases(subset)]
+
+
+def evaluate_cases(root: Path, selected: Sequence[Case | Composite], factors: Sequence[int],
+                   settings: Sequence[tuple[float, float, float]], margin_mm: float,
+                   localiser: loc.Localiser) -> list[CaseResult]:
     """Every case x factor x setting (the probability map is computed once per case/factor)."""
-    network, card = localiser
-    slicing = loc.Slicing.of_card(card)
     results = []
     for case in selected:
-        image = sitk.ReadImage(str(root / case.image))
-        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(root / case.mask))) > 0
+        name, image, mask = read_hr(root, case)
         for factor in factors:
             size = [n // factor * factor if a < 2 else n for a, n in enumerate(image.GetSize())]
             lr_image = low_resolution(image[:size[0], :size[1], :], factor)
             hr_mask = mask[:, :size[1], :size[0]]
             voxels = sitk.GetArrayViewFromImage(lr_image)
-            probability = loc.probability_map(loc.units_of(voxels), network,
-                                              lr_image.GetSpacing(), slicing)
+            probability = localiser.probability(loc.units_of(voxels), lr_image.GetSpacing())
             rows = score_settings(probability, lr_image, hr_mask, factor, settings, margin_mm,
-                                  case.image)
+                                  name)
             results += rows
             if len(rows) == 1:
                 r = rows[0]
-                print(f"{case.image} x{factor}: {r.lesion_slices} lesion slices, perfect "
+                print(f"{name} x{factor}: {r.lesion_slices} lesion slices, perfect "
                       f"{r.perfect} acceptable {r.acceptable}, {r.rois} ROI(s), "
                       f"{r.roi_share:.1%} of the volume, Dice {r.dice:.3f}", flush=True)
     return results
@@ -189,42 +212,53 @@ def coverage_score(results: Sequence[CaseResult]) -> tuple[float, float]:
             whole["acceptable"] + whole["perfect"])
 
 
-def choose_setting(results: Sequence[CaseResult],
-                   max_mean_share: float = MAX_MEAN_ROI_SHARE) -> tuple[tuple[float, float], dict]:
-    """The (threshold, min component mm3) among those with mean ROI share <= `max_mean_share`
-    that leaves the fewest volumes entirely missed, then has the most acceptable + perfect
-    slices (at the worse input factor first: `coverage_score`; ties: higher threshold). Falls
-    back to the smallest mean share when none qualifies. Also returns each setting's pooled
-    shares."""
-    keys = sorted({(r.threshold, r.min_component_mm3) for r in results})
-    rows = {key: [r for r in results if (r.threshold, r.min_component_mm3) == key] for key in keys}
+def ranking(table_row: dict[str, float], results: Sequence[CaseResult]) -> tuple:
+    """Sort key (higher is better) of one setting's validation results: the fewest lesions
+    touched by no ROI (a composite's second tumour counts), then the fewest volumes entirely
+    missed, then `coverage_score`."""
+    return (-table_row["missed_components"], -table_row["volumes_entirely_missed"],
+            *coverage_score(results))
+
+
+def choose_setting(results: Sequence[CaseResult], max_mean_share: float = MAX_MEAN_ROI_SHARE
+                   ) -> tuple[tuple[float, float, float], dict]:
+    """The (threshold, min component mm3, padding mm) among those with mean ROI share <=
+    `max_mean_share` that ranks first by `ranking` (ties: higher threshold, larger smallest
+    component, less padding). Falls back to the smallest mean share when none qualifies.
+    Also returns each setting's pooled shares."""
+    keys = sorted({r.setting for r in results})
+    rows = {key: [r for r in results if r.setting == key] for key in keys}
     table = {key: pooled(rows[key]) for key in keys}
     allowed = [k for k in keys if table[k]["mean_roi_share"] <= max_mean_share]
     if allowed:
-        best = max(allowed, key=lambda k: (-table[k]["volumes_entirely_missed"],
-                                           *coverage_score(rows[k]), k[0], k[1]))
+        best = max(allowed, key=lambda k: (*ranking(table[k], rows[k]), k[0], k[1], -k[2]))
     else:
         best = min(keys, key=lambda k: table[k]["mean_roi_share"])
     return best, table
 
 
-def export(checkpoint: Path, weights_path: Path, setting: tuple[float, float], table: dict,
-           margin_mm: float, cpu_seconds_calibration: float,
-           candidates: dict[str, dict] | None = None) -> dict[str, Any]:
-    """Copy the `checkpoint` (a training run's step_NNNNN / best safetensors) to `weights_path`
-    with its model card."""
+def setting_key(setting: Sequence[float]) -> str:
+    return "/".join(f"{v:g}" for v in setting)
+
+
+def base_card(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The network of `checkpoint` and the card describing its training: a training run's
+    step_NNNNN / best safetensors (card built from the run's train.json), or a weights file
+    with its own card (e.g. the shipped segmenter, whose calibration is then replaced)."""
     from safetensors.torch import load_file
 
     run = checkpoint.parent
+    if not (run / "train.json").is_file():
+        network, card = loc.load_localiser(checkpoint)
+        return network, {k: v for k, v in card.items() if k not in ("weights_file", "storage_dtype")}
     train_summary = json.loads((run / "train.json").read_text())
     config = {"in_channels": train_summary["in_channels"], "features": train_summary["features"]}
     network = zoo.build_network(loc.LOCALISER_NAME, **config)
     network.load_state_dict(load_file(str(checkpoint)))
-    key = f"{setting[0]}/{setting[1]}"
     sets = {name: sorted({c.image for c in cases(name)}) for name in ("train", "validation", "test")}
     spacing = float(train_summary.get("input_spacing_mm", RECIPE["input_spacing_mm"]))
     crop = int(train_summary.get("crop", RECIPE["crop"]))
-    card = {
+    return network, {
         "model": loc.LOCALISER_NAME,
         "title": f"Lesion segmenter (2.5-D BasicUNet localiser, {spacing:g} mm pixels)",
         "config": config, "scales": [1], "input_spacing_mm": spacing, "training_crop": crop,
@@ -252,27 +286,72 @@ def export(checkpoint: Path, weights_path: Path, setting: tuple[float, float], t
         "training": train_summary,
         "checkpoint": f"{run.name}/{checkpoint.name}",
         "cpu_seconds": train_summary["cpu_seconds"],
+        "metrics": {"validation_dice_2d": train_summary["best_validation_dice"]},
+        "parameter_count": zoo.parameter_count(network),
+    }
+
+
+def member_name(weights_path: Path, index: int) -> str:
+    """File name of ensemble member `index` (1, 2, ...) shipped beside `weights_path`."""
+    return f"{weights_path.stem}_member_{index}.safetensors"
+
+
+def export(checkpoints: Sequence[Path], weights_path: Path, setting: tuple[float, float, float],
+           table: dict, margin_mm: float, cpu_seconds_calibration: float,
+           candidates: dict[str, dict] | None = None) -> dict[str, Any]:
+    """Write the chosen candidate to `weights_path` with its card: its first checkpoint (a
+    training run's step_NNNNN / best safetensors, or a weights file with a card) with the
+    calibration, and any further ones as ensemble members beside it (`member_name`)."""
+    network, card = base_card(checkpoints[0])
+    members = []
+    for index, checkpoint in enumerate(checkpoints[1:], start=1):
+        member, member_card = base_card(checkpoint)
+        name = member_name(weights_path, index)
+        member_card = {k: v for k, v in member_card.items()
+                       if k not in ("status", "calibration", "validation")}
+        member_card["status"] = (f"ensemble member {index} of {weights_path.name}: its lesion "
+                                 f"probability map is averaged with that network's; the "
+                                 f"calibration in {weights_path.with_suffix('.json').name} "
+                                 f"applies to the mean")
+        member_card["source_checkpoint"] = str(checkpoint)
+        zoo.save_weights(member, weights_path.parent / name, member_card)
+        members.append(name)
+    key = setting_key(setting)
+    card.pop("ensemble", None)
+    if members:
+        card["ensemble"] = {
+            "members": members,
+            "combine": "mean of the members' lesion probability maps (each with its own "
+                       "slicing: the first network's then each member's card)",
+            "why": "the networks err differently: chosen on validation coverage over each "
+                   "network alone (checkpoint_selection.candidates)"}
+    card.update({
+        "source_checkpoints": [str(c) for c in checkpoints],
         "calibration": {
-            "threshold": setting[0], "min_component_mm3": setting[1], "margin_mm": margin_mm,
-            "chosen_on": "validation patients (x2 and x4 inputs), never the test patients",
+            "threshold": setting[0], "min_component_mm3": setting[1], "padding_mm": setting[2],
+            "margin_mm": margin_mm,
+            "chosen_on": "validation patients (x2 and x4 inputs, multi-lesion composites of "
+                         "validation patients included), never the test patients",
             "objective": f"mean ROI share <= {MAX_MEAN_ROI_SHARE:.0%}; then the fewest "
-                         f"validation lesion volumes entirely missed; then the most acceptable "
-                         f"+ perfect lesion slices at the worse input factor",
+                         f"validation lesions touched by no ROI; then the fewest lesion volumes "
+                         f"entirely missed; then the most acceptable + perfect lesion slices "
+                         f"at the worse input factor",
             "validation": {k: round(v, 4) for k, v in table[setting].items()},
             "cpu_seconds": round(cpu_seconds_calibration, 1),
         },
         "checkpoint_selection": {
-            "rule": "the checkpoint with the best validation coverage at its own calibrated "
-                    "setting (same objective); 2-D validation Dice does not track ROI coverage",
+            "rule": "the candidate (one checkpoint or an ensemble of them) with the best "
+                    "validation coverage at its own calibrated setting (same objective); 2-D "
+                    "validation Dice does not track ROI coverage",
             "candidates": candidates or {},
         },
-        "metrics": {"validation_dice_2d": train_summary["best_validation_dice"],
-                    **{f"validation_{k}": round(v, 4) for k, v in table[setting].items()}},
-        "calibration_grid": {k: {m: round(v, 4) for m, v in row.items()} for k, row in
-                             ((f"{a}/{b}", row) for (a, b), row in table.items())},
+        "calibration_grid": {setting_key(k): {m: round(v, 4) for m, v in row.items()}
+                             for k, row in table.items()},
         "calibration_key": key,
-        "parameter_count": zoo.parameter_count(network),
-    }
+    })
+    card["metrics"] = {**{k: v for k, v in (card.get("metrics") or {}).items()
+                          if not k.startswith("validation_") or k == "validation_dice_2d"},
+                       **{f"validation_{k}": round(v, 4) for k, v in table[setting].items()}}
     zoo.save_weights(network, weights_path, card)
     return card
 
@@ -288,57 +367,79 @@ def candidate_checkpoints(run: Path, every: int = 1, first_step: int = 0) -> lis
     return chosen if chosen[-1] == steps[-1] else chosen + [steps[-1]]
 
 
+def load_candidate(checkpoints: Sequence[Path]) -> loc.Localiser:
+    """The localiser of one candidate: its checkpoints' maps averaged, each with its slicing."""
+    members = []
+    for checkpoint in checkpoints:
+        network, card = base_card(checkpoint)
+        members.append((network.eval(), loc.Slicing.of_card(card)))
+    return loc.Localiser(tuple(members), {})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--run", type=Path, required=True, help="training run folder")
+    parser.add_argument("--run", type=Path, default=None, help="training run folder")
+    parser.add_argument("--candidates", nargs="*", default=[],
+                        help="also score these weights files; A+B: the mean of A's and B's maps")
+    parser.add_argument("--member", type=Path, nargs="*", default=[],
+                        help="also score each run checkpoint ensembled with these weights")
     parser.add_argument("--every", type=int, default=1,
                         help="score every N-th validated checkpoint of the run (and the last)")
     parser.add_argument("--first-step", type=int, default=0, help="skip earlier checkpoints")
     parser.add_argument("--export", type=Path, default=None, help="weights file to write")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="calibration.json folder (default: the run folder)")
     parser.add_argument("--margin-mm", type=float, default=roi.DEFAULT_MARGIN_MM)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from safetensors.torch import load_file
-    train_summary = json.loads((args.run / "train.json").read_text())
-    card = {"config": {"in_channels": train_summary["in_channels"]},
-            "input_spacing_mm": train_summary.get("input_spacing_mm", RECIPE["input_spacing_mm"])}
-    settings = [(t, m) for t in THRESHOLDS for m in MIN_COMPONENTS_MM3]
+    candidates_paths: dict[str, list[Path]] = {}
+    if args.run is not None:
+        for checkpoint in candidate_checkpoints(args.run, args.every, args.first_step):
+            candidates_paths[checkpoint.name] = [checkpoint]
+            if args.member:
+                candidates_paths[f"{checkpoint.name}+members"] = [checkpoint, *args.member]
+    for text in args.candidates:
+        candidates_paths[text] = [Path(part) for part in text.split("+")]
+    if not candidates_paths:
+        parser.error("nothing to score: give --run and/or --candidates")
+    settings = [(t, m, p) for t in THRESHOLDS for m in MIN_COMPONENTS_MM3 for p in PADDINGS_MM]
     start = time.process_time()
     scored: dict[str, Any] = {}
-    for checkpoint in candidate_checkpoints(args.run, args.every, args.first_step):
-        network = zoo.build_network(loc.LOCALISER_NAME, in_channels=train_summary["in_channels"],
-                                    features=train_summary["features"])
-        network.load_state_dict(load_file(str(checkpoint)))
-        results = evaluate_cases(args.data_root.resolve(), cases("validation"), (2, 4),
-                                 settings, args.margin_mm, (network.eval(), card))
+    for name, checkpoints in candidates_paths.items():
+        results = evaluate_cases(args.data_root.resolve(), evaluation_cases("validation"),
+                                 (2, 4), settings, args.margin_mm, load_candidate(checkpoints))
         setting, table = choose_setting(results)
-        rows = [r for r in results if (r.threshold, r.min_component_mm3) == setting]
-        scored[checkpoint.name] = {"setting": setting, "table": table, "results": results,
-                                   "score": coverage_score(rows)}
-        print(f"{checkpoint.name}: threshold {setting[0]}, min component {setting[1]} mm3, "
-              f"score {scored[checkpoint.name]['score']}: {table[setting]}", flush=True)
+        rows = [r for r in results if r.setting == setting]
+        scored[name] = {"setting": setting, "table": table, "results": rows}
+        print(f"{name}: setting {setting_key(setting)}, score "
+              f"{ranking(table[setting], rows)}: {table[setting]}", flush=True)
+
     def rank(name: str) -> tuple:
         row = scored[name]["table"][scored[name]["setting"]]
-        return (row["mean_roi_share"] <= MAX_MEAN_ROI_SHARE, -row["volumes_entirely_missed"],
-                *scored[name]["score"], name)
+        return (row["mean_roi_share"] <= MAX_MEAN_ROI_SHARE,
+                *ranking(row, scored[name]["results"]), name)
     chosen = max(scored, key=rank)
     setting, table = scored[chosen]["setting"], scored[chosen]["table"]
     candidates = {name: {"threshold": c["setting"][0], "min_component_mm3": c["setting"][1],
+                         "padding_mm": c["setting"][2],
                          **{k: round(c["table"][c["setting"]][k], 4) for k in
-                            ("acceptable", "perfect", "mean_roi_share", "volumes_entirely_missed")}}
+                            ("acceptable", "perfect", "mean_roi_share", "missed_components",
+                             "volumes_entirely_missed")},
+                         "worse_factor_acceptable_plus_perfect":
+                             round(coverage_score(c["results"])[0], 4)}
                   for name, c in scored.items()}
-    (args.run / "calibration.json").write_text(json.dumps(
+    out = args.out or args.run or Path(".")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration.json").write_text(json.dumps(
         {"chosen": [chosen, setting], "candidates": candidates,
-         "table": {f"{a}/{b}": row for (a, b), row in table.items()},
-         "results": [asdict(r) for r in scored[chosen]["results"]
-                     if (r.threshold, r.min_component_mm3) == tuple(setting)]}, indent=2,
+         "table": {setting_key(k): row for k, row in table.items()},
+         "results": [asdict(r) for r in scored[chosen]["results"]]}, indent=2,
         default=lambda v: v.item() if hasattr(v, "item") else str(v)) + "\n")
-    print(f"chosen {chosen}: threshold {setting[0]}, min component {setting[1]} mm3: "
-          f"{table[setting]}")
+    print(f"chosen {chosen}: setting {setting_key(setting)}: {table[setting]}")
     if args.export:
-        export(args.run / chosen, args.export, setting, table, args.margin_mm,
+        export(candidates_paths[chosen], args.export, setting, table, args.margin_mm,
                time.process_time() - start, candidates)
         print(f"wrote {args.export}")
     return 0
