@@ -12,9 +12,9 @@ Calibration (this module's command) runs on the VALIDATION patients only (their 
 their multi-lesion composites, `lesion_composites`). For each candidate (a checkpoint of a run,
 a weights file, or an ensemble "A+B" whose probability maps are averaged), the threshold, the
 smallest component kept and the box padding are, among the settings whose mean ROI share stays
-within `MAX_MEAN_ROI_SHARE`, the one that leaves the fewest validation lesions touched by no ROI,
-then the fewest volumes entirely missed, then covers the most acceptable + perfect lesion slices
-at the worse input factor (`choose_setting`); the candidate is chosen by the same ranking. The
+within `MAX_MEAN_ROI_SHARE`, the one that leaves the fewest validation volumes entirely missed,
+then has the highest sum of the acceptable and perfect lesion-slice shares at the worse input
+factor and the share of lesions an ROI touches (`ranking`, `choose_setting`); the candidate is chosen by the same ranking. The
 chosen weights (ensemble members beside them) and settings are exported with their card.
 
     python -m MedSRLib.training.localiser_calibration --data-root ../shared/data \
@@ -198,6 +198,7 @@ def pooled(results: Sequence[CaseResult]) -> dict[str, float]:
             "mean_roi_share": float(np.mean([r.roi_share for r in results])),
             "max_roi_share": float(np.max([r.roi_share for r in results])),
             "mean_dice": float(np.mean([r.dice for r in results])),
+            "lesion_components": int(sum(r.lesion_components for r in results)),
             "missed_components": int(sum(r.missed_components for r in results)),
             "volumes_entirely_missed": int(sum(r.voxel_coverage == 0 for r in results))}
 
@@ -213,11 +214,15 @@ def coverage_score(results: Sequence[CaseResult]) -> tuple[float, float]:
 
 
 def ranking(table_row: dict[str, float], results: Sequence[CaseResult]) -> tuple:
-    """Sort key (higher is better) of one setting's validation results: the fewest lesions
-    touched by no ROI (a composite's second tumour counts), then the fewest volumes entirely
-    missed, then `coverage_score`."""
-    return (-table_row["missed_components"], -table_row["volumes_entirely_missed"],
-            *coverage_score(results))
+    """Sort key (higher is better) of one setting's validation results: the fewest volumes
+    whose lesion no ROI touches, then three shares added with equal weight: acceptable and
+    perfect lesion slices at the worse input factor, and lesions touched by an ROI (a
+    composite's second tumour counts; a share, so one small lesion does not outweigh every
+    slice), then the pooled coverage."""
+    worse, whole = coverage_score(results)
+    components = max(int(table_row["lesion_components"]), 1)
+    found = 1.0 - table_row["missed_components"] / components
+    return (-table_row["volumes_entirely_missed"], round(worse + found, 6), whole)
 
 
 def choose_setting(results: Sequence[CaseResult], max_mean_share: float = MAX_MEAN_ROI_SHARE
@@ -291,6 +296,15 @@ def base_card(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     }
 
 
+def with_patient_sets(card: dict[str, Any]) -> dict[str, Any]:
+    """`card` with the recipe's training / validation / test files and patients when it does
+    not list them (candidate cards written before export recorded them)."""
+    sets = {name: sorted({c.image for c in cases(name)}) for name in ("train", "validation", "test")}
+    return {"training_data": sets["train"], "validation_data": sets["validation"],
+            "test_data": sets["test"], "recipe": "MedSRLib/training/localiser.py (RECIPE)",
+            "patients": {family: sets_ for family, sets_ in RECIPE["split"].items()}, **card}
+
+
 def member_name(weights_path: Path, index: int) -> str:
     """File name of ensemble member `index` (1, 2, ...) shipped beside `weights_path`."""
     return f"{weights_path.stem}_member_{index}.safetensors"
@@ -314,6 +328,7 @@ def export(checkpoints: Sequence[Path], weights_path: Path, setting: tuple[float
                                  f"calibration in {weights_path.with_suffix('.json').name} "
                                  f"applies to the mean")
         member_card["source_checkpoint"] = str(checkpoint)
+        member_card = with_patient_sets(member_card)
         zoo.save_weights(member, weights_path.parent / name, member_card)
         members.append(name)
     key = setting_key(setting)
@@ -333,9 +348,10 @@ def export(checkpoints: Sequence[Path], weights_path: Path, setting: tuple[float
             "chosen_on": "validation patients (x2 and x4 inputs, multi-lesion composites of "
                          "validation patients included), never the test patients",
             "objective": f"mean ROI share <= {MAX_MEAN_ROI_SHARE:.0%}; then the fewest "
-                         f"validation lesions touched by no ROI; then the fewest lesion volumes "
-                         f"entirely missed; then the most acceptable + perfect lesion slices "
-                         f"at the worse input factor",
+                         f"validation volumes whose lesion no ROI touches; then the highest "
+                         f"acceptable + perfect lesion-slice shares at the worse input factor "
+                         f"+ share of lesions touched by an ROI (composites' second tumours "
+                         f"included)",
             "validation": {k: round(v, 4) for k, v in table[setting].items()},
             "cpu_seconds": round(cpu_seconds_calibration, 1),
         },
