@@ -25,7 +25,7 @@ def rows(weights_dir: Path) -> list[str]:
                 scores.append(f"x{scale} {entry['model']['psnr']:.2f} / {entry['bicubic']['psnr']:.2f}")
         lines.append(
             f"| {path.name} | {card['model']} | {', '.join(card.get('modality') or [])} | "
-            f"{card.get('recipe')} | {card.get('steps')} | {card.get('cpu_seconds', 0) / 60:.0f} | "
+            f"{card.get('recipe')} | {card.get('steps')} | {(card.get('cpu_seconds') or 0) / 60:.0f} | "
             f"{'; '.join(scores) or '-'} | {path.stat().st_size / 1e6:.1f} |")
     total = sum(p.stat().st_size for p in weights_dir.glob("*.safetensors")) / 1e6
     lines.append(f"\nTotal: {total:.1f} MB in {len(list(weights_dir.glob('*.safetensors')))} files.")

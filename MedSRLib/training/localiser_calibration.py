@@ -328,7 +328,7 @@ def export(checkpoints: Sequence[Path], weights_path: Path, setting: tuple[float
                                  f"calibration in {weights_path.with_suffix('.json').name} "
                                  f"applies to the mean")
         member_card["source_checkpoint"] = str(checkpoint)
-        member_card = with_patient_sets(member_card)
+        member_card = with_patient_sets({"modality": card.get("modality"), **member_card})
         zoo.save_weights(member, weights_path.parent / name, member_card)
         members.append(name)
     key = setting_key(setting)
