@@ -13,16 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-import SimpleITK as sitk
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MedSRLib import lesion_localiser as loc  # noqa: E402
+from MedSRLib import io, lesion_localiser as loc  # noqa: E402
 
 FIRST_SEGMENTER = Path(__file__).resolve().parent / "results/localiser/candidates/S200/lesion_segmenter.safetensors"
 VOLUMES = ("sarcoma/STS_014/MR_T1_image.nii.gz", "ct/totalseg-example-ct.nii.gz",
-           "brats/brats_2013_pat0006_1/T1c_subtrMeanDivStd.nii.gz")
+           "brats/brats_2013_pat0006_1/T1c_subtrMeanDivStd.nii.gz", "ct/crlm-ct-1004-dicom")
 
 
 def cpu_flags() -> str:
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     localisers = {"first segmenter alone": loc.load_ensemble(FIRST_SEGMENTER),
                   "shipped ensemble": loc.load_ensemble()}
     for relative in VOLUMES:
-        image = sitk.ReadImage(str(args.data_root / relative))
+        image = io.read_volume(args.data_root / relative)      # a file or a DICOM folder
         seconds = {}
         for _ in range(2):  # the second round is reported (first-call costs excluded)
             for name, localiser in localisers.items():
