@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
 from . import intensity, roi_boxes, zoo
-from .errors import InputError
+from .errors import InputError, WeightsError
 
 LOCALISER_NAME = "lesion_segmenter"
 #: Side of the square slice the first segmenter saw (cards with "input_size", no spacing).
@@ -209,8 +209,12 @@ class Localiser:
 
 def ensemble_member_paths(weights_path: Path, card: Mapping[str, Any]) -> list[Path]:
     """Files of the card's `ensemble` members (names relative to `weights_path`'s folder)."""
-    names = (card.get("ensemble") or {}).get("members", [])
-    return [weights_path.parent / str(name) for name in names]
+    names = [str(name) for name in (card.get("ensemble") or {}).get("members", [])]
+    bad = [name for name in names if Path(name).name != name or not name.endswith(".safetensors")]
+    if bad:
+        raise WeightsError(f"{weights_path}: ensemble members must be .safetensors files beside "
+                           f"it, got {bad}")
+    return [weights_path.parent / name for name in names]
 
 
 def load_ensemble(weights_path: str | os.PathLike | None = None) -> Localiser:

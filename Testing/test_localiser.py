@@ -399,6 +399,9 @@ def test_an_ensemble_card_averages_its_members_maps_each_with_its_own_slicing(tm
     (tmp_path / "seg_member_1.safetensors").unlink()
     with pytest.raises(WeightsError, match="seg_member_1.safetensors"):
         loc.load_ensemble(tmp_path / "seg.safetensors")
+    for bad in ("../elsewhere/seg_member_1.safetensors", "seg_member_1.pt"):
+        with pytest.raises(WeightsError, match="members must be .safetensors files beside it"):
+            loc.ensemble_member_paths(tmp_path / "seg.safetensors", {"ensemble": {"members": [bad]}})
 
 
 def test_export_writes_the_members_beside_the_weights_with_the_calibration(tmp_path):
