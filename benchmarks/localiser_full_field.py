@@ -9,29 +9,20 @@ whole-body, pelvis, brain or head scan, unlike the tight tumour crops of the cov
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from MedSRLib import io, lesion_localiser as loc, roi_boxes  # noqa: E402
+from localiser_time import compared_localisers  # noqa: E402  (this folder is on sys.path)
 
-FIRST_SEGMENTER = Path(__file__).resolve().parent / "results/localiser/candidates/S200/lesion_segmenter.safetensors"
 SCANS = ("ct/crlm-ct-1004-dicom", "mr/pelvis-t2-dicom", "ct/totalseg-example-ct.nii.gz",
          "mr/brain-t1-gd-skullstripped.nii.gz", "ct/head-cta-avm.nii.gz")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    localisers = {"first segmenter alone": loc.load_ensemble(FIRST_SEGMENTER),
-                  "shipped ensemble": loc.load_ensemble()}
+    args, localisers = compared_localisers(__doc__.splitlines()[0], argv)
     for relative in SCANS:
         image = io.read_volume(args.data_root / relative)
         parts = []

@@ -46,15 +46,22 @@ def cpu_flags() -> str:
     return " ".join(sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2"))))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def compared_localisers(description: str, argv: list[str] | None
+                        ) -> tuple[argparse.Namespace, dict[str, loc.Localiser]]:
+    """The command line (--data-root, --threads; torch threads set) and the two localisers
+    compared: the first segmenter alone and the shipped ensemble."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"CPU flags: {cpu_flags()}; torch threads {args.threads}")
-    localisers = {"first segmenter alone": loc.load_ensemble(FIRST_SEGMENTER),
+    return args, {"first segmenter alone": loc.load_ensemble(FIRST_SEGMENTER),
                   "shipped ensemble": loc.load_ensemble()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, localisers = compared_localisers(__doc__.splitlines()[0], argv)
+    print(f"CPU flags: {cpu_flags()}; torch threads {args.threads}")
     volumes = [(relative, io.read_volume(args.data_root / relative), 2) for relative in VOLUMES]
     volumes.append((f"{VOLUMES[-1]} tiled to {TALL_SLICES} slices",
                     tall_ct(volumes[-1][1], TALL_SLICES), 1))   # warm by then: one round
