@@ -8,8 +8,6 @@ sagittal planes), and the two results are averaged.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import torch
 

@@ -6,6 +6,7 @@ adapted to the volume first), and record the assumed slice profile on the output
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -13,6 +14,9 @@ import SimpleITK as sitk
 from .. import intensity, io, zoo
 from ..engine import CancelToken, EngineOptions, ProgressCallback, super_resolve_volume
 from ..errors import InputError
+
+if TYPE_CHECKING:  # annotations only: torch is imported where a network runs
+    import torch
 from ..run_plan import model_loader
 from . import apply, model_io, planning
 from .network import ThroughPlaneEDSR
