@@ -424,6 +424,50 @@ def test_export_writes_the_members_beside_the_weights_with_the_calibration(tmp_p
     assert found.threshold == 0.4
 
 
+def test_a_refit_trains_on_training_and_validation_patients_never_test_ones():
+    plain, refit = localiser.training_cases(), localiser.training_cases(refit=True)
+    assert {c.subset for c in plain} == {"train"}
+    assert {c.subset for c in refit} == {"train", "validation"}
+    assert set(refit) - set(plain) == set(localiser.cases("validation"))
+    assert "brats_2013_pat0005_1" in {c.patient for c in refit}
+
+
+def test_a_refit_replaces_one_member_and_keeps_the_calibration(tmp_path):
+    """The final fit (`prepare --refit`): member 1 is replaced by a run trained on the training
+    and validation patients; its card says so, the ensemble's calibration stays, and a run
+    without the validation patients is refused."""
+    tiny_segmenter(tmp_path, "a.safetensors", {"title": "A", "input_size": 64}, seed=4)
+    tiny_segmenter(tmp_path, "b.safetensors", {"title": "B", "input_spacing_mm": 2.0}, seed=5)
+    setting = (0.4, 500.0, 2.5)
+    table = {setting: {"acceptable": 0.9, "perfect": 0.8, "mean_roi_share": 0.15}}
+    out = tmp_path / "shipped" / "lesion_segmenter.safetensors"
+    calib.export([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], out, setting,
+                 table, 5.0, 1.0)
+    run = tmp_path / "refit_run"
+    refit_net = tiny_segmenter(run, "step_02400.safetensors", {}, seed=6)
+    summary = {"in_channels": 3, "features": [4, 4, 8, 8, 16, 4], "cpu_seconds": 1.0,
+               "best_validation_dice": 0.5, "input_spacing_mm": 2.0, "crop": 96}
+    (run / "train.json").write_text(json.dumps({**summary, "refit": False}))
+    with pytest.raises(ValueError, match="not a refit"):
+        calib.refit_member(out, 1, run / "step_02400.safetensors")
+    (run / "train.json").write_text(json.dumps({**summary, "refit": True}))
+    with pytest.raises(ValueError, match="1 ensemble member"):
+        calib.refit_member(out, 2, run / "step_02400.safetensors")
+    card = calib.refit_member(out, 1, run / "step_02400.safetensors")
+    assert card["calibration"]["threshold"] == 0.4 and card["ensemble"]["refit"]["member"] == 1
+    assert card["source_checkpoints"][1] == str(run / "step_02400.safetensors")
+    member_card = zoo.read_card(out.parent / "lesion_segmenter_member_1.safetensors")
+    assert member_card["refit_of"] == str(tmp_path / "b.safetensors")
+    patients = {c.image for name in ("train", "validation") for c in localiser.cases(name)}
+    assert set(member_card["training_data"]) == patients
+    assert not patients & set(member_card["test_data"])
+    ensemble = loc.load_ensemble(out)
+    units = np.random.default_rng(3).random((6, 20, 24), dtype=np.float32)
+    assert np.allclose(ensemble.members[1][0](torch.ones(1, 3, 32, 32)).detach(),
+                       refit_net(torch.ones(1, 3, 32, 32)).detach())
+    assert ensemble.probability(units, (1.0, 1.0, 2.0)).shape == units.shape
+
+
 def test_auto_roi_on_two_held_out_tumours_gives_two_rois_and_improves_both(shared_data):
     """Issue 19's two-lesion case: held-out STS_012 and STS_014 T1 MR side by side (the recipe's
     test composite, never trained or calibrated on), degraded x2. `upscale(roi="auto")` with

@@ -220,15 +220,25 @@ def stacks_of_case(voxels_kji: np.ndarray, mask_kji: np.ndarray, spacing_xyz: Se
     return np.stack(inputs), np.stack(targets)
 
 
-def prepare(root: Path, cache: Path, recipe: dict[str, Any] = RECIPE, seed: int = 0) -> dict:
-    """Write train.npz and validation.npz (inputs, targets) and cache.json under `cache`."""
+def training_cases(recipe: dict[str, Any] = RECIPE, refit: bool = False) -> list[Case]:
+    """The cases whose stacks train the network: the training patients', and with `refit` the
+    validation patients' too (never a test patient's)."""
+    return cases("train", recipe) + (cases("validation", recipe) if refit else [])
+
+
+def prepare(root: Path, cache: Path, recipe: dict[str, Any] = RECIPE, seed: int = 0,
+            refit: bool = False) -> dict:
+    """Write train.npz and validation.npz (inputs, targets) and cache.json under `cache`.
+    `refit`: the training stacks also come from the validation patients (the final fit, once a
+    run without them chose the checkpoint step and the calibration); test patients never."""
     cache.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    summary: dict[str, Any] = {"recipe": recipe, "subsets": {}}
+    summary: dict[str, Any] = {"recipe": recipe, "refit": refit, "subsets": {}}
     for subset, counts, factors in (("train", recipe["train_slices"], recipe["factors"]),
                                     ("validation", recipe["validation_slices"], [2, 4])):
         inputs, targets, used = [], [], []
-        for case in cases(subset, recipe):
+        chosen = training_cases(recipe, refit) if subset == "train" else cases(subset, recipe)
+        for case in chosen:
             voxels, mask, spacing = read_case(root, case)
             for factor in factors:
                 low, low_mask = degrade_inplane(voxels, mask, factor, recipe["lesion_share"])
@@ -250,11 +260,14 @@ def prepare(root: Path, cache: Path, recipe: dict[str, Any] = RECIPE, seed: int 
 
 def slicing_of_cache(cache: Path) -> dict[str, Any]:
     """The input geometry a cache was cut with (its cache.json recipe; the RECIPE's when the
-    cache does not record one)."""
-    recipe = RECIPE
+    cache does not record one) and whether its training stacks include the validation
+    patients (`refit`)."""
+    recipe, refit = RECIPE, False
     if (cache / "cache.json").exists():
-        recipe = {**RECIPE, **json.loads((cache / "cache.json").read_text()).get("recipe", {})}
-    return {"input_spacing_mm": float(recipe["input_spacing_mm"]), "crop": int(recipe["crop"])}
+        cached = json.loads((cache / "cache.json").read_text())
+        recipe, refit = {**RECIPE, **cached.get("recipe", {})}, bool(cached.get("refit", False))
+    return {"input_spacing_mm": float(recipe["input_spacing_mm"]), "crop": int(recipe["crop"]),
+            "refit": refit}
 
 
 def augmentation(seed: int, affine: bool = True):
@@ -402,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, required=True)
     p.add_argument("--input-spacing-mm", type=float, default=RECIPE["input_spacing_mm"])
     p.add_argument("--crop", type=int, default=RECIPE["crop"], help="multiple of 16")
+    p.add_argument("--refit", action="store_true",
+                   help="train on the training and validation patients (the final fit)")
     t = sub.add_parser("train")
     t.add_argument("--cache", type=Path, required=True)
     t.add_argument("--run", type=Path, required=True)
@@ -415,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare(args.data_root.resolve(), args.cache,
-                {**RECIPE, "input_spacing_mm": args.input_spacing_mm, "crop": args.crop})
+                {**RECIPE, "input_spacing_mm": args.input_spacing_mm, "crop": args.crop},
+                refit=args.refit)
     else:
         torch.set_num_threads(args.threads)
         train(args.cache, args.run, steps=args.steps, batch_size=args.batch_size,

@@ -261,6 +261,8 @@ def base_card(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     network = zoo.build_network(loc.LOCALISER_NAME, **config)
     network.load_state_dict(load_file(str(checkpoint)))
     sets = {name: sorted({c.image for c in cases(name)}) for name in ("train", "validation", "test")}
+    if train_summary.get("refit"):  # the final fit: validation patients trained it too
+        sets["train"] = sorted({*sets["train"], *sets["validation"]})
     spacing = float(train_summary.get("input_spacing_mm", RECIPE["input_spacing_mm"]))
     crop = int(train_summary.get("crop", RECIPE["crop"]))
     return network, {
@@ -372,6 +374,41 @@ def export(checkpoints: Sequence[Path], weights_path: Path, setting: tuple[float
     return card
 
 
+def refit_member(weights_path: Path, index: int, checkpoint: Path) -> dict[str, Any]:
+    """Replace ensemble member `index` (1, 2, ...) of `weights_path` by `checkpoint`: the same
+    recipe and step as the member it replaces, trained again on the training and validation
+    patients (`localiser prepare --refit`). The ensemble's calibration, chosen with the replaced
+    member on the validation patients, is kept (no patient is left to choose it again)."""
+    network, card = loc.load_localiser(weights_path)
+    members = list((card.get("ensemble") or {}).get("members", []))
+    if not 1 <= index <= len(members):
+        raise ValueError(f"{weights_path} has {len(members)} ensemble member(s), not {index}")
+    member, member_card = base_card(checkpoint)
+    if not member_card["training"].get("refit"):
+        raise ValueError(f"{checkpoint} was not trained with the validation patients (prepare "
+                         f"--refit): it is not a refit")
+    replaced = card["source_checkpoints"][index]
+    member_card = with_patient_sets({"modality": card.get("modality"), **member_card})
+    member_card["status"] = (f"ensemble member {index} of {weights_path.name}, refit: "
+                             f"{replaced}'s recipe and step on the training + validation "
+                             f"patients; the calibration in "
+                             f"{weights_path.with_suffix('.json').name} (chosen with {replaced} "
+                             f"on the validation patients) applies to the mean")
+    member_card["source_checkpoint"] = str(checkpoint)
+    member_card["refit_of"] = replaced
+    zoo.save_weights(member, weights_path.parent / members[index - 1], member_card)
+    card = {k: v for k, v in card.items() if k not in ("weights_file", "storage_dtype")}
+    card["source_checkpoints"] = [*card["source_checkpoints"][:index], str(checkpoint),
+                                  *card["source_checkpoints"][index + 1:]]
+    card["ensemble"] = {**card["ensemble"], "refit": {
+        "member": index, "checkpoint": str(checkpoint), "replaces": replaced,
+        "why": "the final fit: one more brain-tumour patient (2 -> 3) and two more sarcoma "
+               "patients for the network whose choice and calibration the validation "
+               "patients already made; the test patients stay unseen"}}
+    zoo.save_weights(network, weights_path, card)
+    return card
+
+
 def candidate_checkpoints(run: Path, every: int = 1, first_step: int = 0) -> list[Path]:
     """The run's validated checkpoints (step_NNNNN.safetensors from `first_step` on; every
     `every`-th, always the last) or, for runs without them, best.safetensors."""
@@ -408,8 +445,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="calibration.json folder (default: the run folder)")
     parser.add_argument("--margin-mm", type=float, default=roi.DEFAULT_MARGIN_MM)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--refit-member", nargs=2, metavar=("INDEX", "CHECKPOINT"),
+                        help="replace ensemble member INDEX of --export by CHECKPOINT (a refit "
+                             "on training + validation patients), keeping the calibration")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.refit_member:
+        if args.export is None:
+            parser.error("--refit-member needs --export (the ensemble's weights file)")
+        refit_member(args.export, int(args.refit_member[0]), Path(args.refit_member[1]))
+        print(f"wrote {args.export} (member {args.refit_member[0]}: {args.refit_member[1]})")
+        return 0
     candidates_paths: dict[str, list[Path]] = {}
     if args.run is not None:
         for checkpoint in candidate_checkpoints(args.run, args.every, args.first_step):
