@@ -48,15 +48,19 @@ def cpu_flags() -> str:
 
 def compared_localisers(description: str, argv: list[str] | None
                         ) -> tuple[argparse.Namespace, dict[str, loc.Localiser]]:
-    """The command line (--data-root, --threads; torch threads set) and the two localisers
-    compared: the first segmenter alone and the shipped ensemble."""
+    """The command line (--data-root, --threads, --also; torch threads set) and the localisers
+    compared: the first segmenter alone, the shipped ensemble and any `--also` weights files
+    (e.g. a candidate before it ships)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--also", type=Path, nargs="*", default=[],
+                        help="further localiser weights files (with their cards) to compare")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     return args, {"first segmenter alone": loc.load_ensemble(FIRST_SEGMENTER),
-                  "shipped ensemble": loc.load_ensemble()}
+                  "shipped ensemble": loc.load_ensemble(),
+                  **{str(path): loc.load_ensemble(path) for path in args.also}}
 
 
 def main(argv: list[str] | None = None) -> int:
