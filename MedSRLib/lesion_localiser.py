@@ -96,6 +96,14 @@ class Slicing:
                    int(card.get("input_size", DEFAULT_INPUT_SIZE)),
                    None if window is None else int(window))
 
+    def slice_step(self, slice_spacing_mm: float) -> int:
+        """Run every n-th slice along an axis of `slice_spacing_mm` (the others interpolated):
+        with fixed network pixels, slices closer than a network pixel add no detail the
+        network sees in-plane; 1 for whole-slice resizing."""
+        if self.spacing_mm is None or slice_spacing_mm <= 0:
+            return 1
+        return max(1, int(self.spacing_mm / float(slice_spacing_mm) + 1e-6))
+
     def plane_shape(self, shape_hw: Sequence[int], spacing_hw: Sequence[float]) -> tuple[int, int]:
         """(rows, columns) in network pixels of a slice of `shape_hw` pixels of `spacing_hw` mm."""
         if self.spacing_mm is None:
@@ -151,13 +159,30 @@ def lesion_probability(network: torch.nn.Module, stacks: torch.Tensor, window: i
                                     overlap=0.25, mode="gaussian")
 
 
+def sampled_slices(count: int, step: int) -> list[int]:
+    """Every `step`-th slice index of `count`, always with the last one."""
+    indices = list(range(0, count, max(1, int(step))))
+    return indices if indices[-1] == count - 1 else indices + [count - 1]
+
+
+def add_interpolated(out: np.ndarray, indices: Sequence[int], planes: np.ndarray) -> None:
+    """Add to `out` (slices, h, w) the `planes` computed at slice `indices` (increasing, first
+    0, last the final slice), linearly interpolated onto the slices between them."""
+    for (a, b), (pa, pb) in zip(zip(indices, indices[1:]), zip(planes, planes[1:])):
+        for i in range(a, b):
+            w = np.float32((i - a) / (b - a))
+            out[i] += pa if w == 0 else (1 - w) * pa + w * pb
+    out[indices[-1]] += planes[-1]
+
+
 def probability_map(units_kji: np.ndarray, network: torch.nn.Module,
                     spacing_xyz: Sequence[float] = (1.0, 1.0, 1.0),
                     slicing: Slicing = Slicing(), axes_xyz: Sequence[int] = (0, 1, 2),
                     batch_size: int = 16) -> np.ndarray:
     """Lesion probability (float32, (K, J, I), in [0, 1]) of a volume in network units with
     voxel spacing `spacing_xyz` (mm): the mean over `axes_xyz` of the per-slice predictions
-    resized back onto the input grid."""
+    resized back onto the input grid (along an axis finer than fixed network pixels, every
+    n-th slice's, linearly interpolated between: `Slicing.slice_step`)."""
     units_kji = np.asarray(units_kji, dtype=np.float32)
     if units_kji.ndim != 3 or min(units_kji.shape) < 1:
         raise InputError(f"the lesion localiser needs a 3-D volume, got shape {units_kji.shape}")
@@ -168,11 +193,13 @@ def probability_map(units_kji: np.ndarray, network: torch.nn.Module,
             slices = slice_axis_view(units_kji, axis)
             out = slice_axis_view(total, axis)  # a view: writes land in `total`
             plane = slicing.plane_shape(slices.shape[1:], plane_spacing(spacing_xyz, axis))
-            for batch in _batches(slices.shape[0], batch_size):
-                stacks = network_stacks(slices, batch, slicing.context, plane)
+            run = sampled_slices(slices.shape[0], slicing.slice_step(spacing_xyz[axis]))
+            computed = np.empty((len(run), *slices.shape[1:]), dtype=np.float32)
+            for batch in _batches(len(run), batch_size):
+                stacks = network_stacks(slices, [run[i] for i in batch], slicing.context, plane)
                 probability = lesion_probability(network, stacks, slicing.window, batch_size)
-                probability = resize_planes(probability, slices.shape[1:])[:, 0]
-                out[batch[0]:batch[-1] + 1] += probability.numpy()
+                computed[batch[0]:batch[-1] + 1] = resize_planes(probability, slices.shape[1:])[:, 0]
+            add_interpolated(out, run, computed)
     total /= float(len(axes_xyz))
     return np.clip(total, 0.0, 1.0, out=total)
 

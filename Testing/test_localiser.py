@@ -212,6 +212,30 @@ def test_slices_are_resampled_to_the_cards_pixel_spacing_and_padded_for_the_netw
     assert loc.pad_to_multiple(torch.ones(1, 3, 150, 15)).shape == (1, 3, 160, 32)  # at least 32: 2 x 2 at the deepest level
 
 
+def test_slices_closer_than_a_network_pixel_are_interpolated_not_run(monkeypatch):
+    """Fixed-pixel slicing runs every n-th slice along an axis finer than its pixels (the last
+    one always) and interpolates the others linearly; whole-slice resizing runs them all."""
+    assert loc.sampled_slices(10, 3) == [0, 3, 6, 9] and loc.sampled_slices(11, 3)[-2:] == [9, 10]
+    assert loc.sampled_slices(5, 1) == [0, 1, 2, 3, 4] and loc.sampled_slices(1, 4) == [0]
+    two_mm = loc.Slicing(3, 2.0, window=96)
+    assert [two_mm.slice_step(s) for s in (0.8, 1.0, 0.49, 2.0, 3.0)] == [2, 2, 4, 1, 1]
+    assert loc.Slicing(3, None, 128).slice_step(0.5) == 1
+    out = np.zeros((11, 2, 3), dtype=np.float32)
+    indices = loc.sampled_slices(11, 4)                          # [0, 4, 8, 10]
+    loc.add_interpolated(out, indices, np.stack([np.full((2, 3), i, np.float32) for i in indices]))
+    assert np.allclose(out[:, 0, 0], np.arange(11))             # a ramp comes back exactly
+    torch.manual_seed(0)
+    network = zoo.build_network("lesion_segmenter", features=[4, 4, 8, 8, 16, 4]).eval()
+    units = np.random.default_rng(5).random((9, 40, 36), dtype=np.float32)
+    spacing = (2.0, 2.0, 0.5)                                   # z slices 4x finer than 2 mm
+    fast = loc.probability_map(units, network, spacing, two_mm, axes_xyz=(2,))
+    monkeypatch.setattr(loc.Slicing, "slice_step", lambda self, s: 1)
+    full = loc.probability_map(units, network, spacing, two_mm, axes_xyz=(2,))
+    assert np.allclose(fast[[0, 4, 8]], full[[0, 4, 8]], atol=1e-6)
+    assert np.allclose(fast[2], (full[0] + full[4]) / 2, atol=1e-6)
+    assert not np.allclose(fast, full, atol=1e-6)
+
+
 def test_a_short_training_run_writes_best_weights_and_its_summary(shared_data, tmp_path):
     """The training loop end to end on a tiny cache cut from one real training volume: Dice +
     CE steps, validation, best/last safetensors that load into the architecture, a summary."""

@@ -35,7 +35,7 @@ from MedSRLib.training import localiser_calibration as calib  # noqa: E402
 
 
 def markdown(results, command: str, setting: tuple[float, float, float], margin_mm: float,
-             seconds: float) -> str:
+             seconds: float, threads: int = 1) -> str:
     lines = ["# Lesion localiser coverage (held-out test patients)", "", f"Command: `{command}`", "",
              f"Threshold {setting[0]}, smallest component {setting[1]} mm^3 and box padding "
              f"{setting[2]} mm (the card's, chosen on the validation patients), margin {margin_mm} mm.",
@@ -44,7 +44,7 @@ def markdown(results, command: str, setting: tuple[float, float, float], margin_
              "lesion voxels inside the ROIs; perfect = 100 %, acceptable >= 95 %. Per-slice = the box of",
              "that slice's thresholded prediction (paper 003's protocol); 3-D ROIs = one box per connected",
              "component + margin, what `upscale(roi=\"auto\")` super-resolves. Missed = lesion components of at least",
-             f"{calib.MIN_LESION_MM3:.0f} mm^3 (26-connected) that no ROI touches. {seconds:.0f} s on one CPU thread.", "",
+             f"{calib.MIN_LESION_MM3:.0f} mm^3 (26-connected) that no ROI touches. {seconds:.0f} s wall time, {threads} torch thread(s).", "",
              "| Volume | input | lesion slices | per-slice perfect | per-slice acceptable | 3-D ROI perfect | "
              "3-D ROI acceptable | ROIs (confidence) | ROI share of volume | Dice | missed lesions |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                                    args.factors, [setting], args.margin_mm, localiser)
     seconds = time.perf_counter() - started
     command = "python benchmarks/localiser_coverage.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = markdown(results, command, setting, args.margin_mm, seconds)
+    text = markdown(results, command, setting, args.margin_mm, seconds, args.threads)
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
