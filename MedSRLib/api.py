@@ -81,7 +81,8 @@ def upscale(
             feathered together across the margin; the run's `roi.RoiReport` is in the output's
             metadata (`roi.RoiReport.from_image`).
         roi_model: registry name of the model inside the ROI (default: lfsr, the LFSR
-            generator, when it ships); `roi_weights` its weights file instead of the shipped one.
+            generator, when it ships and, if the modality is known, is trained on it; else the
+            run's own model); `roi_weights` its weights file instead of the shipped one.
         roi_margin_mm: margin around the ROI (whole voxels per axis, >= 1 when > 0).
         detector_weights: lesion-finder weights instead of the shipped ones (roi="auto"; their
             card says which finder: lesion_segmenter or lesion_detector).
@@ -136,7 +137,8 @@ def upscale(
     model_for = model_loader(name, allow_untrained, weights, modality)
     roi_name, roi_for = None, None
     if roi is not None:
-        roi_name = lesion_roi.choose_roi_model(roi_model, plan.network_scale, allow_untrained)
+        roi_name = lesion_roi.choose_roi_model(roi_model, plan.network_scale, allow_untrained,
+                                               modality, fallback=name)
         roi_for = model_for if (roi_name, roi_weights) == (name, weights) else \
             model_loader(roi_name, allow_untrained, roi_weights, modality)
     # Load every pass's model before any voxel work, so model/scale errors come first.

@@ -199,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "box of input voxel indices (lower inclusive, upper exclusive; several "
                          "joined by ';'), or a mask file on the input's grid")
     up.add_argument("--roi-model", default=None,
-                    help="model inside the ROI (default: lfsr, the LFSR generator, when its weights ship)")
+                    help="model inside the ROI (default: lfsr, the LFSR generator, when its weights "
+                         "ship and are trained on the input's modality when that is known; "
+                         "else the run's model)")
     up.add_argument("--roi-margin", type=float, default=None, metavar="MM",
                     help="margin around the ROI in mm (default 5); the feathering lies in it")
     up.add_argument("--roi-json", default=None, metavar="PATH",

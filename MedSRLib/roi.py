@@ -436,11 +436,20 @@ def resolve_roi_argument(roi: Any) -> tuple[str, Any]:
     raise InputError(f"roi must be 'auto', a box, a mask image or a mask file, got {type(roi).__name__}")
 
 
-def choose_roi_model(roi_model: str | None, scale: int, allow_untrained: bool) -> str:
-    """`roi_model`, or the LFSR generator (lfsr) when its weights ship for `scale` (or untrained runs are allowed)."""
+def choose_roi_model(roi_model: str | None, scale: int, allow_untrained: bool,
+                     modality: str | None = None, fallback: str | None = None) -> str:
+    """`roi_model`, or the LFSR generator (lfsr) when its weights ship for `scale` (or untrained
+    runs are allowed). When the input's `modality` is known and the shipped LFSR card does not
+    list it, `fallback` (the run's own model) instead: LFSR trained on MR alone fell below
+    bicubic inside held-out CT tumours."""
     if roi_model:
         return roi_model
-    if zoo.shipped_weights(zoo.get_spec(DEFAULT_ROI_MODEL), scale) is not None or allow_untrained:
+    path = zoo.shipped_weights(zoo.get_spec(DEFAULT_ROI_MODEL), scale)
+    if path is not None and modality and fallback:
+        trained_on = zoo.read_card(path).get("modality") or []
+        if trained_on and modality.upper() not in [str(m).upper() for m in trained_on]:
+            return fallback
+    if path is not None or allow_untrained:
         return DEFAULT_ROI_MODEL
     raise InputError(f"no trained lesion-focused model ({DEFAULT_ROI_MODEL}) ships for x{scale}; "
                      "name one with roi_model (--roi-model), or allow untrained weights")

@@ -342,6 +342,24 @@ def test_auto_roi_without_detector_weights_is_a_clear_input_error(tmp_path, monk
         roi.detect_lesion(image)
 
 
+def test_lfsr_runs_in_the_roi_only_on_a_modality_its_card_lists():
+    """The shipped LFSR is trained on MR lesions: a CT input (modality known) keeps the run's own
+    model inside the ROI, an MR or unknown-modality input gets LFSR; a named roi_model wins."""
+    path = zoo.shipped_weights(zoo.get_spec("lfsr"), 2)
+    if path is None:
+        pytest.skip("no LFSR ships")
+    assert [m.upper() for m in zoo.read_card(path)["modality"]] == ["MR"]
+    assert roi.choose_roi_model(None, 2, False, "CT", fallback="edsr_lite") == "edsr_lite"
+    assert roi.choose_roi_model(None, 2, False, "MR", fallback="edsr_lite") == "lfsr"
+    assert roi.choose_roi_model(None, 2, False, None, fallback="edsr_lite") == "lfsr"
+    assert roi.choose_roi_model("lfsr", 2, False, "CT", fallback="edsr_lite") == "lfsr"
+    image = make_volume()
+    box = (2, 2, 0, 10, 10, 2)
+    for modality, expected in (("CT", zoo.default_model("CT", 2)), ("MR", "lfsr")):
+        report = roi.RoiReport.from_image(api.upscale(image, scale=2, roi=box, modality=modality))
+        assert (report.roi_model, report.model) == (expected, zoo.default_model(modality, 2))
+
+
 def test_roi_model_defaults_to_the_lfsr_generator_only_when_it_ships(tmp_path, monkeypatch):
     image = make_volume()
     monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)          # nothing ships here
