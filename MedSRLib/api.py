@@ -157,7 +157,7 @@ def upscale(
 
     out_size = [n * f for n, f in zip(image.GetSize(), plan.factors_xyz)]
     output, result = io.new_volume(out_size, out_dtype)  # written in place: no second copy
-    if region is None or region.processed is None:
+    if region is None or region.processed is None or roi_for is model_for:  # the same model
         super_resolve_volume(
             voxels, plan.factors_kji, plan.slice_axis_kji, model_for, to_unit=mapping.to_unit,
             from_unit=to_output, out_dtype=out_dtype, options=options,
