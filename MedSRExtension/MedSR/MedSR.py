@@ -232,7 +232,8 @@ in-plane (finer pixels within each slice) or through-plane (thinner slices), x2,
 The output covers exactly the input's physical extent with the same directions.
 Lesion-focused (LFSR): regions of interest (drawn, or proposed by Detect, one per lesion found,
 named with its confidence, then kept, adjusted or deleted) get the ROI model, the rest of the volume the faster model, blended smoothly; the
-output is still the whole volume. The work runs in a background process; Apply becomes Cancel
+output is still the whole volume. The ROI model offered first is one trained on the input's
+modality (LFSR is trained on MR lesions; for CT, "Same as model"). The work runs in a background process; Apply becomes Cancel
 while it runs.
 See the <a href="https://github.com/medsr/MedSR">project page</a> and the model cards.
 """
@@ -263,6 +264,7 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self.ui = None
         self.models = []
+        self._autoRoiModel = None  # the ROI model chosen automatically last
         self.run = None
         self.lastError = None
         self._updatingGUI = False
@@ -294,6 +296,8 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for combo in (self.ui.modelComboBox, self.ui.scaleComboBox, self.ui.roiModelComboBox):
             combo.currentIndexChanged.connect(self.updateModelDescription)
         self.ui.modalityComboBox.currentIndexChanged.connect(self.updateModalityToolTip)
+        self.ui.modalityComboBox.currentIndexChanged.connect(self.updateDefaultRoiModel)
+        self.ui.scaleComboBox.currentIndexChanged.connect(self.updateDefaultRoiModel)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.detectButton.clicked.connect(self.onDetectButton)
         self.ui.progressBar.setVisible(False)
@@ -352,8 +356,32 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.roiModelComboBox.addItem("Same as model", SAME_AS_MODEL)
         for model in self.models:
             self.ui.roiModelComboBox.addItem(model["title"], model["name"])
-        self._selectComboData(self.ui.roiModelComboBox, defaultRoiModel(self.models))
+        self._autoRoiModel = None
+        self.updateDefaultRoiModel()
         self.updateModelDescription()
+
+    def effectiveModality(self):
+        """The modality the run will use: the selector's, or with Auto the input's DICOM one
+        (None when unknown)."""
+        choice = self.modalityChoice()
+        if choice != "auto":
+            return choice
+        return self.logic.inputModality(self.ui.inputSelector.currentNode())
+
+    def updateDefaultRoiModel(self, *args):
+        """Select the default ROI model for the current modality and scale, unless the user
+        chose another one since the last automatic choice."""
+        combo = self.ui.roiModelComboBox
+        if not self.models:
+            return
+        current = self._comboData(combo)
+        if self._autoRoiModel is not None and current != self._autoRoiModel:
+            return
+        scale = self._comboData(self.ui.scaleComboBox)
+        choice = defaultRoiModel(self.models, modality=self.effectiveModality(),
+                                 scale=int(scale) if scale else None)
+        self._selectComboData(combo, choice)
+        self._autoRoiModel = choice
 
     def updateModelDescription(self, *args):
         name = self._comboData(self.ui.modelComboBox)
@@ -440,6 +468,7 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onInputChanged(self, *args):
         self.updateModalityToolTip()
+        self.updateDefaultRoiModel()
         self.updateThinning()
         self.updateApplyButton()
 
@@ -618,13 +647,22 @@ def preferredRoiModels():
     return tuple(dict.fromkeys(n for n in libraryDefault + PREFERRED_ROI_MODELS if n))
 
 
-def defaultRoiModel(models, preferred=None):
+def defaultRoiModel(models, preferred=None, modality=None, scale=None):
     """The ROI model offered first: the first of `preferred` (default `preferredRoiModels()`)
-    that ships weights, else "Same as model"."""
+    that ships weights (at `scale`, when given) trained on `modality` (when known: "CT", "MR",
+    "XR"), else "Same as model" (as MedSRLib.roi.choose_roi_model: LFSR, trained on MR lesions,
+    fell below bicubic inside CT tumours)."""
     for name in preferredRoiModels() if preferred is None else preferred:
         model = next((m for m in models if m["name"] == name), None)
-        if model is not None and model.get("weights"):
-            return name
+        weights = (model or {}).get("weights") or {}
+        if scale is not None:
+            weights = {key: card for key, card in weights.items() if key == f"x{scale}"}
+        if not weights:
+            continue
+        trainedOn = {str(m).upper() for card in weights.values() for m in (card or {}).get("modality") or []}
+        if modality and trainedOn and modality.upper() not in trainedOn:
+            continue
+        return name
     return SAME_AS_MODEL
 
 

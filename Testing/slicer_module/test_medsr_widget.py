@@ -82,6 +82,32 @@ def test_default_roi_model_prefers_shipped_lfsr_generator(MedSR):
     assert MedSR.preferredRoiModels()[0] == medsr_roi.DEFAULT_ROI_MODEL  # the library's choice first
 
 
+def test_default_roi_model_is_one_trained_on_the_inputs_modality(MedSR):
+    preferred = ("lfsr", "srresnet")
+    models = [{"name": "lfsr", "weights": {"x2": {"modality": ["MR"]}}},
+              {"name": "srresnet", "weights": {"x4": {"modality": ["MR", "XR"]}}}]
+    assert MedSR.defaultRoiModel(models, preferred, modality="MR", scale=2) == "lfsr"
+    assert MedSR.defaultRoiModel(models, preferred, modality=None, scale=2) == "lfsr"
+    assert MedSR.defaultRoiModel(models, preferred, modality="CT", scale=2) == MedSR.SAME_AS_MODEL
+    assert MedSR.defaultRoiModel(models, preferred, modality="XR", scale=4) == "srresnet"
+    assert MedSR.defaultRoiModel(models, preferred, modality="CT") == MedSR.SAME_AS_MODEL
+
+
+def test_roi_model_follows_the_modality_until_the_user_picks_one(widget, MedSR):
+    shipped = {m["name"] for m in MedSRLib.list_models() if m.get("weights")}
+    if medsr_roi.DEFAULT_ROI_MODEL not in shipped:
+        pytest.skip("no LFSR ships")
+    combo = widget.ui.roiModelComboBox
+    select(widget.ui.scaleComboBox, 2)
+    select(widget.ui.modalityComboBox, "CT")      # LFSR is trained on MR lesions only
+    assert widget._comboData(combo) == MedSR.SAME_AS_MODEL
+    select(widget.ui.modalityComboBox, "MR")
+    assert widget._comboData(combo) == medsr_roi.DEFAULT_ROI_MODEL
+    select(combo, "srcnn")                         # the user's choice stays
+    select(widget.ui.modalityComboBox, "CT")
+    assert widget._comboData(combo) == "srcnn"
+
+
 def select_lesion_focused(widget, scene, qapp, node, roi_name, center_ras, size_mm, roi_model):
     """Draw a markups ROI and set the panel to lesion-focused: linear outside, `roi_model` inside."""
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", roi_name)
