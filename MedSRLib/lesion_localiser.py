@@ -96,13 +96,18 @@ class Slicing:
                    int(card.get("input_size", DEFAULT_INPUT_SIZE)),
                    None if window is None else int(window))
 
-    def slice_step(self, slice_spacing_mm: float) -> int:
+    def slice_step(self, slice_spacing_mm: float,
+                   plane_extent_mm: Sequence[float] | None = None) -> int:
         """Run every n-th slice along an axis of `slice_spacing_mm` (the others interpolated):
-        with fixed network pixels, slices closer than a network pixel add no detail the
-        network sees in-plane; 1 for whole-slice resizing."""
-        if self.spacing_mm is None or slice_spacing_mm <= 0:
+        slices closer than the network's pixels (the fixed `spacing_mm`, or a slice's
+        `plane_extent_mm` (rows, columns) over `size` when resized whole, the finer of the two)
+        add no detail the network sees in-plane."""
+        pixel_mm = self.spacing_mm
+        if pixel_mm is None and plane_extent_mm:
+            pixel_mm = min(float(e) for e in plane_extent_mm) / self.size
+        if pixel_mm is None or slice_spacing_mm <= 0:
             return 1
-        return max(1, int(self.spacing_mm / float(slice_spacing_mm) + 1e-6))
+        return max(1, int(pixel_mm / float(slice_spacing_mm) + 1e-6))
 
     def plane_shape(self, shape_hw: Sequence[int], spacing_hw: Sequence[float]) -> tuple[int, int]:
         """(rows, columns) in network pixels of a slice of `shape_hw` pixels of `spacing_hw` mm."""
@@ -181,8 +186,8 @@ def probability_map(units_kji: np.ndarray, network: torch.nn.Module,
                     batch_size: int = 16) -> np.ndarray:
     """Lesion probability (float32, (K, J, I), in [0, 1]) of a volume in network units with
     voxel spacing `spacing_xyz` (mm): the mean over `axes_xyz` of the per-slice predictions
-    resized back onto the input grid (along an axis finer than fixed network pixels, every
-    n-th slice's, linearly interpolated between: `Slicing.slice_step`)."""
+    resized back onto the input grid (along an axis whose slices are closer than the network's
+    pixels, every n-th slice's, linearly interpolated between: `Slicing.slice_step`)."""
     units_kji = np.asarray(units_kji, dtype=np.float32)
     if units_kji.ndim != 3 or min(units_kji.shape) < 1:
         raise InputError(f"the lesion localiser needs a 3-D volume, got shape {units_kji.shape}")
@@ -192,8 +197,10 @@ def probability_map(units_kji: np.ndarray, network: torch.nn.Module,
         for axis in axes_xyz:
             slices = slice_axis_view(units_kji, axis)
             out = slice_axis_view(total, axis)  # a view: writes land in `total`
-            plane = slicing.plane_shape(slices.shape[1:], plane_spacing(spacing_xyz, axis))
-            run = sampled_slices(slices.shape[0], slicing.slice_step(spacing_xyz[axis]))
+            spacing_hw = plane_spacing(spacing_xyz, axis)
+            plane = slicing.plane_shape(slices.shape[1:], spacing_hw)
+            extent_mm = [n * d for n, d in zip(slices.shape[1:], spacing_hw)]
+            run = sampled_slices(slices.shape[0], slicing.slice_step(spacing_xyz[axis], extent_mm))
             computed = np.empty((len(run), *slices.shape[1:]), dtype=np.float32)
             for batch in _batches(len(run), batch_size):
                 stacks = network_stacks(slices, [run[i] for i in batch], slicing.context, plane)

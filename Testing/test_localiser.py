@@ -213,13 +213,16 @@ def test_slices_are_resampled_to_the_cards_pixel_spacing_and_padded_for_the_netw
 
 
 def test_slices_closer_than_a_network_pixel_are_interpolated_not_run(monkeypatch):
-    """Fixed-pixel slicing runs every n-th slice along an axis finer than its pixels (the last
-    one always) and interpolates the others linearly; whole-slice resizing runs them all."""
+    """Along an axis whose slices are closer than the network's pixels (fixed, or a whole slice's
+    extent / 128), every n-th slice runs (the last one always) and the others are interpolated
+    linearly."""
     assert loc.sampled_slices(10, 3) == [0, 3, 6, 9] and loc.sampled_slices(11, 3)[-2:] == [9, 10]
     assert loc.sampled_slices(5, 1) == [0, 1, 2, 3, 4] and loc.sampled_slices(1, 4) == [0]
     two_mm = loc.Slicing(3, 2.0, window=96)
     assert [two_mm.slice_step(s) for s in (0.8, 1.0, 0.49, 2.0, 3.0)] == [2, 2, 4, 1, 1]
-    assert loc.Slicing(3, None, 128).slice_step(0.5) == 1
+    whole = loc.Slicing(3, None, 128)                  # pixels: the finer extent / 128
+    assert whole.slice_step(0.5) == 1 and whole.slice_step(0.8, (300.0, 410.0)) == 2
+    assert whole.slice_step(1.0, (410.0, 410.0)) == 3 and whole.slice_step(1.0, (120.0, 150.0)) == 1
     out = np.zeros((11, 2, 3), dtype=np.float32)
     indices = loc.sampled_slices(11, 4)                          # [0, 4, 8, 10]
     loc.add_interpolated(out, indices, np.stack([np.full((2, 3), i, np.float32) for i in indices]))
@@ -229,7 +232,7 @@ def test_slices_closer_than_a_network_pixel_are_interpolated_not_run(monkeypatch
     units = np.random.default_rng(5).random((9, 40, 36), dtype=np.float32)
     spacing = (2.0, 2.0, 0.5)                                   # z slices 4x finer than 2 mm
     fast = loc.probability_map(units, network, spacing, two_mm, axes_xyz=(2,))
-    monkeypatch.setattr(loc.Slicing, "slice_step", lambda self, s: 1)
+    monkeypatch.setattr(loc.Slicing, "slice_step", lambda self, *spacings: 1)
     full = loc.probability_map(units, network, spacing, two_mm, axes_xyz=(2,))
     assert np.allclose(fast[[0, 4, 8]], full[[0, 4, 8]], atol=1e-6)
     assert np.allclose(fast[2], (full[0] + full[4]) / 2, atol=1e-6)
