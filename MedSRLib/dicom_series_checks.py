@@ -3,8 +3,10 @@
 SimpleITK/GDCM builds a volume from whatever files it could parse and only warns about bad
 geometry: a truncated file is dropped (a gap in the volume), a file without
 ImagePositionPatient or a duplicated slice position gives a wrong spacing or a flipped axis,
-and files of another orientation or with short pixel data are read as if nothing were wrong.
-`check_series_files` finds these defects in the files' headers (pydicom) before the read.
+and files of another orientation or with short pixel data are read as if nothing were wrong;
+an impossible rescale (RescaleSlope 0 is read as 1; NaN or infinite slope or intercept) gives
+voxels that mean nothing. `check_series_files` finds these defects in the files' headers
+(pydicom) before the read; `check_dicom_file` checks one file's rescale.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def check_series_files(folder: str | os.PathLike, files: Sequence[str], series_u
     every check passes; otherwise raises one InputError whose message names `folder`, the
     offending file name(s) and each problem found (at most five):
 
+    - a file whose RescaleSlope is 0, NaN, infinite or not a number, or whose
+      RescaleIntercept is NaN, infinite or not a number (`rescale_problem`);
     - a listed file pydicom cannot parse, or one whose pixel data is shorter than
       Rows x Columns x SamplesPerPixel x BitsAllocated/8 x NumberOfFrames bytes (checked for
       uncompressed transfer syntaxes only);
@@ -63,6 +67,9 @@ def check_series_files(folder: str | os.PathLike, files: Sequence[str], series_u
             problems.append(f"{Path(path).name} {problem}")
         if header is not None:
             headers[path] = header
+            problem = rescale_problem(header)
+            if problem:
+                problems.append(f"{Path(path).name} {problem}")
     problems += _files_left_out(folder, files, series_uid)
     frames = [_int(h.get("NumberOfFrames"), 1) for h in headers.values()]
     if len(files) >= 2 and max(frames, default=1) == 1:
@@ -72,6 +79,41 @@ def check_series_files(folder: str | os.PathLike, files: Sequence[str], series_u
         more = len(problems) - len(shown)
         raise InputError(f"{folder}: " + "; ".join(shown)
                          + (f"; and {more} more problem{'s' * (more > 1)}" if more else ""))
+
+
+def check_dicom_file(path: str | os.PathLike) -> None:
+    """InputError naming `path` when its rescale is impossible (`rescale_problem`) or its
+    header cannot be parsed; None otherwise. Only the header is parsed."""
+    header, problem = _read_header(str(path), force=True)
+    problem = problem if header is None else rescale_problem(header)
+    if problem:
+        raise InputError(f"{path}: {problem}")
+
+
+def rescale_problem(header: Dataset) -> str | None:
+    """What makes the file's Modality LUT rescale impossible, or None.
+
+    RescaleSlope must be a finite number other than 0 (GDCM reads 0 as 1, so every voxel would
+    be off), RescaleIntercept a finite number; absent values (slope 1, intercept 0) are fine.
+    """
+    for keyword, zero_allowed in (("RescaleSlope", False), ("RescaleIntercept", True)):
+        if keyword not in header:
+            continue
+        try:
+            raw = header.get(keyword)
+            if raw in (None, ""):
+                continue
+            value = float(raw)
+        except Exception:  # pydicom raises several types on a malformed decimal string
+            element = header.data_element(keyword)
+            shown = element.value if element is not None else "?"
+            return f"has a {keyword} that is not a number ({shown!r}): its voxels cannot be read"
+        if not np.isfinite(value):
+            return f"has {keyword} {value}: its voxels cannot be read as numbers"
+        if value == 0 and not zero_allowed:
+            return ("has RescaleSlope 0: every voxel would be the intercept (the DICOM reader "
+                    "would silently use 1); the file's rescale is impossible")
+    return None
 
 
 def _read_header(path: str, force: bool) -> tuple[Dataset | None, str | None]:

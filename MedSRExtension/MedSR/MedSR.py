@@ -911,7 +911,7 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"{outputVolume.GetName()!r} is not a MedSR output (no model/scale)")
         return _medsrlib().write_dicom_series(
             self.volumeNodeToImage(outputVolume), files, folder, overwrite=overwrite,
-            model=model, scale_factors=[int(f) for f in factors])
+            model=model, scale_factors=[float(f) for f in factors])
 
     # -- what to run ----------------------------------------------------------------------------
 
