@@ -11,16 +11,23 @@ The quantised model ships beside its weights as OpenVINO IR (`<stem>.int8-x<scal
 no pickle), made by `python -m MedSRLib.training.quantize_int8` (`make weights`) from the
 card's training patients only, with its held-out PSNR cost against fp32 written into the card
 (`int8` entry). It is used only when the card's `weights_sha256` matches the weights file
-loaded, and, under precision "auto", only when that cost is within `MAX_COST_DB`.
+loaded, and, under precision "auto", only when that cost is within `MAX_COST_DB`. The IR files
+themselves are checked against the card's `xml_sha256` and `bin_sha256` before OpenVINO reads
+them: a mismatch refuses the run (`WeightsError` naming the file); an entry without these
+hashes is not used (float runs, with a notice). `python -m MedSRLib.int8_models CARD.json ...`
+records the hashes of the IR files beside each card.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from . import model_integrity, no_telemetry  # noqa: F401 - no_telemetry: before openvino/nncf
 
 #: Accuracy contract of the automatic choice: held-out PSNR cost against fp32, dB.
 MAX_COST_DB = 0.05
@@ -42,11 +49,15 @@ def ir_path(weights_path: Path, scale: int) -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex SHA-256 of a file (see `model_integrity.file_sha256`)."""
+    return model_integrity.file_sha256(path)
+
+
+def ir_hashes(xml_path: Path) -> dict[str, str]:
+    """{"xml_sha256": ..., "bin_sha256": ...} of an IR (.xml and the .bin beside it), the
+    fields a card's int8 entry holds for `find` to verify."""
+    xml_path = Path(xml_path)
+    return {"xml_sha256": file_sha256(xml_path), "bin_sha256": file_sha256(xml_path.with_suffix(".bin"))}
 
 
 def card_entry(card: dict[str, Any] | None, scale: int) -> dict[str, Any] | None:
@@ -71,7 +82,30 @@ def find(weights_path: Path | None, card: dict[str, Any] | None, scale: int) -> 
         return None
     if entry.get("weights_sha256") != file_sha256(Path(weights_path)):
         return None  # made from other weights (a retrained file): never used
+    card_name = Path(weights_path).with_suffix(".json").name
+    if not (entry.get("xml_sha256") and entry.get("bin_sha256")):
+        from .engine import notice
+        notice(f"{path.name}: model card {card_name} records no SHA-256 for this int8 model, so "
+               "it cannot be verified and is not used; running the model in float")
+        return None
+    model_integrity.check_shipped(path, entry["xml_sha256"], card_name)
+    model_integrity.check_shipped(path.with_suffix(".bin"), entry["bin_sha256"], card_name)
     return path, entry
+
+
+def record_card_hashes(card_path: Path) -> list[str]:
+    """Write `xml_sha256`/`bin_sha256` of each int8 IR a card lists (files beside the card)
+    into that card; returns the IR file names recorded."""
+    card_path = Path(card_path)
+    card = json.loads(card_path.read_text())
+    recorded = []
+    for entry in (card.get("int8") or {}).values():
+        xml_path = card_path.with_name(entry["file"])
+        entry.update(ir_hashes(xml_path))
+        recorded.append(xml_path.name)
+    if recorded:
+        card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    return recorded
 
 
 def float_kept(model) -> list[str]:
@@ -125,3 +159,19 @@ def float_layers(quantized) -> list[str]:
             if producer.get_type_name() != "FakeQuantize":
                 names.append(op.get_friendly_name())
     return names
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m MedSRLib.int8_models CARD.json ...`: record the int8 IR hashes in each card."""
+    cards = list(sys.argv[1:] if argv is None else argv)
+    if not cards:
+        print("usage: python -m MedSRLib.int8_models CARD.json ...", file=sys.stderr)
+        return 2
+    for card in cards:
+        for name in record_card_hashes(Path(card)):
+            print(f"{card}: recorded the SHA-256 of {name} and its .bin")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,6 +12,11 @@ the hybrid, LFSR, VDSR) run only `body` in OpenVINO and add the bicubic image in
 in bf16 the rounding of that sum alone costs 0.08-0.12 dB PSNR at x2 (measured on the bundled
 CT), the body in bf16 about 0.01 dB.
 
+Every cached file is verified before use: the IR's .xml/.bin against the SHA-256 recorded when
+MedSR wrote them, each compiled blob against the hash recorded after OpenVINO wrote it
+(`model_integrity`); a damaged or unrecorded entry is deleted and made again, with a one-line
+notice. The dependencies' usage reporting is off (`no_telemetry`, imported before OpenVINO).
+
 Nothing is downloaded. `available()` says whether OpenVINO imports; any failure to convert or
 compile raises `OpenVinoUnavailable`, which the engine turns into a one-line notice and a torch
 fallback.
@@ -31,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import model_integrity, no_telemetry  # noqa: F401 - no_telemetry: before any openvino import
 
 #: Example input edge for tracing (any size works: the IR is reshaped per slice shape).
 TRACE_EDGE = 64
@@ -142,19 +149,26 @@ def _convert(model: nn.Module, factors: tuple[int, int], traced: nn.Module):
     core = ov.Core()
     fingerprint = model_fingerprint(model, factors) + ("r" if traced is not model else "")
     path = cache_folder() / f"{fingerprint}.xml"
+    files = (path, path.with_suffix(".bin"))
     converted = None
-    if path.is_file() and path.with_suffix(".bin").is_file():
-        try:
-            converted = core.read_model(str(path))
-        except Exception:  # noqa: BLE001 - a damaged cache entry is re-made
-            converted = None
+    if path.is_file() or path.with_suffix(".bin").is_file():
+        if model_integrity.matches_record(path, files):
+            try:
+                converted = core.read_model(str(path))
+            except Exception:  # noqa: BLE001 - a damaged cache entry is re-made
+                converted = None
+        if converted is None:
+            _notice(f"cached OpenVINO model {path} was damaged or unverified (SHA-256 "
+                    "mismatch); converting it again")
+            model_integrity.remove_entry(path, files)
     if converted is None:
-        example = torch.rand(1, 1, TRACE_EDGE, TRACE_EDGE, generator=torch.Generator().manual_seed(0))
+        channels = input_channels(model)
+        example = torch.rand(1, channels, TRACE_EDGE, TRACE_EDGE, generator=torch.Generator().manual_seed(0))
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer warnings: checked by the tests instead
                 converted = ov.convert_model(traced.float().eval(), example_input=example,
-                                             input=[-1, 1, -1, -1])
+                                             input=[-1, channels, -1, -1])
         except Exception as err:  # noqa: BLE001 - reported, then torch runs the model
             raise OpenVinoUnavailable(f"OpenVINO could not convert the model ({type(err).__name__}: "
                                       f"{str(err).splitlines()[0] if str(err) else ''})") from None
@@ -164,6 +178,7 @@ def _convert(model: nn.Module, factors: tuple[int, int], traced: nn.Module):
             ov.save_model(converted, str(temp), compress_to_fp16=False)
             os.replace(temp.with_suffix(".bin"), path.with_suffix(".bin"))
             os.replace(temp, path)
+            model_integrity.write_record(path, files)  # last: an entry without it is re-made
         except Exception:  # noqa: BLE001 - no cache folder: convert again next process
             pass
     with _LOCK:
@@ -178,8 +193,71 @@ def converted_body(model: nn.Module, factors: tuple[int, int]) -> tuple[object, 
     return _convert(model, factors, body if body is not None else model), body is not None
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """WeightsError naming the model and its weights file when a parameter or buffer holds NaN
+    or Inf. Needed before OpenVINO runs a model: its CPU kernels turn NaN into finite values
+    (max(NaN, 0) = 0 in a ReLU), so the output check of the engine would not see them."""
+    for tensor in model.state_dict().values():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            from .errors import WeightsError
+            spec = getattr(model, "spec", None)
+            weights = getattr(model, "weights_path", None)
+            raise WeightsError(f"model {getattr(spec, 'name', type(model).__name__)} produced "
+                               f"NaN/Inf values: its weights hold NaN/Inf (weights file "
+                               f"{weights if weights is not None else 'none: untrained'}); "
+                               "nothing was written")
+
+
+def _notice(message: str) -> None:
+    from .engine import notice  # the engine's once-per-process stderr notice
+    notice(message)
+
+
+#: Blobs this process verified or recorded (path -> (size, mtime_ns)): each is hashed once.
+_TRUSTED_BLOBS: dict[Path, tuple[int, int]] = {}
+
+
+def drop_unverified_blobs(folder: Path) -> set[Path]:
+    """Delete every compiled blob in `folder` whose SHA-256 does not match the record written
+    when it was made (or that has no record), with a notice; returns the blobs left. OSError
+    when such a blob cannot be deleted (then the folder must not be used as OpenVINO's cache)."""
+    kept = set()
+    for blob in sorted(folder.glob("*.blob")):
+        try:
+            stat = blob.stat()
+        except OSError:
+            continue
+        identity = (stat.st_size, stat.st_mtime_ns)
+        if _TRUSTED_BLOBS.get(blob) == identity or model_integrity.matches_record(blob, [blob]):
+            _TRUSTED_BLOBS[blob] = identity
+            kept.add(blob)
+            continue
+        _notice(f"compiled OpenVINO model {blob} was damaged or unverified (SHA-256 mismatch); "
+                "compiling it again")
+        model_integrity.remove_entry(blob, [blob])
+        if blob.exists():  # a read-only cache: OpenVINO must not be pointed at it
+            raise PermissionError(f"cannot remove {blob}")
+    return kept
+
+
+def record_new_blobs(folder: Path, before: set[Path]) -> None:
+    """Record the SHA-256 of blobs OpenVINO wrote into `folder` since `before` was listed."""
+    for blob in set(folder.glob("*.blob")) - before:
+        try:
+            model_integrity.write_record(blob, [blob])
+            stat = blob.stat()
+            _TRUSTED_BLOBS[blob] = (stat.st_size, stat.st_mtime_ns)
+        except OSError:  # removed meanwhile, or a read-only cache: unrecorded, so re-made later
+            pass
+
+
+def input_channels(model: nn.Module) -> int:
+    """Input channels of a `zoo.SRModel`: 1, or k + 1 for a 2.5-D model (`context_slices` k)."""
+    return 1 + int(getattr(model, "context_slices", 0) or 0)
+
+
 class OpenVinoRunner:
-    """Runs (N, 1, h, w) float32 batches through the OpenVINO CPU plugin with one static-shape
+    """Runs (N, 1, h, w) float32 batches (a 2.5-D model: (N, k + 1, h, w) stacks) through the OpenVINO CPU plugin with one static-shape
     compiled model per (h, w): a single slice on a latency-tuned model (all threads on it),
     several slices on a throughput-tuned one (one stream per core, slices in parallel; 1.3x
     the latency mode's slices per second on a 2-core CPU, measured)."""
@@ -190,7 +268,9 @@ class OpenVinoRunner:
             raise OpenVinoUnavailable("OpenVINO is not installed (pip install openvino)")
         import openvino as ov
 
+        check_finite_weights(model)
         self.factors = factors
+        self._channels = input_channels(model)
         self.bf16 = bf16
         self._ov = ov
         self._core = ov.Core()
@@ -218,12 +298,14 @@ class OpenVinoRunner:
                 self._compiled.move_to_end(key)
                 return self._compiled[key]
         shaped = self._model.clone()
-        shaped.reshape([1, 1, h, w])
+        shaped.reshape([1, self._channels, h, w])
         config = {"INFERENCE_PRECISION_HINT": "bf16" if self.bf16 else "f32",
                   "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": self._threads}
         compiled_cache = cache_folder() / "compiled"
+        blobs_before: set[Path] | None = None
         try:  # OpenVINO keeps compiled blobs there: a new process skips most of the compiling
             compiled_cache.mkdir(parents=True, exist_ok=True)
+            blobs_before = drop_unverified_blobs(compiled_cache)
             config["CACHE_DIR"] = str(compiled_cache)
         except OSError:
             pass
@@ -234,6 +316,8 @@ class OpenVinoRunner:
         except Exception as err:  # noqa: BLE001
             raise OpenVinoUnavailable(f"OpenVINO could not compile the model for {h}x{w} "
                                       f"slices ({type(err).__name__})") from None
+        if blobs_before is not None:
+            record_new_blobs(compiled_cache, blobs_before)
         with _LOCK:
             self._compiled[key] = compiled
             while len(self._compiled) > MAX_COMPILED_PER_MODEL:
@@ -270,6 +354,7 @@ class OpenVinoRunner:
                     out[i] = request.get_output_tensor(0).data[0]
         result = torch.from_numpy(out)
         if self._adds_bicubic:  # the global residual in fp32 (see the module doc)
-            result += F.interpolate(batch.float(), size=(h * sy, w * sx), mode="bicubic",
+            middle = self._channels // 2  # a 2.5-D model adds its middle slice's
+            result += F.interpolate(batch[:, middle:middle + 1].float(), size=(h * sy, w * sx), mode="bicubic",
                                     align_corners=False)
         return result

@@ -124,6 +124,29 @@ def check_writable_folder(path: Path) -> None:
     os.unlink(probe)
 
 
+#: Smallest share of its raw size a compressed (gzip) output is taken to need: CT and MR
+#: volumes seen compress to 20-60 %; a folder with less free space certainly cannot hold it.
+COMPRESSED_SHARE = 0.1
+
+
+def check_free_space(path: Path, raw_bytes: int, compressed: bool) -> None:
+    """InputError naming the folder when the file system holding `path`'s folder has less free
+    space than the output needs: `raw_bytes` (the voxel bytes), or `COMPRESSED_SHARE` of them
+    for a compressed format. Checked before computing, so a full disk costs no work."""
+    folder = Path(path).parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # the folder check reports a missing or unreadable folder
+    needed = int(raw_bytes * (COMPRESSED_SHARE if compressed else 1.0))
+    if free < needed:
+        raise InputError(f"{folder}: no space left for the output {Path(path).name}: it needs "
+                         f"about {format_bytes(needed)}"
+                         + (f" (compressed; {format_bytes(raw_bytes)} uncompressed)" if compressed else "")
+                         + f", {format_bytes(free)} free on that disk; nothing was written (free "
+                         "some space or choose another folder)")
+
+
 class Staged:
     """One output being written: `write(temp_path)` fills it, `verify(temp_path)` checks it,
     `commit()` puts it at the target; `discard()` (or an exception in `stage_all`) removes it."""

@@ -12,7 +12,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import intensity, io, zoo
-from ..engine import CancelToken, EngineOptions, ProgressCallback, super_resolve_volume
+from ..engine import (CancelToken, EngineOptions, ProgressCallback, check_finite_output,
+                      super_resolve_volume)
 from ..errors import InputError
 
 if TYPE_CHECKING:  # annotations only: torch is imported where a network runs
@@ -121,6 +122,7 @@ def super_resolve(voxels: np.ndarray, thin: planning.ThroughPlanePlan, modality:
                              net, progress=lambda f, m: report(offset + (1 - offset) * f, m),
                              cancel=cancel, autocast_dtype=_autocast_dtype(options))
     del units
+    check_finite_output(restored, net)
     output, result = io.new_volume(restored.shape[::-1], out_dtype)  # no second full copy
     for start in range(0, restored.shape[0], 8):
         result[start:start + 8] = intensity.cast_to_dtype(mapping.from_unit(restored[start:start + 8]),

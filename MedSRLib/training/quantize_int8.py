@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ov.save_model(quantized, str(target), compress_to_fp16=False)
     entry = {
         "file": target.name, "weights_sha256": int8_models.file_sha256(weights),
+        **int8_models.ir_hashes(target),
         "recipe": ("NNCF quantisation-aware fine-tuning (torch), preset mixed" if args.qat_steps
                    else "NNCF PTQ, preset mixed, full bias correction")
                   + "; float: additions and convolutions changing channels or size",
