@@ -3,26 +3,41 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test fuzz benchmark weights lfsr-baselines
+.PHONY: install demo test lean-check fuzz benchmark weights lfsr-baselines
 
-$(VENV)/.installed: pyproject.toml
+# Two stamps: .lean is the package alone (`pip install -e .`: what `medsr upscale` needs);
+# .installed adds the extras the test suite exercises. `make demo` needs only the first.
+$(VENV)/.lean: pyproject.toml
+	@echo "make: creating $(VENV) with MedSR's runtime dependencies (torch CPU, MONAI, SimpleITK, OpenVINO, ...)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first: 2.13.0 is the CPU build on our machines; an unpinned torch pulls CUDA.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.lean
+	@echo "make: adding the test extras to $(VENV) (.[test]): pytest, hypothesis, ONNX Runtime, NNCF,"
+	@echo "      Ray, the DICOMweb/DIMSE clients, MkDocs; and (.[slicer-test]) slicer-core and PySide6"
+	@echo "      for the Slicer module's tests"
+	$(PY) -m pip install --quiet -e ".[test,slicer-test]"
 	touch $@
 
 install: $(VENV)/.installed
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.lean
 	$(VENV)/bin/medsr demo --out medsr-demo --overwrite
 
-# Testing/install_test_tools.sh: dciodvfy (dicom3tools) for the DICOM export test, via apt-get
-# when missing and possible; never fails the build (that test then skips, saying why).
+# Testing/install_test_tools.sh: tools that do not come from PyPI (it says what it installs and
+# why before installing); never fails the build (a test without its tool skips, saying why).
 test: $(VENV)/.installed
 	-sh Testing/install_test_tools.sh
 	$(PY) -m pytest -q
+
+# A fresh venv with only `pip install .` (torch CPU first), `medsr upscale` on the bundled sample
+# and on a 2-D PNG, and its size against this venv's: a few minutes, downloads from PyPI.
+lean-check: $(VENV)/.installed
+	MEDSR_LEAN_CHECK=1 $(PY) -m pytest -q -s Testing/test_lean_install.py
 
 # The hypothesis fuzz suite with its long profile (about 1000 examples per property).
 fuzz: $(VENV)/.installed

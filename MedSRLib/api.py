@@ -7,13 +7,15 @@ geometry (`geometry.py`, LPS mm) and intensities (`intensity.py`). No step impor
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-from . import geometry, intensity, io, zoo
+from . import geometry, intensity, io, memory_budget, no_telemetry, zoo  # noqa: F401
 from . import roi as lesion_roi
+from . import run_defaults
 from .engine import (CancelToken, EngineOptions, ProgressCallback, plan_passes,
                      super_resolve_volume)
 from .errors import InputError
@@ -53,6 +55,7 @@ def upscale(
     slice_profile: str = "box",
     adapt: bool = False,
     adapt_seconds: float | None = None,
+    before_compute: "Callable[[tuple[int, ...], np.dtype], None] | None" = None,
 ) -> sitk.Image:
     """Super-resolve a volume; the input is never modified.
 
@@ -67,7 +70,8 @@ def upscale(
         device, precision, tile, batch_size, threads, backend: see `engine.EngineOptions`;
             backend "auto" runs learned networks through OpenVINO on the CPU (bf16 where the
             CPU has it) and through torch on CUDA (`engine.resolve_backend`).
-        modality: "CT", "MR" or "XR" to choose the default model (else read from DICOM tags).
+        modality: "CT", "MR" or "XR" to choose the default model (else read from DICOM tags;
+            a 2-D image without one is taken as XR: `run_defaults.modality_for`).
         allow_untrained: run a learned model with random weights (plumbing tests only).
         output_float: return float32 voxels instead of the input's pixel type.
         weights: a safetensors file to use instead of the shipped weights (for `model`).
@@ -94,7 +98,11 @@ def upscale(
             `target_spacing` asks for a through-plane factor (any real factor up to 8; see
             `through_plane.planning`). The assumed profile is in the output's metadata.
         adapt: fine-tune a copy of the through-plane network on the volume's own in-plane
-            slices first (`through_plane.adapt`), for at most `adapt_seconds` of CPU time.
+            slices first (`through_plane.adapt`), for at most `adapt_seconds` of CPU time
+            (a finite positive number of seconds).
+        before_compute: called with the output's size (x, y, z) and pixel type once the run is
+            planned and the memory checked, before any voxel work; the CLI checks the free disk
+            space for the output there. An exception it raises stops the run.
 
     Returns:
         A new image covering the input's physical extent on the finer grid, same direction,
@@ -109,6 +117,11 @@ def upscale(
     options = EngineOptions(device=device, precision=precision, tile=tile,
                             batch_size=batch_size, threads=threads,
                             backend=backend)  # checks each option
+    if adapt_seconds is not None and (
+            isinstance(adapt_seconds, bool) or not isinstance(adapt_seconds, (int, float))
+            or not math.isfinite(adapt_seconds) or adapt_seconds <= 0):
+        raise InputError(f"adapt_seconds must be a finite positive number of seconds, got "
+                         f"{adapt_seconds!r}")
     image = validate_image(image)
     if scale is None:
         scale = 2 if target_spacing is None else None
@@ -119,6 +132,9 @@ def upscale(
     if thin is not None:  # thick slices to thin: in-plane pass (if any), then the network
         voxels = sitk.GetArrayViewFromImage(image)
         out_dtype = np.dtype(np.float32) if output_float else voxels.dtype
+        _check_through_plane_memory(image, thin, out_dtype)
+        if before_compute is not None:
+            before_compute(tuple(int(n) for n in thin.grid.size), out_dtype)
         output, names = through_plane.super_resolve(
             voxels, thin, modality or io.modality_of(image), allow_untrained, weights, options,
             out_dtype, progress, cancel)
@@ -132,8 +148,13 @@ def upscale(
         return output
     plan = plan_scale(scale, axis, image.GetSpacing(), image.GetSize())
     check_memory(image, plan, output_float)
-    modality = modality or io.modality_of(image)
-    name = choose_model(model, image, modality, plan.network_scale)
+    if before_compute is not None:
+        before_compute(tuple(int(n * f) for n, f in zip(image.GetSize(), plan.factors_xyz)),
+                       np.dtype(np.float32) if output_float else
+                       np.dtype(sitk.GetArrayViewFromImage(image).dtype))
+    modality = run_defaults.modality_for(image, modality)  # a 2-D image: XR
+    slices = image.GetSize()[plan.slice_axis_xyz] if image.GetDimension() == 3 else 1
+    name = choose_model(model, image, modality, plan.network_scale, slices)
     model_for = model_loader(name, allow_untrained, weights, modality)
     roi_name, roi_for = None, None
     if roi is not None:
@@ -188,6 +209,16 @@ def upscale(
     if region is not None:
         lesion_roi.annotate(output, region, plan, name, image)
     return output
+
+
+def _check_through_plane_memory(image: sitk.Image, thin, out_dtype: np.dtype) -> None:
+    """InputError before any voxel work when a through-plane run cannot fit in memory: the
+    output and its SimpleITK copy, the float32 network result, and the float32 in-plane pass."""
+    out_voxels = float(np.prod([int(n) for n in thin.grid.size]))
+    inplane_voxels = float(np.prod(image.GetSize())) * (
+        1.0 if thin.inplane is None else float(np.prod(thin.inplane.factors_xyz)))
+    needed = out_voxels * (2 * np.dtype(out_dtype).itemsize + 4) + inplane_voxels * 4
+    memory_budget.check_fits(int(needed), f"upscaling to {tuple(thin.grid.size)} voxels (x, y, z)")
 
 
 def _stage(progress: ProgressCallback | None, offset: float, weight: float,

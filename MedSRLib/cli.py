@@ -1,4 +1,4 @@
-"""`medsr` command line: upscale, batch, models, info, demo, train, benchmark.
+"""`medsr` command line: upscale, batch, listen, models, info, demo, train, benchmark.
 
 Exit status: 0 success, 2 bad input or usage (the message names the file or option and the
 problem; a full disk is one), 1 internal error, 3 (`medsr batch`) some cases failed (their
@@ -25,6 +25,9 @@ from .errors import CancelledError, InputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
 EXIT_SOME_CASES_FAILED = 3  # `medsr batch`: the other cases are done; see the manifest
+#: Appended to a rejected --scale: the form that takes factors above 4 or real factors.
+SCALE_HINT = ("for thick slices use --scale 1,1,2.5 (any factor up to 8 along one axis) or "
+              "--target-spacing")
 
 
 def _parse_scale(text: str) -> int | tuple[int | float, ...]:
@@ -34,10 +37,9 @@ def _parse_scale(text: str) -> int | tuple[int | float, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"scale must be an integer or x,y,z numbers, got {text!r}")
     if len(values) == 1:
-        if not isinstance(values[0], int):
+        if not isinstance(values[0], int) or not 2 <= values[0] <= 4:
             raise argparse.ArgumentTypeError(
-                f"an in-plane scale must be an integer 2-4, got {text!r}; a real factor is "
-                "through-plane: --scale 1,1,2.5 or --target-spacing")
+                f"in-plane factors are integers 2-4, got {text!r}; {SCALE_HINT}")
         return values[0]
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"scale needs 1 or 3 numbers, got {text!r}")
@@ -145,7 +147,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "in-plane slices first")
     parser.add_argument("--adapt-seconds", type=_positive_float("adapt seconds"), default=None,
                         help="CPU budget of --adapt in seconds (default 180)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: a CUDA GPU when torch sees one, else the CPU")
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino"),
                         help="inference runtime: auto (OpenVINO on the CPU for learned networks, "
                              "torch on CUDA), torch or openvino")
@@ -161,21 +164,31 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_int_at_least(1, "threads"), default=None,
                         help="CPU threads for torch (>= 1)")
     parser.add_argument("--modality", choices=("CT", "MR", "XR"), default=None,
-                        help="modality used to pick the default model (else from DICOM tags)")
+                        help="modality used to pick the default model (else from DICOM tags; a "
+                             "2-D image without one is taken as X-ray, XR)")
     parser.add_argument("--allow-untrained", action="store_true",
                         help="run a learned model that has no trained weights (random weights: "
                              "for testing the plumbing only)")
-    parser.add_argument("--weights", default=None, help="safetensors weights to use instead")
+    parser.add_argument("--weights", default=None, metavar="FILE",
+                        help="safetensors weights (with their JSON card beside them) to use "
+                             "instead of the shipped ones for --model")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medsr", description="Super-resolution for medical volumes.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="medsr", description="Super-resolution for medical volumes.",
+        epilog=_EXAMPLES["medsr"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version_text())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("upscale", help="super-resolve a volume or 2-D image")
-    up.add_argument("input", help="NIfTI/NRRD/MHA file, DICOM series folder, or PNG")
-    up.add_argument("output", help="output file: .nii.gz, .nii, .nrrd, .mha (or .png for 2-D), "
-                                   "or a folder for a DICOM series (--format dicom)")
+    up.add_argument("input", help="NIfTI/NRRD/MHA file, DICOM series folder, PNG, or a DICOMweb "
+                                  "series URL (http(s)://HOST/dicom-web/studies/UID/series/UID)")
+    up.add_argument("output", nargs="?", metavar="OUT",
+                    help="output file: .nii.gz, .nii, .nrrd, .mha (or .png for 2-D), or a folder "
+                         "for a DICOM series (--format dicom); optional with --send")
+    up.add_argument("-o", "--out", dest="out", default=None, metavar="OUT",
+                    help="the output, as an option (same as the positional OUT)")
     _add_run_options(up)
     up.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when a folder has several")
     up.add_argument("--overwrite", action="store_true",
@@ -186,10 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "file per slice, in the source's study")
     up.add_argument("--dicom-template", default=None, metavar="DIR",
                     help="DICOM series giving the DICOM output its patient, study, frame of "
-                         "reference and stored representation (needed for a non-DICOM input)")
+                         "reference and stored representation (needed for a non-DICOM input); "
+                         "it must match a DICOM input's PatientID, StudyInstanceUID or "
+                         "FrameOfReferenceUID, and Modality")
+    up.add_argument("--dicom-template-series", default=None, metavar="UID",
+                    help="SeriesInstanceUID of the template series when the --dicom-template "
+                         "folder holds several")
+    up.add_argument("--accept-template-mismatch", action="store_true",
+                    help="use a --dicom-template of another patient, study or modality anyway "
+                         "(a warning names both patients)")
     up.add_argument("--float", dest="output_float", action="store_true",
                     help="write float32 voxels instead of the input's pixel type")
-    up.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    up.add_argument("--quiet", "-q", action="store_true",
+                    help="no progress bar, no line naming the defaults chosen, no summary")
     up.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                     help="progress on stderr: bar, JSON lines, or none")
     up.add_argument("--roi", default=None, metavar="auto|x0,y0,z0,x1,y1,z1|MASK_FILE",
@@ -206,29 +228,101 @@ def build_parser() -> argparse.ArgumentParser:
                     help="margin around the ROI in mm (default 5); the feathering lies in it")
     up.add_argument("--roi-json", default=None, metavar="PATH",
                     help="write the ROI, detector score and fallback as JSON to PATH")
+    up.add_argument("--send", default=None, metavar="URL|AET@HOST:PORT",
+                    help="store the derived DICOM series (the files of --format dicom) with "
+                         "STOW-RS at a DICOMweb base URL or with C-STORE at a DICOM node; "
+                         "credentials from netrc or MEDSR_DICOMWEB_* (see docs/pacs.md)")
 
-    models = sub.add_parser("models", help="list the registered models")
-    models.add_argument("--json", action="store_true", help="machine-readable JSON")
+    models = sub.add_parser("models", help="list the models: defaults, measured gain and time")
+    models.add_argument("--json", action="store_true",
+                        help="every registered model as machine-readable JSON (registry and "
+                             "model cards; slower: it builds each network to count parameters)")
+    models.add_argument("--all", action="store_true",
+                        help="also list the registered models that ship no trained weights")
 
     info = sub.add_parser("info", help="size, spacing, orientation and intensity range of a volume")
-    info.add_argument("input")
-    info.add_argument("--series", default=None)
+    info.add_argument("input", help="NIfTI/NRRD/MHA file, DICOM series folder or 2-D image")
+    info.add_argument("--series", default=None, metavar="UID",
+                      help="DICOM SeriesInstanceUID when the folder holds several series")
 
-    demo = sub.add_parser("demo", help="upscale the bundled sample CT and write a comparison PNG")
-    demo.add_argument("--out", default="medsr-demo", help="output folder (default: medsr-demo)")
-    demo.add_argument("--model", default=None)
-    demo.add_argument("--scale", type=_int_at_least(2, "scale"), default=2)
-    demo.add_argument("--overwrite", action="store_true")
+    demo = sub.add_parser("demo", help="degrade the bundled sample CT, restore it with bicubic "
+                          "and MedSR, and write comparison pictures with PSNR/SSIM")
+    demo.add_argument("--out", "-o", default="medsr-demo",
+                      help="output folder (default: medsr-demo)")
+    demo.add_argument("--model", default=None,
+                      help="model to compare with bicubic (default: the CT default for --scale)")
+    demo.add_argument("--scale", type=_int_at_least(2, "scale"), default=2,
+                      help="in-plane factor 2-4 of the degradation and restoration (default 2)")
+    demo.add_argument("--through-plane", action="store_true",
+                      help="only the through-plane picture (thick coronal slices restored to "
+                           "thin, axial view)")
+    demo.add_argument("--in-plane", action="store_true",
+                      help="only the in-plane picture")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace the pictures and volume of an earlier demo in --out")
 
     _add_batch_parser(sub)
+    _add_listen_parser(sub)
     sub.add_parser("train", help="train a model from a recipe config (see `medsr train --help`)",
                    add_help=False)
     sub.add_parser("benchmark", help="benchmark models on a folder of HR volumes", add_help=False)
+    for name, command in sub.choices.items():
+        if command.add_help:  # train and benchmark parse their own arguments (and --version)
+            command.formatter_class = argparse.RawDescriptionHelpFormatter
+            command.epilog = _EXAMPLES.get(name)
+            command.add_argument("--version", action="version", version=_version_text())
     return parser
+
+
+def _version_text() -> str:
+    from . import __version__
+    return f"medsr {__version__}"
+
+
+#: `medsr COMMAND --help` ends with these examples.
+_EXAMPLES = {
+    "medsr": """examples:
+  medsr demo                                   # see what SR does, on the bundled CT
+  medsr upscale ct.nii.gz -o ct_x2.nii.gz      # in-plane x2 with the default model
+  medsr upscale thick.nrrd -o thin.nrrd --scale 1,1,2.5
+  medsr models                                 # defaults, measured gain and time
+  medsr COMMAND --help                         # options and examples of one command""",
+    "upscale": """examples:
+  medsr upscale ct.nii.gz -o ct_x2.nii.gz                 # in-plane x2, default model
+  medsr upscale chest.png -o chest_x4.png --scale 4       # 2-D image: X-ray model
+  medsr upscale chest.png -o chest_x4.png --scale 4 --modality CT
+  medsr upscale thick.nrrd -o thin.nrrd --scale 1,1,2.5   # thick slices to thin
+  medsr upscale thick.nrrd -o thin.nrrd --target-spacing 1
+  medsr upscale dicom_folder/ -o sr_series/ --format dicom
+  medsr upscale mr.nii.gz -o mr_x2.nii.gz --model fmen --backend torch
+  medsr upscale mr.nii.gz -o mr_x2.nii.gz --roi auto      # lesion-focused mode""",
+    "batch": """examples:
+  medsr batch cohort/ --out sr/                     # every volume and DICOM series, x2
+  medsr batch cases.csv --out sr/ --scale 4         # a table: input[,output][,model]...
+  medsr batch cohort/ --out sr/ --retry-failed      # rerun: resumes, retries failures""",
+    "models": """examples:
+  medsr models            # shipped models: defaults per modality and scale, gain, time
+  medsr models --all      # plus registered models without shipped weights
+  medsr models --json     # everything, machine-readable""",
+    "info": """examples:
+  medsr info ct.nii.gz
+  medsr info dicom_folder/ --series 1.2.840.113619.2.55.3""",
+    "demo": """examples:
+  medsr demo                        # both pictures in ./medsr-demo
+  medsr demo --scale 4 -o demo4     # in-plane x4
+  medsr demo --through-plane        # thick slices to thin only""",
+    "listen": """examples:
+  medsr listen --port 11112 --allow-ae SCANNER1 --send PACS@pacs.example.org:104""",
+}
 
 
 def _cmd_upscale(args: argparse.Namespace) -> int:
     from . import api, io
+
+    _output_from_option(args)
+    if _pacs_run(args):  # a DICOMweb URL input or --send: fetch, run this command, send
+        from .pacs.runs import upscale_through_pacs
+        return upscale_through_pacs(args, _cmd_upscale)
 
     mask = None if args.roi is None else _roi_mask_path(args.roi)
     dicom_source = _dicom_output_source(args)
@@ -246,6 +340,8 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
                                            "ROI mask": mask},
                            args.overwrite, "--roi-json")
     image = io.read_volume(args.input, series_uid=args.series)
+    if not args.quiet:
+        _print_choices(args, image)
     progress = _Progress("none" if args.quiet else args.progress)
     started = time.perf_counter()
     if args.roi is not None:
@@ -256,6 +352,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
             precision=args.precision, tile=args.tile, batch_size=args.batch, threads=args.threads,
             backend=args.backend, modality=args.modality, allow_untrained=args.allow_untrained,
             output_float=args.output_float, weights=args.weights, progress=progress,
+            before_compute=_free_space_check(output, dicom_source),
             **_through_plane_options(args))
     finally:
         progress.close()
@@ -270,6 +367,54 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
               f"{result.GetMetaData(api.MODEL_KEY)}, {time.perf_counter() - started:.1f} s",
               file=sys.stderr)
     return EXIT_OK
+
+
+def _print_choices(args: argparse.Namespace, image) -> None:
+    """One line on stderr naming what the run chose for the user (modality, model, axis,
+    backend); nothing when every choice was given."""
+    from .run_defaults import describe_choices
+
+    line = describe_choices(
+        image, model=args.model, scale=args.scale, axis=args.axis, device=args.device,
+        backend=args.backend, precision=args.precision, modality=args.modality,
+        target_spacing=args.target_spacing, slice_thickness=args.slice_thickness,
+        slice_profile=args.slice_profile, roi=args.roi)
+    if line and args.progress == "json":  # a reader of JSON lines gets JSON only
+        print(json.dumps({"fraction": 0.0, "message": line}), file=sys.stderr, flush=True)
+    elif line:
+        print(f"medsr: {line}", file=sys.stderr)
+
+
+def _silence_library_warnings() -> None:
+    """ITK's own warnings (with its build paths) off: MedSR checks the same conditions and
+    names the file and the problem itself (e.g. a folder without a DICOM series)."""
+    import SimpleITK as sitk
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
+
+def _output_from_option(args: argparse.Namespace) -> None:
+    """One output: the positional OUT or -o/--out (the same path given twice is fine)."""
+    if args.out is None:
+        return
+    if args.output is not None and Path(args.output) != Path(args.out):
+        raise InputError(f"two outputs given: OUT {args.output} and -o/--out {args.out}; "
+                         "name the output once")
+    args.output = args.out
+
+
+def _free_space_check(output: Path, dicom_source):
+    """The `before_compute` of `api.upscale`: InputError naming the output's folder when its
+    disk cannot hold the output (`safe_write.check_free_space`), before any voxel work."""
+    from . import io, safe_write
+
+    compressed = dicom_source is None and io.suffix_of(output) != ".nii"
+
+    def check(size_xyz, dtype) -> None:
+        raw = 1
+        for n in size_xyz:
+            raw *= int(n)
+        safe_write.check_free_space(Path(output), raw * dtype.itemsize, compressed)
+    return check
 
 
 def _dicom_output_source(args: argparse.Namespace):
@@ -290,7 +435,22 @@ def _dicom_output_source(args: argparse.Namespace):
     from . import dicom_export
 
     if args.dicom_template is not None:
-        return dicom_export.load_source(args.dicom_template)
+        from .dicom_identity import check_template_identity, recorded_modality, series_header
+
+        template = dicom_export.load_source(
+            args.dicom_template, getattr(args, "dicom_template_series", None),
+            role="DICOM template", series_option="--dicom-template-series")
+        # Checked before any work: a template of another patient would file these pixels under
+        # that patient's name. The writer checks again (same rule).
+        args.dicom_input_header = (series_header(args.input, args.series) if input_is_dicom
+                                   else None)
+        modality = args.modality or (None if input_is_dicom else recorded_modality(args.input))
+        check_template_identity(template, args.dicom_input_header, modality,
+                                accept=getattr(args, "accept_template_mismatch", False),
+                                input_name=f"the input {args.input}", warn=False)
+        return template
+    if getattr(args, "dicom_template_series", None) is not None:
+        raise InputError("--dicom-template-series needs --dicom-template")
     if not input_is_dicom:
         raise InputError(f"{args.input}: is not DICOM, so a DICOM output has no patient, study "
                          "or frame of reference to belong to; pass --dicom-template DIR (a DICOM "
@@ -317,7 +477,10 @@ def _write_output(result, output: Path, args: argparse.Namespace, dicom_source,
             prepared.append(item.prepare())
         write_dicom_series(result, dicom_source, output, overwrite=args.overwrite,
                            weights=args.weights, modality=args.modality,
-                           derived_from_source=args.dicom_template is None)
+                           derived_from_source=args.dicom_template is None,
+                           input_series=getattr(args, "dicom_input_header", None),
+                           accept_template_mismatch=getattr(args, "accept_template_mismatch",
+                                                            False))
         for item in prepared:
             item.commit()
     finally:
@@ -358,7 +521,8 @@ def _upscale_with_roi(args: argparse.Namespace, image, output: Path, progress: _
             batch_size=args.batch, threads=args.threads, backend=args.backend,
             modality=args.modality,
             allow_untrained=args.allow_untrained, output_float=args.output_float,
-            weights=args.weights, progress=progress, **margin, **_through_plane_options(args))
+            weights=args.weights, progress=progress, **margin, **_through_plane_options(args),
+            before_compute=_free_space_check(output, dicom_source))
     finally:
         progress.close()
     report = roi.RoiReport.from_image(result)
@@ -383,25 +547,20 @@ def _upscale_with_roi(args: argparse.Namespace, image, output: Path, progress: _
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from . import zoo
-
-    rows = zoo.describe_all()
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    if args.json:  # the registry itself (builds each network to count its parameters)
+        from . import zoo
+        print(json.dumps(zoo.describe_all(), indent=2))
         return EXIT_OK
-    header = ("name", "kind", "scales", "params", "weights", "paper")
-    table = [header]
-    for row in rows:
-        weights = ", ".join(f"{k}:{v['modality']}" for k, v in row["weights"].items()) or (
-            "-" if row["kind"] == "interpolation" else "none (untrained)")
-        # the shipped networks' sizes (a card's config may be smaller than the registry default)
-        shipped = sorted({n for v in row["weights"].values() for n in v.get("parameters", [])})
-        counts = shipped or ([row["parameters"]] if row["parameters"] else [0])
-        table.append((row["name"], row["kind"], ",".join(f"x{s}" for s in row["scales"]),
-                      "/".join(f"{n:,}" for n in counts), weights, row["paper"][:40]))
-    widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    from . import model_table  # the cards alone: no torch import, answers at once
+
+    untrained = ()
+    if args.all:
+        from . import zoo
+        untrained = tuple(name for name in zoo.model_names()
+                          if zoo.get_spec(name).needs_weights
+                          and not any(zoo.weights_files(zoo.get_spec(name), s)
+                                      for s in zoo.get_spec(name).scales))
+    print(model_table.render(untrained=untrained))
     return EXIT_OK
 
 
@@ -448,9 +607,16 @@ def _orientation_code(direction) -> str:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    volume_path, figure_path = run_demo(Path(args.out), model=args.model, scale=args.scale,
-                                        overwrite=args.overwrite)
-    print(f"wrote {volume_path}\nwrote {figure_path}")
+    if args.in_plane and args.through_plane:
+        raise InputError("--in-plane and --through-plane each ask for one picture only; give "
+                         "neither for both")
+    written = run_demo(Path(args.out), model=args.model, scale=args.scale,
+                       overwrite=args.overwrite, in_plane=not args.through_plane,
+                       through_plane=not args.in_plane)
+    for what, path, scores in written:
+        print(f"wrote {path}  ({what})")
+        for method, value in scores.items():
+            print(f"  {method:<24} {value.text()}")
     return EXIT_OK
 
 
@@ -462,16 +628,21 @@ def _add_batch_parser(sub) -> None:
     batch.add_argument("inputs", nargs="+", metavar="INPUT",
                        help="file, folder (searched recursively) or CSV/TSV table with columns "
                             "input[,output][,model][,scale][,series]")
-    batch.add_argument("--out", required=True, metavar="DIR",
-                       help="output folder: outputs mirror the input tree; manifest "
+    batch.add_argument("-o", "--out", required=True, metavar="DIR",
+                       help="output folder: outputs mirror the inputs' tree under their common "
+                            "folder (p1/ct.nii.gz -> DIR/p1/ct.nii.gz); manifest "
                             "medsr-batch.jsonl (rerun the same command to resume)")
     _add_run_options(batch)
     try:
         batch.add_argument("--format", dest="output_format", choices=tuple(OUTPUT_FORMATS),
-                           default="nrrd", help="output format (default nrrd); dicom: a derived "
-                           "DICOM series folder per DICOM input")
+                           default=None, help="output format (default: each input's own; a "
+                           "DICOM series gives nrrd); dicom: a derived DICOM series folder per "
+                           "DICOM input")
     except argparse.ArgumentError:  # the shared run options define --format themselves
         pass
+    batch.add_argument("--overwrite", action="store_true",
+                       help="replace files at output paths that medsr batch did not write "
+                            "there (without it such a file stops the run before any work)")
     batch.add_argument("--float", dest="output_float", action="store_true",
                        help="write float32 voxels instead of the input's pixel type")
     batch.add_argument("--workers", type=_int_at_least(1, "workers"), default=None,
@@ -481,8 +652,14 @@ def _add_batch_parser(sub) -> None:
     batch.add_argument("--ray-address", default=None, metavar="ADDR",
                        help="join this Ray cluster (e.g. auto, ray://head:10001) instead of "
                             "starting a local Ray runtime")
-    batch.add_argument("--no-ray", action="store_true",
-                       help="run the cases one at a time in this process, even with Ray installed")
+    ray_choice = batch.add_mutually_exclusive_group()
+    ray_choice.add_argument("--ray", dest="use_ray", action="store_const", const=True,
+                            default=None, help="always use Ray workers (default: Ray only for a "
+                            "named cluster, --workers > 1, or 16 or more cases due with more "
+                            "than one worker fitting here)")
+    ray_choice.add_argument("--no-ray", dest="use_ray", action="store_const", const=False,
+                            help="run the cases one at a time in this process, even with Ray "
+                                 "installed")
     batch.add_argument("--retry-failed", action="store_true",
                        help="also rerun cases that failed before with unchanged input")
     batch.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
@@ -558,10 +735,23 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         options["backend"] = args.backend
     progress = _BatchProgress("quiet" if args.quiet else args.progress)
     try:
-        summary = batch(args.inputs, args.out, output_format=args.output_format,
+        summary = batch(_local_inputs(args.inputs, args.out), args.out,
+                        output_format=args.output_format,
                         workers=args.workers, threads_per_worker=threads,
-                        ray_address=args.ray_address, use_ray=False if args.no_ray else None,
-                        retry_failed=args.retry_failed, progress=progress, **options)
+                        ray_address=args.ray_address, use_ray=args.use_ray,
+                        retry_failed=args.retry_failed, overwrite=args.overwrite,
+                        progress=progress, **options)
+    except InputError as err:
+        from .cohort.runners import ray_join_pending
+        if not ray_join_pending():
+            raise
+        # a Ray cluster that did not answer: its join still runs inside Ray's C++ core, which
+        # can abort the interpreter at exit; report and leave at once
+        progress.close()
+        print(f"medsr: error: {err}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INPUT)
     except (CancelledError, KeyboardInterrupt):
         progress.close()
         done = progress.finished
@@ -578,18 +768,75 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             print(f"  failed: {record['error']}", file=sys.stderr)
         if len(failures) > 10:
             print(f"  ... and {len(failures) - 10} more (see the manifest)", file=sys.stderr)
+    if summary.disk_full:  # the user must free space: like any other full disk, exit 2
+        print(f"medsr: error: {summary.ok} ok, {summary.failed} failed: the disk of "
+              f"{summary.manifest.parent} is full; free some space and run the same command "
+              "again", file=sys.stderr)
+        return EXIT_INPUT
     return EXIT_OK if summary.all_ok else EXIT_SOME_CASES_FAILED
+
+
+def _pacs_run(args: argparse.Namespace) -> bool:
+    from .pacs import is_url
+    return is_url(args.input) or args.send is not None or args.output is None
+
+
+def _local_inputs(inputs: Sequence[str], out: str) -> list[str]:
+    """`medsr batch` inputs with DICOMweb study/series URLs downloaded under OUT."""
+    from .pacs import is_url
+    if not any(is_url(item) for item in inputs):
+        return list(inputs)
+    from .pacs.runs import batch_inputs
+    return batch_inputs(inputs, out)
+
+
+def _add_listen_parser(sub) -> None:
+    listen = sub.add_parser("listen", help="a DICOM node (C-STORE SCP): super-resolve each "
+                            "series trusted AE titles send and forward the derived series")
+    listen.add_argument("--port", type=_int_at_least(1, "port"), required=True,
+                        help="TCP port to listen on")
+    listen.add_argument("--host", default="0.0.0.0",
+                        help="address to listen on (default: all; 127.0.0.1: this machine only)")
+    listen.add_argument("--ae-title", default="MEDSR", help="this node's AE title (default MEDSR)")
+    listen.add_argument("--allow-ae", action="append", required=True, metavar="AET",
+                        help="calling AE title allowed to send (repeat for several); "
+                             "associations from any other are refused")
+    listen.add_argument("--send", required=True, metavar="URL|AET@HOST:PORT",
+                        help="where derived series go: DICOMweb base URL (STOW-RS) or DICOM "
+                             "node (C-STORE)")
+    listen.add_argument("--idle-seconds", type=_positive_float("idle seconds"), default=10.0,
+                        help="a series is complete when none of its instances arrived for this "
+                             "long (default 10)")
+    _add_run_options(listen)
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    from .pacs.listener import listen
+
+    options = dict(model=args.model, scale=args.scale, axis=args.axis, device=args.device,
+                   precision=args.precision, tile=args.tile, batch_size=args.batch,
+                   threads=args.threads, backend=args.backend, modality=args.modality,
+                   allow_untrained=args.allow_untrained, weights=args.weights,
+                   **_through_plane_options(args))
+    return listen(port=args.port, host=args.host, ae_title=args.ae_title,
+                  allowed_ae_titles=args.allow_ae, target=args.send,
+                  idle_seconds=args.idle_seconds, upscale_options=options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["train"], ["benchmark"]) and "--version" in argv[1:]:
+        print(_version_text())
+        return EXIT_OK
     if argv and argv[0] == "train":
         return _guarded(lambda: _train(argv[1:]))
     if argv and argv[0] == "benchmark":
         return _guarded(lambda: _benchmark(argv[1:]))
     args = build_parser().parse_args(argv)
+    if args.command in ("upscale", "info", "batch", "demo", "listen"):
+        _silence_library_warnings()
     handler = {"upscale": _cmd_upscale, "models": _cmd_models, "info": _cmd_info,
-               "demo": _cmd_demo, "batch": _cmd_batch}[args.command]
+               "demo": _cmd_demo, "batch": _cmd_batch, "listen": _cmd_listen}[args.command]
     return _guarded(lambda: handler(args))
 
 
@@ -615,7 +862,10 @@ def _guarded(run) -> int:
     try:
         return int(run() or 0)
     except InputError as err:
-        print(f"medsr: error: {err}", file=sys.stderr)
+        message = str(err)
+        if message.startswith("scale factors must be integers"):  # point to the form that works
+            message += f"; {SCALE_HINT}"
+        print(f"medsr: error: {message}", file=sys.stderr)
         return EXIT_INPUT
     except (CancelledError, KeyboardInterrupt):
         written = _committed_since(committed_before)
@@ -627,16 +877,16 @@ def _guarded(run) -> int:
         return EXIT_CANCELLED
     except Exception as err:  # noqa: BLE001 - last-resort report for the CLI
         if _is_out_of_memory(err):
-            print("medsr: error: out of memory; use a smaller --tile or --batch, a lighter model, "
-                  "or a machine with more memory", file=sys.stderr)
+            from .memory_budget import out_of_memory_message
+            print(f"medsr: error: {out_of_memory_message()}", file=sys.stderr)
             return EXIT_INPUT
         print(f"medsr: internal error: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_INTERNAL
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
-    text = str(err).lower()
-    return isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+    from .memory_budget import is_out_of_memory
+    return is_out_of_memory(err)
 
 
 def _interrupt(signum, frame) -> None:

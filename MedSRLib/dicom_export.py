@@ -7,8 +7,9 @@ uncompressed Explicit VR Little Endian, so that every PACS and viewer takes them
 Identity: patient, study and frame of reference are the source's; every public attribute of the
 source slice nearest to an output slice is copied (acquisition attributes such as KVP or echo
 time stay true of the data), its private tags are not, and what a derived series requires is
-set: new SeriesInstanceUID and SOPInstanceUIDs (`UID_ROOT`), SeriesNumber (source + 1000),
-SeriesDescription "<source description> MedSR x<factors x,y,z> <model>", ImageType
+set: new SeriesInstanceUID and SOPInstanceUIDs (`UID_ROOT`; derived from the source series,
+model, weights, scale and MedSR version: a repeated run gives the same UIDs), SeriesNumber
+(source + 1000), SeriesDescription "<source description> MedSR x<factors x,y,z> <model>", ImageType
 DERIVED\\SECONDARY, DerivationDescription and DerivationCodeSequence (model, weights file,
 scale), SourceImageSequence (the source slices each output slice lies on or between) and
 ReferencedSeriesSequence (the whole source series), Series/Content/InstanceCreation date and
@@ -20,7 +21,14 @@ source's divided by the through-plane factor; a template's: the slice spacing), 
 (on the source's scale). Voxels
 (in the source's units, e.g. HU) go back to the source's stored representation:
 stored = round((value - RescaleIntercept) / RescaleSlope), clipped to BitsStored and
-PixelRepresentation; window centre/width are carried over.
+PixelRepresentation; window centre/width are carried over. Fractional through-plane factors
+(e.g. x1,1,2.5) are written too: a DICOM series only needs the new slice spacing.
+
+Grey scale: the series is always written MONOCHROME2. The reader (`io.read_volume`, GDCM) gives
+a MONOCHROME1 source's voxels as their MONOCHROME2 equivalents (stored value inverted within the
+range BitsStored allows, then rescaled), so the values written are those, and the source's
+window centre is inverted the same way (`_window_as_monochrome2`): the derived series displays
+with the source's grey values in every viewer.
 
 The files are written into a hidden temporary folder beside the target, each read back with
 pydicom, and the folder is then renamed onto the target; an existing target is replaced (only
@@ -37,6 +45,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -131,26 +140,32 @@ class DicomSource:
 
 
 def load_source(source: "str | os.PathLike | Sequence[str | os.PathLike] | DicomSource",
-                series_uid: str | None = None) -> DicomSource:
+                series_uid: str | None = None, *, role: str = "DICOM source",
+                series_option: str = "series_uid") -> DicomSource:
     """The DICOM series in folder `source` (one series, or `series_uid`), or made of the files
     `source`; InputError when it holds none, several (without `series_uid`), or a storage class
-    other than classic CT/MR images, or when a slice lacks position or orientation."""
+    other than classic CT/MR images, or when a slice lacks position or orientation.
+
+    `role` ("DICOM source", "DICOM template") and `series_option` (the option or argument that
+    picks a series, e.g. "--dicom-template-series") name the folder and the remedy in messages.
+    """
     if isinstance(source, DicomSource):
         return source
     if isinstance(source, (str, os.PathLike)):
         folder = Path(source)
         if not folder.is_dir():
-            raise InputError(f"{folder}: DICOM source must be a folder holding a DICOM series")
+            raise InputError(f"{folder}: {role} must be a folder holding a DICOM series")
         series = io.list_dicom_series(folder)
         if series_uid is not None:
             series = [s for s in series if s.uid == series_uid]
         if not series:
-            raise InputError(f"{folder}: holds no DICOM series"
+            raise InputError(f"{folder}: {role} holds no DICOM series"
                              + (f" with UID {series_uid!r}" if series_uid is not None else ""))
         if len(series) > 1:
-            raise InputError(f"{folder}: holds {len(series)} DICOM series; choose one with "
-                             "--series (series_uid): " + "; ".join(
-                                 f"{s.uid} ({s.modality} {s.description})" for s in series))
+            raise InputError(f"{folder}: {role} holds {len(series)} DICOM series; choose the "
+                             f"{role}'s series with {series_option} UID: " + "; ".join(
+                                 f"{s.uid} ({s.modality} {s.description}, {len(s.files)} files)"
+                                 for s in series))
         files = [Path(f) for f in series[0].files]
     else:
         files = [Path(f) for f in source]
@@ -161,10 +176,10 @@ def load_source(source: "str | os.PathLike | Sequence[str | os.PathLike] | Dicom
         try:
             headers.append(pydicom.dcmread(path, stop_before_pixels=True))
         except (OSError, pydicom.errors.InvalidDicomError) as err:
-            raise InputError(f"{path}: cannot read as DICOM ({err})") from None
+            raise InputError(f"{path}: {role}: cannot read as DICOM ({err})") from None
     series_uids = {str(h.get("SeriesInstanceUID", "") or "") for h in headers}
     if len(series_uids) > 1:
-        raise InputError(f"DICOM source: the files belong to {len(series_uids)} series; give "
+        raise InputError(f"{role}: the files belong to {len(series_uids)} series; give "
                          "the files of one series")
     storage = _storage_class(headers[0], files[0])
     orientation = headers[0].get("ImageOrientationPatient")
@@ -216,6 +231,12 @@ class _StoredRepresentation:
             return -(1 << (self.bits_stored - 1)), (1 << (self.bits_stored - 1)) - 1
         return 0, (1 << self.bits_stored) - 1
 
+    def inverted(self, value: float) -> float:
+        """The MONOCHROME2 equivalent of a MONOCHROME1 value (source units): the value of the
+        stored value inverted within the range BitsStored allows (low + high - stored)."""
+        low, high = self.limits
+        return self.slope * (low + high) + 2.0 * self.intercept - float(value)
+
     def to_stored(self, values: np.ndarray) -> tuple[np.ndarray, int]:
         """Stored values of `values` (source units) and how many had to be clipped."""
         stored = np.rint((values.astype(np.float64) - self.intercept) / self.slope)
@@ -237,14 +258,18 @@ def _stored_representation(source: DicomSource) -> _StoredRepresentation:
     if "ModalityLUTSequence" in first:
         raise InputError(f"{source.files[0]}: has a Modality LUT Sequence; MedSR writes rescale "
                          "slope/intercept only")
+    from .dicom_series_checks import rescale_problem
+
+    for path, header in zip(source.files, source.headers):
+        problem = rescale_problem(header)
+        if problem:
+            raise InputError(f"{path}: {problem}")
     rescales = {(float(h.get("RescaleSlope", 1) or 1), float(h.get("RescaleIntercept", 0) or 0))
                 for h in source.headers}
     if len(rescales) > 1:
         raise InputError(f"{source.files[0]}: the source slices have {len(rescales)} different "
                          "rescale slopes/intercepts; MedSR keeps one stored representation")
     slope, intercept = rescales.pop()
-    if slope == 0:
-        raise InputError(f"{source.files[0]}: RescaleSlope is 0")
     signed = int(first.get("PixelRepresentation", 0)) == 1
     has_rescale = "RescaleSlope" in first or "RescaleIntercept" in first
     return _StoredRepresentation(bits_allocated, bits_stored, signed, slope, intercept, has_rescale)
@@ -253,12 +278,15 @@ def _stored_representation(source: DicomSource) -> _StoredRepresentation:
 def write_dicom_series(image: sitk.Image,
                        source: "str | os.PathLike | Sequence[str | os.PathLike] | DicomSource",
                        folder: str | os.PathLike, *, overwrite: bool = False,
-                       model: str | None = None, scale_factors: Sequence[int] | None = None,
+                       model: str | None = None, scale_factors: Sequence[float] | None = None,
                        weights: str | os.PathLike | None = None, modality: str | None = None,
                        series_uid: str | None = None,
                        derived_from_source: bool = True, series_description: str | None = None,
                        series_number: int | None = None, uid_root: str | None = UID_ROOT,
-                       now: datetime.datetime | None = None) -> Path:
+                       now: datetime.datetime | None = None,
+                       input_series: (str | os.PathLike | Sequence[str | os.PathLike]
+                                      | DicomSource | Dataset | None) = None,
+                       accept_template_mismatch: bool = False) -> Path:
     """Write the super-resolved `image` as a new derived DICOM series into folder `folder`.
 
     Args:
@@ -267,8 +295,9 @@ def write_dicom_series(image: sitk.Image,
             patient, study, frame of reference and stored representation come from it.
         folder: the output folder; it must not exist or be empty unless `overwrite` (then it
             may hold DICOM files only, and is replaced once the new series is complete).
-        model, scale_factors: the model name and (x, y, z) factors; default: the image's
-            "medsr_model" and "medsr_scale_factors_xyz" metadata (set by `upscale`).
+        model, scale_factors: the model name and (x, y, z) factors (through-plane factors may
+            be fractional, e.g. 2.5); default: the image's "medsr_model" and
+            "medsr_scale_factors_xyz" metadata (set by `upscale`).
         weights: the weights file the run used (`--weights`); default: the shipped file for
             the model, scale and `modality` (none for interpolation models).
         modality: the modality the run chose weights for ("CT", "MR", "XR"; `upscale`'s
@@ -276,17 +305,39 @@ def write_dicom_series(image: sitk.Image,
         series_uid: picks the series when the `source` folder holds several.
         derived_from_source: False when `source` is only a template for the identity (the
             voxels came from another file): no SourceImageSequence/ReferencedSeriesSequence.
+            The template must then match the input (`dicom_identity`): PatientID, and
+            StudyInstanceUID or FrameOfReferenceUID, of `input_series` when given, and Modality
+            (`input_series`', else `modality` or the image's DICOM modality when known).
         series_description, series_number: instead of the defaults (see module docstring).
         uid_root: root of the new UIDs (`UID_ROOT`); None for "2.25." UUID-derived UIDs.
         now: date and time of the run (default: now).
+        input_series: the DICOM series the image was read from, when `source` is a template
+            (a folder, its files or a `DicomSource`); its identity is checked against the
+            template's. None for a non-DICOM input: then only the modality is checked.
+        accept_template_mismatch: write with a mismatching template anyway (a warning naming
+            both patients is logged) instead of refusing.
 
     Returns the folder. InputError (WriteError for a full disk) naming the problem; on any
     failure nothing is left at `folder` and an existing folder there is untouched.
     """
-    source = load_source(source, series_uid)
+    source = load_source(source, series_uid,
+                         role="DICOM source" if derived_from_source else "DICOM template")
     folder = Path(folder)
-    io.check_output_folder(None, folder, overwrite, {"DICOM source": _source_folder(source)})
     image = io.as_scalar_volume(image, "image")
+    if not derived_from_source:
+        from .dicom_identity import check_template_identity, series_header
+
+        check_template_identity(
+            source, None if input_series is None else series_header(input_series),
+            modality or io.modality_of(image), accept=accept_template_mismatch,
+            input_name="the image", accept_option="accept_template_mismatch=True")
+    elif io.modality_of(image) and source.modality and (
+            io.modality_of(image) != {"CR": "XR", "DX": "XR", "RG": "XR"}.get(
+                source.modality.upper(), source.modality.upper())):
+        raise InputError(f"{_source_folder(source) or source.files[0]}: the DICOM source is "
+                         f"{source.modality}, but the image was read from a "
+                         f"{io.modality_of(image)} series; give the series the image came from")
+    io.check_output_folder(None, folder, overwrite, {"DICOM source": _source_folder(source)})
     model = model or _metadata(image, "medsr_model")
     if not model:
         raise InputError("model: not given and the image has no 'medsr_model' metadata (pass "
@@ -306,6 +357,14 @@ def write_dicom_series(image: sitk.Image,
         temp, image, voxels, source, representation, series, factors, derived_from_source))
 
 
+def _stable_uid(uid_root: str | None, sources: Sequence[str]) -> str:
+    """A UID that depends only on `sources`: under `uid_root`, or (None) the "2.25." form of a
+    name-based UUID (pydicom ignores the entropy sources without a root)."""
+    if uid_root is None:
+        return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, chr(0).join(sources)).int}"
+    return generate_uid(uid_root, entropy_srcs=list(sources))
+
+
 def _source_folder(source: DicomSource) -> Path | None:
     parents = {f.resolve().parent for f in source.files}
     return parents.pop() if len(parents) == 1 else None
@@ -315,7 +374,9 @@ def _metadata(image: sitk.Image, key: str) -> str:
     return image.GetMetaData(key).strip() if image.HasMetaDataKey(key) else ""
 
 
-def _scale_factors(image: sitk.Image, scale_factors: Sequence[int] | None) -> tuple[int, int, int]:
+def _scale_factors(image: sitk.Image,
+                   scale_factors: Sequence[float] | None) -> tuple[float, float, float]:
+    """The (x, y, z) factors: whole numbers as int, a fractional through-plane factor as float."""
     if scale_factors is None:
         text = _metadata(image, "medsr_scale_factors_xyz")
         if not text:
@@ -323,22 +384,38 @@ def _scale_factors(image: sitk.Image, scale_factors: Sequence[int] | None) -> tu
                              "'medsr_scale_factors_xyz' metadata (pass the (x, y, z) factors)")
         scale_factors = text.split()
     try:
-        factors = tuple(int(f) for f in scale_factors)
+        values = [float(f) for f in scale_factors]
     except (TypeError, ValueError):
-        raise InputError(f"scale_factors must be 3 integers (x, y, z), got "
+        raise InputError(f"scale_factors must be 3 numbers (x, y, z), got "
                          f"{scale_factors!r}") from None
-    if len(factors) != 3 or min(factors) < 1:
-        raise InputError(f"scale_factors must be 3 integers >= 1 (x, y, z), got {scale_factors!r}")
+    if len(values) != 3 or not all(np.isfinite(values)) or min(values) < 1:
+        raise InputError(f"scale_factors must be 3 numbers >= 1 (x, y, z), got {scale_factors!r}")
+    factors = tuple(int(f) if float(f).is_integer() else f for f in values)
     return factors  # type: ignore[return-value]
 
 
-def _weights_name(model: str, factors: tuple[int, int, int], weights: str | os.PathLike | None,
-                  modality: str | None) -> str:
-    """The weights file named in DerivationDescription: `weights`, else the shipped one(s)."""
+def _weights_name(model: str, factors: tuple[float, float, float],
+                  weights: str | os.PathLike | None, modality: str | None) -> str:
+    """The weights file named in DerivationDescription: `weights`, else the shipped one(s).
+
+    A through-plane run's model is "[in-plane model + ]through_plane_net[ + adapted]": each
+    part is named (the through-plane network has one weights file for every factor)."""
     if weights is not None:
         return Path(weights).name
     from . import zoo
+    from .through_plane import model_io
 
+    if " + " in model or model == model_io.MODEL_NAME:
+        in_plane = tuple(f if i < 2 else 1 for i, f in enumerate(factors))
+        names = []
+        for part in model.split(" + "):
+            if part == model_io.MODEL_NAME:
+                names.append(model_io.WEIGHTS_FILE.name)
+            elif part == "adapted":
+                names.append("adapted to this volume")
+            else:
+                names.append(_weights_name(part, in_plane, None, modality))
+        return ", ".join(names)
     try:
         spec = zoo.get_spec(model)
     except InputError:
@@ -353,8 +430,8 @@ def _weights_name(model: str, factors: tuple[int, int, int], weights: str | os.P
     return ", ".join(names) or "none"
 
 
-def _factors_text(factors: tuple[int, int, int]) -> str:
-    return ",".join(str(f) for f in factors)
+def _factors_text(factors: tuple[float, float, float]) -> str:
+    return ",".join(f"{f:g}" for f in factors)
 
 
 @dataclass(frozen=True)
@@ -372,7 +449,7 @@ class _SeriesIdentity:
 
     @classmethod
     def make(cls, source: DicomSource, image: sitk.Image, model: str,
-             factors: tuple[int, int, int], weights_name: str, modality: str | None,
+             factors: tuple[float, float, float], weights_name: str, modality: str | None,
              derived_from_source: bool,
              description: str | None, number: int | None, uid_root: str | None,
              now: datetime.datetime) -> "_SeriesIdentity":
@@ -402,9 +479,15 @@ class _SeriesIdentity:
                    f"{_weights_name(roi_model, factors, None, modality)}, inside the ROI")
         origin = (f"source series {source.series_uid or '(no UID)'}" if derived_from_source else
                   f"identity from template series {source.series_uid or '(no UID)'}")
-        derivation = (f"Super-resolution by MedSR {__version__}: model {model}, weights "
+        derivation = (f"{io.MEDSR_DERIVATION_PREFIX} {__version__}: model {model}, weights "
                       f"{weights_name}, scale x{_factors_text(factors)} (x,y,z){roi}; {origin}")
-        return cls(generate_uid(uid_root), study_uid, int(number), description,
+        # The same source (its very instances), model, weights, scale and MedSR version give
+        # the same UIDs: a repeated export or send replaces (or is ignored by the PACS), never
+        # duplicates; a source missing an instance gives another series.
+        instances = sorted(str(h.get("SOPInstanceUID", "") or "") for h in source.headers)
+        series_uid = (_stable_uid(uid_root, ["medsr-derived-series", derivation, *instances])
+                      if derived_from_source and source.series_uid else generate_uid(uid_root))
+        return cls(series_uid, study_uid, int(number), description,
                    derivation[:1024], now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f"), uid_root)
 
 
@@ -424,7 +507,7 @@ def _ds(value: float) -> str:
 
 def _write_slices(temp: Path, image: sitk.Image, voxels: np.ndarray, source: DicomSource,
                   representation: _StoredRepresentation, series: _SeriesIdentity,
-                  factors: tuple[int, int, int], derived_from_source: bool) -> list[Path]:
+                  factors: tuple[float, float, float], derived_from_source: bool) -> list[Path]:
     from . import __version__
 
     direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
@@ -439,6 +522,9 @@ def _write_slices(temp: Path, image: sitk.Image, voxels: np.ndarray, source: Dic
     if "SliceLocation" in source.first and source.first.SliceLocation not in (None, ""):
         location_offset = float(source.first.SliceLocation) - float(source.positions_mm[0])
     referenced_series = _referenced_series(source) if derived_from_source else None
+    if _is_monochrome1(source.first) and "VOILUTSequence" in source.first:
+        log.warning("%s: the source's VOI LUT Sequence describes MONOCHROME1 values; the derived "
+                    "MONOCHROME2 series keeps its window centre/width only", source.files[0])
     written, clipped = [], 0
     for k in range(voxels.shape[0]):
         position = origin + k * spacing[2] * direction[:, 2]
@@ -447,7 +533,7 @@ def _write_slices(temp: Path, image: sitk.Image, voxels: np.ndarray, source: Dic
         nearest = int(np.argmin(distance))
         ds = _derived_header(source.headers[nearest])
         ds.SOPClassUID = source.storage_class
-        ds.SOPInstanceUID = generate_uid(series.uid_root)
+        ds.SOPInstanceUID = _stable_uid(series.uid_root, [series.series_uid, str(k + 1)])
         ds.StudyInstanceUID = series.study_uid
         ds.SeriesInstanceUID = series.series_uid
         ds.SeriesNumber = series.series_number
@@ -459,7 +545,7 @@ def _write_slices(temp: Path, image: sitk.Image, voxels: np.ndarray, source: Dic
         for prefix in ("Series", "Content", "InstanceCreation"):
             setattr(ds, f"{prefix}Date", series.date)
             setattr(ds, f"{prefix}Time", series.time)
-        ds.Manufacturer = "MedSR"
+        ds.Manufacturer = io.MEDSR_MANUFACTURER  # io.check_output_folder relies on these two
         ds.ManufacturerModelName = "MedSRLib"
         ds.SoftwareVersions = f"MedSRLib {__version__}"
         # image plane
@@ -475,7 +561,9 @@ def _write_slices(temp: Path, image: sitk.Image, voxels: np.ndarray, source: Dic
         stored, count = representation.to_stored(voxels[k])
         clipped += count
         ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = source.first.get("PhotometricInterpretation", "MONOCHROME2")
+        if _is_monochrome1(ds):
+            _window_as_monochrome2(ds, representation)
+        ds.PhotometricInterpretation = "MONOCHROME2"  # the image's values are MONOCHROME2's
         ds.Rows, ds.Columns = int(stored.shape[0]), int(stored.shape[1])
         ds.BitsAllocated = representation.bits_allocated
         ds.BitsStored = representation.bits_stored
@@ -501,6 +589,35 @@ def _write_slices(temp: Path, image: sitk.Image, voxels: np.ndarray, source: Dic
         log.warning("%d voxel(s) outside the source's stored range [%d, %d] were clipped",
                     clipped, low, high)
     return written
+
+
+def _is_monochrome1(ds: Dataset) -> bool:
+    return str(ds.get("PhotometricInterpretation", "") or "").strip().upper() == "MONOCHROME1"
+
+
+def _window_as_monochrome2(ds: Dataset, representation: _StoredRepresentation) -> None:
+    """Turn a MONOCHROME1 slice's display attributes into its MONOCHROME2 equivalent's.
+
+    The voxels were read as MONOCHROME2 equivalents (stored value inverted within the range
+    BitsStored allows: `_StoredRepresentation.inverted`), so a window centre c becomes
+    `inverted(c) + 1` (same width): the default LINEAR window function (PS3.3 C.11.2.1.2.1)
+    centres on c - 0.5, and inverting moves that half unit to the other side; LINEAR_EXACT and
+    SIGMOID are symmetric, there it is `inverted(c)`. Every value then displays as exactly the
+    same grey as in the source. A VOI LUT Sequence (a table over the MONOCHROME1 values) is
+    dropped (the caller warns); an inverse Presentation LUT Shape becomes IDENTITY.
+    """
+    if "WindowCenter" in ds and ds.WindowCenter not in (None, ""):
+        centres = ds.WindowCenter
+        many = isinstance(centres, (list, pydicom.multival.MultiValue))
+        function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+        shift = 0.0 if function in ("LINEAR_EXACT", "SIGMOID") else 1.0
+        values = [_ds(representation.inverted(float(c)) + shift)
+                  for c in (centres if many else [centres])]
+        ds.WindowCenter = values if many else values[0]
+    if "VOILUTSequence" in ds:
+        del ds.VOILUTSequence
+    if "PresentationLUTShape" in ds:
+        ds.PresentationLUTShape = "IDENTITY"
 
 
 def _image_type(ds: Dataset) -> list[str]:

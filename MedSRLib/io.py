@@ -133,7 +133,12 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> sitk.
     a one-slice volume of spacing 1 mm along z. InputError for a missing, unreadable, truncated,
     non-regular (FIFO, device) or too-large file, a 4-D, multi-component (RGB) or complex image,
     NaN or infinite voxels, and a zero, negative, NaN or infinite spacing in the header.
+    An http(s) DICOMweb series URL is retrieved with WADO-RS into a temporary folder and read
+    like a DICOM folder (`MedSRLib.pacs`).
     """
+    if isinstance(path, str) and path.lower().startswith(("http://", "https://")):
+        from .pacs.dicomweb import read_series_url
+        return read_series_url(path, series_uid)
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
@@ -152,6 +157,9 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> sitk.
         memory_budget.check_fits(info.payload_bytes, f"{path}: its {info.size} voxels of "
                                  f"{info.pixel_type}")
         file_integrity.check_payload(path, info)
+        if is_dicom_file(path):
+            from .dicom_series_checks import check_dicom_file
+            check_dicom_file(path)  # an impossible rescale (slope 0, NaN) is refused
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as err:
@@ -244,8 +252,9 @@ def check_output_folder(input_path: str | os.PathLike | None, output_folder: str
                         other_inputs: dict[str, str | os.PathLike | None] | None = None) -> Path:
     """Validate an output *folder* (a DICOM series) before any work: not a file name, not the
     input (or any of `other_inputs`), not inside one and not holding one, absent or empty
-    unless `overwrite` (and then holding DICOM files only, never subfolders or other files),
-    its parent folder writable. InputError naming the folder and the problem otherwise."""
+    unless `overwrite` (and then holding one series MedSR wrote, nothing else: no subfolders,
+    no other files, no series of a scanner or another program), its parent folder writable.
+    InputError naming the folder and the problem otherwise."""
     folder = Path(output_folder)
     if suffix_of(folder) in VOLUME_SUFFIXES + IMAGE_2D_SUFFIXES:
         raise InputError(f"{folder}: a DICOM series is written into a folder; give a folder "
@@ -267,8 +276,46 @@ def check_output_folder(input_path: str | os.PathLike | None, output_folder: str
         if not (entry.is_file() and not entry.is_symlink() and is_dicom_file(entry)):
             raise InputError(f"{folder}: refusing to replace a folder holding {entry.name!r}, "
                              "which is not a DICOM file; choose another output folder")
+    if entries:
+        _check_medsr_series(folder, entries)
     check_writable_folder(folder)
     return folder
+
+
+#: What every file of a series MedSR wrote says of itself (dicom_export sets these).
+MEDSR_MANUFACTURER = "MedSR"
+MEDSR_DERIVATION_PREFIX = "Super-resolution by MedSR"
+
+
+def _check_medsr_series(folder: Path, files: list[Path]) -> None:
+    """InputError unless `files` are one derived series MedSR wrote: every file says so in
+    Manufacturer ("MedSR"), ImageType (DERIVED) and DerivationDescription, all with one
+    SeriesInstanceUID. `--overwrite` must never delete a scanner's or another program's series."""
+    import pydicom
+
+    series = set()
+    for path in files:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            manufacturer = str(header.get("Manufacturer", "") or "").strip()
+            derivation = str(header.get("DerivationDescription", "") or "")
+            value = header.get("ImageType") or []
+            image_type = [str(v).upper() for v in ([value] if isinstance(value, str) else value)]
+            series.add(str(header.get("SeriesInstanceUID", "") or ""))
+        except Exception as err:  # pydicom raises many types on damaged files
+            raise InputError(f"{folder}: --overwrite replaces only a DICOM series MedSR wrote; "
+                             f"{path.name} cannot be read ({type(err).__name__}), so refusing "
+                             "to delete the folder; choose another output folder") from None
+        if (manufacturer != MEDSR_MANUFACTURER or "DERIVED" not in image_type
+                or not derivation.startswith(MEDSR_DERIVATION_PREFIX)):
+            raise InputError(
+                f"{folder}: --overwrite replaces only a DICOM series MedSR wrote; {path.name} is "
+                f"not one (Manufacturer {manufacturer or '(none)'!r}, no MedSR "
+                "DerivationDescription): refusing to delete another series; choose another "
+                "output folder")
+    if len(series) > 1:
+        raise InputError(f"{folder}: --overwrite replaces one DICOM series MedSR wrote; the folder "
+                         f"holds {len(series)} series; choose another output folder")
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:

@@ -33,8 +33,8 @@ import SimpleITK as sitk
 import torch
 
 from . import blend, intensity, io, lesion_localiser, roi_boxes, zoo
-from .engine import (CancelToken, EngineOptions, ProgressCallback, plan_passes,
-                     receptive_radius, super_resolve_volume)
+from .engine import (CancelToken, EngineOptions, ProgressCallback, context_slices_of,
+                     plan_passes, receptive_radius, super_resolve_volume)
 from .run_plan import ScalePlan, plan_scale, validate_image
 from .errors import InputError, WeightsError
 from .roi_boxes import RoiBox, margin_voxels
@@ -327,8 +327,9 @@ def detect_lesion(image: sitk.Image, **options: Any) -> tuple[tuple[int, int, in
     """
     detection = detect_lesion_roi(image, **options)
     if detection.roi is None:
-        raise InputError(f"the lesion detector found no lesion (highest slice score "
-                         f"{detection.score:.3f} < {detection.threshold:.3f}); draw an ROI instead")
+        raise InputError(f"the lesion detector found no lesion (the most lesion-like slice scored "
+                         f"{detection.score:.2f}, below the detection threshold "
+                         f"{detection.threshold:.2f}); draw an ROI instead")
     return detection.roi.lower_xyz, detection.roi.upper_xyz
 
 
@@ -458,11 +459,13 @@ def choose_roi_model(roi_model: str | None, scale: int, allow_untrained: bool,
 def _context_voxels_kji(model_for, factors_kji: Sequence[int], slice_axis_kji: int,
                         size_kji: Sequence[int]) -> tuple[int, int, int]:
     """Input voxels around a crop that every output voxel inside it depends on, per array axis
-    (receptive field of each pass; the whole extent for a global operation)."""
+    (receptive field of each pass; the whole extent for a global operation; a 2.5-D model's
+    neighbouring slices along its slice axis)."""
     context = [0, 0, 0]
     for number, slice_pass in enumerate(plan_passes(factors_kji, slice_axis_kji)):
         model, _ = model_for(slice_pass.plane_factors)
         radius = receptive_radius(model, slice_pass.plane_factors)
+        context[slice_pass.slice_axis] += context_slices_of(model) // 2
         plane = [a for a in range(3) if a != slice_pass.slice_axis]
         for a in plane:
             if radius is None:
@@ -547,15 +550,17 @@ def _found_regions(image: sitk.Image, finder: str, slice_axis_xyz: int, margins_
         detection = detect_lesion_roi(image, slice_axis=slice_axis_xyz, margin_mm=0.0,
                                       weights_path=weights_path)
         message = "" if detection.roi is not None else (
-            f"no lesion found (detector score {detection.score:.3f} < "
-            f"{detection.threshold:.3f}): the fast model ran everywhere")
+            f"no lesion found (the most lesion-like slice scored {detection.score:.2f}, below the "
+            f"detection threshold {detection.threshold:.2f}), so the run's model ran everywhere: "
+            "the whole volume was super-resolved without an ROI model")
         found = [(detection.roi, detection.score)] if detection.roi is not None else []
         return found, detection.score, detection.slice_scores, message
     found = lesion_localiser.find_regions(image, weights_path=weights_path)
     regions = roi_boxes.merge_overlapping(found.regions, margins_xyz, image.GetSize())
     message = "" if regions else (
-        f"no lesion found (highest lesion probability {found.peak_probability:.3f} < "
-        f"{found.threshold:.3f}): the fast model ran everywhere")
+        f"no lesion found (the most lesion-like region scored {found.peak_probability:.2f}, below "
+        f"the detection threshold {found.threshold:.2f}), so the run's model ran everywhere: the "
+        "whole volume was super-resolved without an ROI model")
     return ([(r.box, r.confidence) for r in regions], found.peak_probability, (), message)
 
 

@@ -8,10 +8,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import pytest
-import SimpleITK as sitk
-import torch
+# NNCF compiles a C++ extension on first use under a 60 s limit, which a fresh, loaded 2-core
+# machine can exceed (Testing/test_int8.py then fails with ExtensionLoaderTimeoutException);
+# the limit is read when the extension loads, so it is raised here, before any test imports NNCF.
+os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "1200")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDSR_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -32,11 +37,30 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
+#: Start of the skip reason of every test that needs the real data (counted at the end).
+NO_SHARED_DATA = "real data folder"
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} is not present")
+        pytest.skip(f"{NO_SHARED_DATA} {SHARED_DATA} is not present")
     return SHARED_DATA
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Once, at the end: how many tests skipped for want of the real data, and where it comes
+    from (each test's own reason is in pytest's short summary)."""
+    skipped = [report for report in terminalreporter.stats.get("skipped", [])
+               if NO_SHARED_DATA in str(getattr(report, "longrepr", ""))]
+    if not skipped:
+        return
+    terminalreporter.write_line(
+        f"{len(skipped)} test{'s' if len(skipped) > 1 else ''} skipped for want of the real images "
+        f"in {SHARED_DATA} (public CT, "
+        "MR and X-ray data listed in its MANIFEST.md, kept beside the repository as "
+        "../shared/data, not in it); set MEDSR_SHARED_DATA to another copy to run them.",
+        yellow=True)
 
 
 def make_volume(shape_kji=(6, 20, 24), dtype=np.int16, spacing=(0.8, 0.9, 3.0),

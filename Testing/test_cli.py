@@ -78,7 +78,7 @@ BAD_INPUTS = {
     "unknown_model": (lambda p: sitk.WriteImage(make_volume(), str(p)), "input.mha",
                       ["--model", "no_such_net"], "unknown model 'no_such_net'"),
     "unsupported_scale": (lambda p: sitk.WriteImage(make_volume(), str(p)), "input.mha",
-                          ["--scale", "5"], "scale factors must be integers 1-4"),
+                          ["--scale", "5,5,1"], "takes integer factors 1-4"),
     "untrained_network": (lambda p: sitk.WriteImage(make_volume(), str(p)), "input.mha",
                           ["--model", "srcnn", "--weights", "missing.safetensors"], "missing"),
 }
@@ -144,7 +144,7 @@ def test_models_table_and_json_list_the_registry(capsys):
     shipped = multiscale["weights"]["x2"]["parameters"]
     assert shipped and shipped[0] < multiscale["parameters"]
     table_row = next(line for line in run_cli(["models"], capsys)[1].splitlines()
-                     if line.startswith("edsr_multiscale "))
+                     if line.lstrip("* ").startswith("edsr_multiscale "))
     assert f"{shipped[0]:,}" in table_row and f"{multiscale['parameters']:,}" not in table_row
 
 
@@ -159,18 +159,14 @@ def test_json_progress_lines_for_background_callers(tmp_path, input_volume, caps
     code, _, err = run_cli(["upscale", input_volume, out, "--model", "bicubic", "--progress",
                             "json", "--batch", "2"], capsys)
     assert code == 0
-    fractions = [json.loads(line)["fraction"] for line in err.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert len(lines) == len(err.splitlines()) - 1  # JSON, then the closing summary
+    assert err.splitlines()[-1].startswith(f"wrote {out}")
+    assert lines[0] == {"fraction": 0.0,
+                        "message": "defaults: modality unknown (--modality CT, MR or XR to pick "
+                                   "its model), axis z, backend torch"}
+    fractions = [line["fraction"] for line in lines[1:]]
     assert len(fractions) == 3 and fractions[-1] == pytest.approx(1.0)
-
-
-def test_demo_writes_volume_and_comparison_png(tmp_path, capsys):
-    code, out, err = run_cli(["demo", "--out", tmp_path / "demo"], capsys)
-    assert code == 0, err
-    volume = sitk.ReadImage(str(tmp_path / "demo" / "ct_abdomen_sample_SRx2.nrrd"))
-    sample = sitk.ReadImage(str(SAMPLE_PATH))
-    assert volume.GetSize() == (512, 512, 16) and volume.GetPixelID() == sample.GetPixelID()
-    png = sitk.ReadImage(str(tmp_path / "demo" / "ct_abdomen_sample_SRx2_comparison.png"))
-    assert png.GetSize()[0] == 3 * 512
 
 
 def test_ctrl_c_cancels_and_leaves_no_file(tmp_path):

@@ -345,7 +345,8 @@ def test_overwrite_replaces_a_previous_series_only_when_the_new_one_is_complete(
     assert run_cli(source, folder, "--model", "nearest", "--overwrite") == 0
     after = read_series(folder)
     assert len(after) == len(before)
-    assert {ds.SeriesInstanceUID for ds in after} != {before_uid}  # the new series replaced it
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} != before  # the new series replaced it
+    assert {ds.SeriesInstanceUID for ds in after} == {before_uid}  # same source, model, scale: same UIDs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["series"]
 
 
