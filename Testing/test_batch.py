@@ -76,7 +76,8 @@ def build_cohort(root: Path, shared_data: Path) -> Path:
     return root
 
 
-EXPECTED_OUTPUTS = {"p1/a.nrrd", "p1/b.nrrd", "c.nrrd", "p2/d.nrrd", "p2/ct-dicom.nrrd"}
+# each output keeps its input's format; the DICOM series becomes NRRD
+EXPECTED_OUTPUTS = {"p1/a.nii.gz", "p1/b.nrrd", "c.mha", "p2/d.nrrd", "p2/ct-dicom.nrrd"}
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +224,7 @@ def test_folder_search_mirrors_the_tree_and_skips_the_output_folder(tmp_path, sh
         cases.discover([root], root, "nrrd")
 
 
-def test_rerun_skips_done_cases_and_redoes_changed_outputs(tmp_path):
+def test_rerun_skips_done_cases_and_replaces_changed_outputs_only_with_overwrite(tmp_path):
     source = small_cohort(tmp_path / "in")
     out = tmp_path / "out"
     assert run_in_process([source], out).ok == 3
@@ -232,7 +233,12 @@ def test_rerun_skips_done_cases_and_redoes_changed_outputs(tmp_path):
     lines = records(out)
     (out / MANIFEST_NAME).write_text("".join(json.dumps(r) + "\n" for r in lines
                                              if r["output"] != "v1.nrrd"))
-    summary = run_in_process([source], out)
+    changed = (out / "v0.nrrd").read_bytes()
+    with pytest.raises(InputError, match=r"v0\.nrrd, .*v1\.nrrd: output exists and was not "
+                                         "written by medsr batch.*--overwrite"):
+        run_in_process([source], out)
+    assert (out / "v0.nrrd").read_bytes() == changed and len(records(out)) == 2
+    summary = run_in_process([source], out, overwrite=True)
     assert (summary.ok, summary.skipped, summary.failed) == (2, 1, 0)
     assert {r["output"] for r in summary.records if r["status"] == "ok"} == {"v0.nrrd", "v1.nrrd"}
     assert sitk.ReadImage(str(out / "v0.nrrd")).GetSize() == (48, 40, 6)

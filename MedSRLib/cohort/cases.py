@@ -2,10 +2,16 @@
 
 Inputs are files, folders searched recursively (every image file and every DICOM series, one
 case per series), or a CSV/TSV table with a header row naming the columns `input` (required)
-and `output`, `model`, `scale`, `series` (optional). Output paths mirror the input tree under
-the output folder: `IN/p1/ct.nii.gz` becomes `OUT/p1/ct.nrrd`, a folder `IN/p2/dicom` holding
-one DICOM series becomes `OUT/p2/dicom.nrrd` (several series:
-`OUT/p2/dicom/<description>_<uid>.nrrd`).
+and `output`, `model`, `scale`, `series` (optional).
+
+Output paths mirror the inputs' tree under the output folder, relative to the common root of
+everything named (the folder itself when one folder is named; for a file or table, its folder):
+`IN/p1/ct.nii.gz` becomes `OUT/p1/ct.nii.gz`, a folder `IN/p2/dicom` holding one DICOM series
+`OUT/p2/dicom.nrrd` (several series: `OUT/p2/dicom/<description>_<uid>.nrrd`). Two inputs with
+the same file name in different folders therefore get different outputs by construction; an
+output keeps its input's format unless a format is asked for (a DICOM series becomes NRRD).
+What is still shared (a table's `output` cells, an input named twice with different options)
+or what would write over an input is refused before any work.
 """
 
 from __future__ import annotations
@@ -24,6 +30,14 @@ from ..errors import InputError
 #: DICOM series into a folder (no suffix) and needs a DICOM input (`runners.write_output`).
 OUTPUT_FORMATS = {"nrrd": ".nrrd", "nii.gz": ".nii.gz", "nii": ".nii", "mha": ".mha",
                   "dicom": ""}
+#: The output suffix that keeps an input's format (no `--format`): the format itself where
+#: MedSR writes it, its one-file form for a header/data pair, lossless PNG for 2-D images,
+#: NRRD for a DICOM series.
+KEPT_SUFFIXES = {".nii.gz": ".nii.gz", ".nii": ".nii", ".nrrd": ".nrrd", ".nhdr": ".nrrd",
+                 ".mha": ".mha", ".mhd": ".mha", ".png": ".png", ".jpg": ".png", ".jpeg": ".png",
+                 ".tif": ".png", ".tiff": ".png", ".bmp": ".png"}
+#: The output suffix of a DICOM series input when the format is kept.
+DICOM_KEPT_SUFFIX = ".nrrd"
 
 #: Image files picked up when a folder is searched (as `io.read_volume` reads them).
 SEARCHED_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd",
@@ -39,7 +53,8 @@ TABLE_COLUMNS = ("input", "output", "model", "scale", "series")
 class Case:
     """One input volume (file, or DICOM folder plus series UID) and its output file.
 
-    `model` and `scale` are per-case overrides from a table (None: the batch's options).
+    `model` and `scale` are per-case overrides from a table (None: the batch's options);
+    `output_named` is True when a table's `output` cell named the output (never renamed).
     """
 
     input: Path
@@ -47,6 +62,7 @@ class Case:
     series_uid: str | None = None
     model: str | None = None
     scale: int | tuple[int, int, int] | None = None
+    output_named: bool = False
 
 
 def suffix_of(path: Path) -> str:
@@ -54,11 +70,23 @@ def suffix_of(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
-def output_suffix(output_format: str) -> str:
+def output_suffix(output_format: str | None) -> str | None:
+    """The file suffix of `output_format` ("" for a DICOM folder), None for "keep the input's";
+    InputError for an unknown format."""
+    if output_format is None:
+        return None
     if output_format not in OUTPUT_FORMATS:
         raise InputError(f"format (--format) must be one of {', '.join(OUTPUT_FORMATS)}, "
                          f"got {output_format!r}")
     return OUTPUT_FORMATS[output_format]
+
+
+def _file_suffix(path: Path, suffix: str | None) -> str:
+    return KEPT_SUFFIXES.get(suffix_of(path), ".nrrd") if suffix is None else suffix
+
+
+def _series_suffix(suffix: str | None) -> str:
+    return DICOM_KEPT_SUFFIX if suffix is None else suffix
 
 
 def parse_scale(text: str) -> int | tuple[int, int, int]:
@@ -75,40 +103,111 @@ def parse_scale(text: str) -> int | tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def discover(inputs: Sequence[str | os.PathLike], out_dir: Path, output_format: str) -> list[Case]:
+def discover(inputs: Sequence[str | os.PathLike], out_dir: Path,
+             output_format: str | None = None) -> list[Case]:
     """Every case named by `inputs` (files, folders, tables), outputs under `out_dir`.
 
-    InputError for an input that does not exist, a malformed table, an output folder that is
-    an input folder, and a cohort with no case at all. Outputs that two inputs
-    would share get each input's full file name in theirs.
+    Outputs mirror the inputs' paths relative to their common root (see the module text), in
+    the input's format when `output_format` is None. InputError for an input that does not
+    exist, a malformed table, an output folder that is an input folder, a cohort with no case,
+    two cases that would write the same output (both named), and an output that is a case's
+    input or lies inside a DICOM input folder.
     """
     if not inputs:
         raise InputError("no input given: name files, folders or a CSV/TSV table")
     suffix = output_suffix(output_format)
     out_dir = Path(out_dir).resolve()
-    cases: list[Case] = []
+    resolved: list[Path] = []
     for raw in inputs:
         path = Path(raw)
         if not path.exists():
             raise InputError(f"{path}: no such file or folder")
         path = path.resolve()
+        if path.is_dir() and path == out_dir:
+            raise InputError(f"{path}: the output folder must not be an input folder; "
+                             "choose another (inside it is fine: it is not searched)")
+        resolved.append(path)
+    base = common_root(resolved)
+    cases: list[Case] = []
+    for path in resolved:
         if path.is_dir():
-            if path == out_dir:
-                raise InputError(f"{path}: the output folder must not be an input folder; "
-                                 "choose another (inside it is fine: it is not searched)")
-            cases.extend(_search_folder(path, out_dir, suffix))
+            cases.extend(_search_folder(path, base, out_dir, suffix))
         elif suffix_of(path) in TABLE_SUFFIXES:
-            cases.extend(_read_table(path, out_dir, suffix))
+            cases.extend(_read_table(path, out_dir / path.parent.relative_to(base), out_dir,
+                                     suffix))
         else:
-            cases.append(Case(path, out_dir / _mirror_name(Path(path.name), suffix)))
+            relative = path.relative_to(base)
+            cases.append(Case(path, out_dir / _mirror_name(relative, _file_suffix(path, suffix))))
     if not cases:
         raise InputError("found no image file or DICOM series in "
                          + ", ".join(str(p) for p in inputs))
-    return _disambiguate(_unique(cases))
+    cases = _disambiguate(_unique(cases))
+    check_outputs_distinct(cases)
+    check_outputs_are_not_inputs(cases)
+    return cases
 
 
-def _search_folder(root: Path, out_dir: Path, suffix: str) -> list[Case]:
-    """Image files and DICOM series under `root`, in sorted order, skipping `out_dir`."""
+def common_root(paths: Sequence[Path]) -> Path:
+    """The deepest folder holding every named input: a folder counts as itself, a file or
+    table as its folder (one folder named: that folder)."""
+    folders = [str(p if p.is_dir() else p.parent) for p in paths]
+    return Path(os.path.commonpath(folders))
+
+
+def check_outputs_distinct(cases: Sequence[Case]) -> None:
+    """InputError naming both cases when two of them would write the same output (or one
+    output would be inside another's DICOM output folder)."""
+    owner: dict[Path, Case] = {}
+    for case in cases:
+        key = Path(os.path.normcase(case.output))
+        other = owner.get(key)
+        if other is not None:
+            raise InputError(f"{_describe(other)} and {_describe(case)} would both be written to "
+                             f"{case.output}; give them distinct outputs (a table's output "
+                             "column) or run them into different --out folders")
+        owner[key] = case
+    for case in cases:
+        for parent in Path(os.path.normcase(case.output)).parents:
+            other = owner.get(parent)
+            if other is not None:
+                raise InputError(f"{_describe(case)} would be written to {case.output}, inside "
+                                 f"the output {other.output} of {_describe(other)}")
+
+
+def check_outputs_are_not_inputs(cases: Sequence[Case]) -> None:
+    """InputError when a case's output is any case's input (the same path, or the same file
+    under another name) or lies inside a DICOM input folder: writing it would change an input."""
+    inputs: dict[Path, Case] = {case.input: case for case in cases}
+    identities: dict[tuple[int, int], Case] = {}
+    for case in cases:
+        try:
+            stat = case.input.stat()
+        except OSError:
+            continue
+        identities[(stat.st_dev, stat.st_ino)] = case
+    for case in cases:
+        output = case.output.resolve()
+        victim = inputs.get(output)
+        if victim is None:
+            try:
+                stat = output.stat()
+                victim = identities.get((stat.st_dev, stat.st_ino))
+            except OSError:
+                victim = None
+        if victim is None:
+            victim = next((inputs[p] for p in output.parents if p in inputs), None)
+        if victim is not None:
+            raise InputError(f"{case.output}: the output of {_describe(case)} would overwrite "
+                             f"the input of {_describe(victim)}; choose another output")
+
+
+def _describe(case: Case) -> str:
+    return f"{case.input} (series {case.series_uid})" if case.series_uid else str(case.input)
+
+
+def _search_folder(root: Path, base: Path, out_dir: Path, suffix: str | None) -> list[Case]:
+    """Image files and DICOM series under `root`, in sorted order, skipping `out_dir`; outputs
+    mirror their paths relative to `base`."""
     from ..io import list_dicom_series
 
     cases = []
@@ -123,22 +222,24 @@ def _search_folder(root: Path, out_dir: Path, suffix: str) -> list[Case]:
                                and (here / s).resolve() != out_dir)
         images = sorted(f for f in files if not f.startswith(".")
                         and suffix_of(Path(f)) in SEARCHED_SUFFIXES)
-        relative = here.relative_to(root)
+        relative = here.relative_to(base)  # "." only for the one folder named
         for name in images:
-            cases.append(Case(here / name, out_dir / _mirror_name(relative / name, suffix)))
+            output = out_dir / _mirror_name(relative / name, _file_suffix(Path(name), suffix))
+            cases.append(Case(here / name, output))
         others = [f for f in files if not f.startswith(".") and f not in images
                   and suffix_of(Path(f)) not in NOT_DICOM_SUFFIXES]
         if not others:
             continue
         series = list_dicom_series(here)
+        series_suffix = _series_suffix(suffix)
         for entry in series:
             if len(series) == 1:
                 name = relative.parent / (relative.name or root.name)
-                output = out_dir / name.with_name(name.name + suffix)
+                output = out_dir / name.with_name(name.name + series_suffix)
             else:
                 label = _slug(entry.description) or "series"
                 output = out_dir / (relative if str(relative) != "." else Path(root.name)) / (
-                    f"{label}_{_slug(entry.uid)}{suffix}")
+                    f"{label}_{_slug(entry.uid)}{series_suffix}")
             cases.append(Case(here, output, series_uid=entry.uid))
     return cases
 
@@ -154,9 +255,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:64]
 
 
-def _read_table(table: Path, out_dir: Path, suffix: str) -> list[Case]:
+def _read_table(table: Path, mirror_dir: Path, out_dir: Path, suffix: str | None) -> list[Case]:
     """Cases from a CSV/TSV table; relative inputs are relative to the table's folder,
-    relative outputs to `out_dir`."""
+    relative outputs to `out_dir`; a row without output mirrors its input's path relative to
+    the table's folder under `mirror_dir`."""
     delimiter = "\t" if suffix_of(table) == ".tsv" else ","
     try:
         text = table.read_text(encoding="utf-8-sig")
@@ -191,22 +293,25 @@ def _read_table(table: Path, out_dir: Path, suffix: str) -> list[Case]:
                 relative = source.relative_to(table.parent.resolve())
             except ValueError:
                 relative = Path(source.name)
-            output = out_dir / (relative.with_name(relative.name + suffix) if source.is_dir()
-                                else _mirror_name(relative, suffix))
+            output = mirror_dir / (
+                relative.with_name(relative.name + _series_suffix(suffix)) if source.is_dir()
+                else _mirror_name(relative, _file_suffix(source, suffix)))
         try:
             scale = parse_scale(cells["scale"]) if cells.get("scale") else None
         except InputError as err:
             raise InputError(f"{table}: line {line_number}: {err}") from None
         cases.append(Case(source, output.resolve(), series_uid=cells.get("series") or None,
-                          model=cells.get("model") or None, scale=scale))
+                          model=cells.get("model") or None, scale=scale,
+                          output_named=bool(cells.get("output"))))
     return cases
 
 
 def _unique(cases: Iterable[Case]) -> list[Case]:
-    """Drop exact repeats (the same input named twice), keeping the first."""
+    """Drop exact repeats (the same input named twice, same output and options), keeping the
+    first; the same input with other options stays (and collides)."""
     seen, unique = set(), []
     for case in cases:
-        identity = (case.input, case.series_uid, case.output)
+        identity = (case.input, case.series_uid, case.output, case.model, case.scale)
         if identity not in seen:
             seen.add(identity)
             unique.append(case)
@@ -214,14 +319,15 @@ def _unique(cases: Iterable[Case]) -> list[Case]:
 
 
 def _disambiguate(cases: list[Case]) -> list[Case]:
-    """Cases whose outputs collide (`a.nii.gz` and `a.nrrd` -> `a.nrrd`) get the input's full
-    name in the output (`a.nii.gz.nrrd`, `a.nrrd.nrrd`); a series gets its UID."""
+    """Cases in one folder whose derived outputs collide (`a.nii.gz` and `a.nrrd` with
+    `--format nrrd` -> `a.nrrd`) get the input's full name in the output (`a.nii.gz.nrrd`,
+    `a.nrrd.nrrd`); a series gets its UID. Outputs a table names are never renamed."""
     counts: dict[Path, int] = {}
     for case in cases:
         counts[case.output] = counts.get(case.output, 0) + 1
     result = []
     for case in cases:
-        if counts[case.output] > 1:
+        if counts[case.output] > 1 and not case.output_named:
             suffix = suffix_of(case.output)
             stem = case.output.name[: len(case.output.name) - len(suffix)]
             name = (f"{stem}_{_slug(case.series_uid)}{suffix}" if case.series_uid

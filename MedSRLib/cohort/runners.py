@@ -10,6 +10,7 @@ Ray is optional (`pip install MedSRLib[cluster]`) and imported only here, only w
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -28,6 +29,10 @@ if TYPE_CHECKING:  # the engine imports torch: only inside a worker or a run
 
 ResultCallback = Callable[[Case, "CaseResult"], None]
 
+#: Seconds to wait for a TCP connection to a named Ray cluster, and for joining it.
+RAY_PROBE_SECONDS = 5.0
+RAY_JOIN_SECONDS = 30.0
+
 #: Seconds a cancelled Ray run waits for the cases in flight to stop (at the next batch of
 #: slices) or finish writing, before it ends the workers.
 CANCEL_GRACE_SECONDS = 20.0
@@ -45,6 +50,7 @@ class CaseResult:
     peak_memory_mb: float | None = None
     output_bytes: int | None = None
     worker: str = ""
+    disk_full: bool = False  # failed because the disk (or quota) is full
 
 
 def _reset_peak_memory() -> None:
@@ -70,7 +76,20 @@ def _peak_memory_mb() -> float | None:
         return None
 
 
-def write_output(image, case: Case, output_format: str, upscale_options: dict[str, Any]) -> None:
+def is_disk_full(error: BaseException | None) -> bool:
+    """True when `error` (or an error it was raised from) says the disk or quota is full."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "no space left" in str(error).lower():
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def write_output(image, case: Case, output_format: str | None,
+                 upscale_options: dict[str, Any]) -> None:
     """Write one case's output atomically and verified: a volume file through `io.write_all`,
     or (format "dicom") a derived DICOM series folder in the source series' study."""
     if output_format != "dicom":
@@ -97,7 +116,7 @@ def output_bytes(path: Path) -> int | None:
         return None
 
 
-def run_case(case: Case, upscale_options: dict[str, Any], output_format: str,
+def run_case(case: Case, upscale_options: dict[str, Any], output_format: str | None,
              cancel: "CancelToken | None" = None) -> CaseResult:
     """Read, super-resolve and write one case; its output is replaced only by a complete one.
 
@@ -131,8 +150,12 @@ def run_case(case: Case, upscale_options: dict[str, Any], output_format: str,
         raise
     except InputError as err:
         return CaseResult("failed", str(err), model, factors, time.perf_counter() - started,
-                          _peak_memory_mb(), None, worker)
+                          _peak_memory_mb(), None, worker, is_disk_full(err))
     except Exception as err:  # noqa: BLE001 - one bad case never stops the others
+        if is_disk_full(err):
+            text = f"{case.output}: no space left on the device; nothing was written"
+            return CaseResult("failed", text, model, factors, time.perf_counter() - started,
+                              _peak_memory_mb(), None, worker, True)
         text = "out of memory" if isinstance(err, MemoryError) else f"{type(err).__name__}: {err}"
         return CaseResult("failed", f"{case.input}: internal error: {text}", model, factors,
                           time.perf_counter() - started, _peak_memory_mb(), None, worker)
@@ -149,7 +172,8 @@ class InProcessRunner:
     def describe(self) -> str:
         return f"1 worker in this process x {self.threads or 'default'} thread(s) (no Ray)"
 
-    def run(self, cases: Sequence[Case], upscale_options: dict[str, Any], output_format: str,
+    def run(self, cases: Sequence[Case], upscale_options: dict[str, Any],
+            output_format: str | None,
             on_result: ResultCallback, cancel: "CancelToken") -> None:
         options = {**upscale_options, "threads": self.threads}
         for case in cases:
@@ -184,7 +208,8 @@ class CaseWorker:
     def ready(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
 
-    def run(self, case: Case, upscale_options: dict[str, Any], output_format: str) -> CaseResult:
+    def run(self, case: Case, upscale_options: dict[str, Any],
+            output_format: str | None) -> CaseResult:
         with self._lock:
             if self._stopping:
                 return CaseResult("cancelled")
@@ -217,6 +242,66 @@ def _ray_signals_kept(ray_init: Callable[[], Any]) -> Any:
                 signal.signal(getattr(signal, name), handler)
 
 
+def probe_ray_address(address: str, timeout: float = RAY_PROBE_SECONDS) -> None:
+    """InputError at once when a `host:port` or `ray://host:port` address does not accept a TCP
+    connection within `timeout` seconds ("auto" and other forms are left to Ray)."""
+    text = address.split("://", 1)[-1].rstrip("/")
+    host, separator, port = text.rpartition(":")
+    if not separator or not port.isdigit() or not host:
+        return
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        reason = "no answer" if isinstance(err, (socket.timeout, TimeoutError)) else (
+            os.strerror(err.errno) if err.errno else str(err))
+        raise InputError(f"cannot reach the Ray cluster at {address} ({reason} within "
+                         f"{timeout:g} s); is its head node running, and is this its address "
+                         "(host:6379, or ray://host:10001 for Ray Client)?") from None
+
+
+#: Threads of `join_with_deadline`; one still alive after its deadline is stuck inside Ray.
+_JOINS: list[threading.Thread] = []
+
+
+def ray_join_pending() -> bool:
+    """True while a Ray join given up on is still running in its thread: Ray's C++ core then
+    may abort the interpreter at exit, so a command line should leave with os._exit."""
+    return any(thread.is_alive() for thread in _JOINS)
+
+
+def join_with_deadline(join: Callable[[], Any], address: str,
+                       seconds: float | None = None) -> None:
+    """Run `join` (ray.init with an address: it starts no process here) in a helper thread and
+    wait at most `seconds`, staying interruptible: Ray retries an address that accepts but does
+    not answer for minutes, inside C++ where Ctrl-C is not seen. InputError on timeout or when
+    Ray refuses; KeyboardInterrupt passes at once. `seconds` defaults to RAY_JOIN_SECONDS."""
+    seconds = RAY_JOIN_SECONDS if seconds is None else seconds
+    outcome: dict[str, BaseException] = {}
+
+    def target() -> None:
+        try:
+            join()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = err
+
+    helper = threading.Thread(target=target, name="medsr-ray-join", daemon=True)
+    _JOINS.append(helper)
+    helper.start()
+    deadline = time.monotonic() + seconds
+    while helper.is_alive():
+        if time.monotonic() > deadline:
+            raise InputError(f"the Ray cluster at {address} did not answer within {seconds:g} s; "
+                             "is this the address of a running Ray head node?")
+        helper.join(0.1)
+    error = outcome.get("error")
+    if isinstance(error, (ConnectionError, RuntimeError, ValueError, TimeoutError)):
+        raise InputError(f"cannot join the Ray cluster at {address}: {_first_line(error)}") from None
+    if error is not None:
+        raise error
+
+
 def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return (lines[0] if lines else type(error).__name__)[:300]
@@ -236,6 +321,8 @@ class RayRunner:
         self.device = device
         self.gpus_per_worker = 0
         self._started_here = False
+        self._reaper = None
+        self.notes: list[str] = []  # for the user, once the runtime is up
 
     def start(self) -> None:
         """Start or join the runtime and settle the number of workers; InputError when it
@@ -255,11 +342,19 @@ class RayRunner:
                 if self.device == "cpu":  # else Ray finds the local GPUs itself
                     kwargs["num_gpus"] = 0
                 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            try:
-                _ray_signals_kept(lambda: ray.init(**kwargs))
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray runtime"
-                raise InputError(f"cannot start or join {where}: {err}") from None
+            if self.address:  # fail fast: a wrong address never waits for Ray's retries
+                probe_ray_address(self.address)
+                join_with_deadline(lambda: ray.init(**kwargs), self.address)
+            else:
+                # in the main thread: Ray ties its helpers' lives to the thread that starts them
+                # (PR_SET_PDEATHSIG); the reaper ends the rest if this process is killed
+                from .reaper import start_reaper
+                self._reaper = start_reaper()
+                try:
+                    _ray_signals_kept(lambda: ray.init(**kwargs))
+                except (ConnectionError, RuntimeError, ValueError) as err:
+                    raise InputError(f"cannot start a local Ray runtime: {_first_line(err)}") \
+                        from None
             self._started_here = True
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
@@ -269,6 +364,12 @@ class RayRunner:
         elif self.workers is None:
             self.workers = self.local_cpu_workers if self._started_here and not self.address \
                 else max(1, int(resources.get("CPU", 1)) // self.threads)
+        cluster_cpus = int(resources.get("CPU", 0))
+        if self.address and not self.gpus_per_worker and \
+                self.workers * self.threads > max(cluster_cpus, 1):
+            self.notes.append(f"--workers {self.workers} x {self.threads} thread(s) is more than "
+                              f"the {cluster_cpus} CPU(s) of the cluster: the extra workers wait "
+                              "until CPUs are free (or the cluster scales up)")
 
     def describe(self) -> str:
         if self.workers is None:
@@ -279,16 +380,22 @@ class RayRunner:
         return f"{self.workers} Ray worker(s) x {self.threads} thread(s){gpu} on the {where}"
 
     def shutdown(self) -> None:
-        if self._started_here and self.ray.is_initialized():
-            self.ray.shutdown()
-        self._started_here = False
+        try:
+            if self._started_here and self.ray.is_initialized():
+                self.ray.shutdown()
+        finally:
+            self._started_here = False
+            if self._reaper is not None:
+                self._reaper.stop()
+                self._reaper = None
 
     def _new_actor(self):
         actor_class = self.ray.remote(CaseWorker).options(
             num_cpus=self.threads, num_gpus=self.gpus_per_worker, max_concurrency=2)
         return actor_class.remote(self.threads)
 
-    def run(self, cases: Sequence[Case], upscale_options: dict[str, Any], output_format: str,
+    def run(self, cases: Sequence[Case], upscale_options: dict[str, Any],
+            output_format: str | None,
             on_result: ResultCallback, cancel: "CancelToken") -> None:
         ray = self.ray
         pending = deque(cases)
