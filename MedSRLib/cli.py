@@ -909,7 +909,7 @@ def _leave_at_once() -> None:
     """Cancel without unwinding: remove this run's temporary files, report, exit 130."""
     safe_write = sys.modules.get("MedSRLib.safe_write")
     if safe_write is not None:
-        for temp in list(safe_write.PENDING):
+        for temp in list(getattr(safe_write, "PENDING", ())):  # may be half-imported
             temp.unlink(missing_ok=True)
     written = _committed_since(0)
     if written:

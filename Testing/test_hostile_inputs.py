@@ -344,8 +344,8 @@ def test_defective_dicom_series_is_refused_not_read_with_wrong_geometry(tmp_path
     ("--threads", "0", "threads must be >= 1"),
     ("--tile", "-5", "tile must be 0 (whole slices) or at least 16"),
     ("--tile", "1", "tile must be 0 (whole slices) or at least 16"),
-    ("--scale", "5", "scale factors must be integers 1-4"),
-    ("--scale", "2.5", "scale must be an integer"),
+    ("--scale", "5", "in-plane factors are integers 2-4, got '5'; for thick slices use --scale 1,1,2.5"),
+    ("--scale", "2.5", "in-plane factors are integers 2-4, got '2.5'; for thick slices use"),
     ("--axis", "w", "axis must be auto, x, y, z or 0-2"),
     ("--precision", "int3", "invalid choice"),
 ])
