@@ -77,8 +77,9 @@ def upscale(
         weights: a safetensors file to use instead of the shipped weights (for `model`).
         progress: called with (fraction done in [0, 1], message).
         cancel: CancelToken; cancelling raises CancelledError.
-        roi: lesion-focused mode (paper 003): "auto" (the lesion segmenter: one ROI per lesion
-            found; "auto:lesion_detector" for paper 003's box detector), a box
+        roi: lesion-focused mode (Zhu, Yang and Lio, "Lesion focused super-resolution"): "auto"
+            (the lesion segmenter: one ROI per lesion found; "auto:lesion_detector" for that
+            paper's box detector), a box
             (x0, y0, z0, x1, y1, z1) of input voxel indices (lower inclusive, upper exclusive) or
             "x0,y0,z0,x1,y1,z1", a list of such boxes, a mask image on the input's grid, or a
             mask file. `roi_model` runs inside each ROI plus `roi_margin_mm`, `model` elsewhere,

@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--roi", default=None, metavar="auto|x0,y0,z0,x1,y1,z1|MASK_FILE",
                     help="lesion-focused mode: run --roi-model inside this ROI (plus a margin) and "
                          "--model elsewhere, feathered: 'auto' (lesion segmenter: one ROI per "
-                         "lesion found; 'auto:lesion_detector' for paper 003's box detector), a "
+                         "lesion found; 'auto:lesion_detector' for the lesion-focused SR paper's box detector), a "
                          "box of input voxel indices (lower inclusive, upper exclusive; several "
                          "joined by ';'), or a mask file on the input's grid")
     up.add_argument("--roi-model", default=None,
