@@ -5,7 +5,9 @@ batch is cut into tiles with a halo at least as wide as the network's receptive 
 network runs on each tile, and the halo is cropped away. Because every output pixel is computed
 from exactly the input the whole-slice pass would see, tiled and untiled outputs agree (up to
 float rounding): no blending weights are needed. A network with a global operation (receptive
-field wider than the probe) is run on whole slices.
+field wider than the probe) is run on whole slices. A 2.5-D network gets each slice with its
+neighbours along the slice axis as channels (`slice_stacks`); batches, tiles and backends carry
+the stacks as they carry single slices.
 
 Peak memory is the input, the output, and one batch of tiles, whatever the number of slices.
 """
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CancelledError, InputError
+from .errors import CancelledError, InputError, WeightsError
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -133,6 +135,12 @@ def resolve_precision(precision: str, device: torch.device, learned: bool) -> to
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def context_slices_of(model: nn.Module) -> int:
+    """Neighbouring slices `model` takes besides the one it super-resolves (`zoo.SRModel.
+    context_slices`; 0 for a 2-D network)."""
+    return int(getattr(model, "context_slices", 0) or 0)
+
+
 def receptive_radius(model: nn.Module, factors: tuple[int, int], probe: int = 48,
                      max_probe: int = 96) -> int | None:
     """Input pixels each side that one output pixel depends on, measured by back-propagation.
@@ -144,12 +152,13 @@ def receptive_radius(model: nn.Module, factors: tuple[int, int], probe: int = 48
     sy, sx = factors
     generator = torch.Generator().manual_seed(0)
     device = next(iter(model.parameters()), torch.empty(0)).device
+    channels = 1 + context_slices_of(model)
     while probe <= max_probe:
-        x = torch.rand(1, 1, probe, probe, generator=generator).to(device).requires_grad_(True)
+        x = torch.rand(1, channels, probe, probe, generator=generator).to(device).requires_grad_(True)
         with torch.enable_grad():
             y = model(x)
             y[0, 0, (probe // 2) * sy, (probe // 2) * sx].backward()
-        grad = x.grad[0, 0].abs()
+        grad = x.grad[0].abs().sum(0)
         rows = torch.nonzero(grad.sum(1)).flatten()
         cols = torch.nonzero(grad.sum(0)).flatten()
         if len(rows) == 0:
@@ -320,10 +329,23 @@ class SliceUpscaler:
             y = self.model(x)
         return y.float().cpu()
 
+    @property
+    def context_slices(self) -> int:
+        """Neighbours per slice the model takes (0: 2-D; see `slice_stacks`)."""
+        return context_slices_of(self.model)
+
     def upscale(self, slices: np.ndarray) -> np.ndarray:
-        """(N, h, w) float32 in network units -> (N, h*sy, w*sx) float32."""
+        """(N, h, w) float32 in network units -> (N, h*sy, w*sx) float32. A 2.5-D model
+        (`context_slices` k > 0) takes (N, k + 1, h, w) stacks (`slice_stacks`) and returns
+        their middle slices super-resolved; tiles cut every slice of a stack alike."""
         sy, sx = self.factors
-        batch = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]
+        channels = 1 + self.context_slices
+        batch = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))
+        if batch.ndim == 3 and channels == 1:
+            batch = batch[:, None]
+        if batch.ndim != 4 or batch.shape[1] != channels:
+            raise ValueError(f"slices must be (N, h, w) for a 2-D model or (N, {channels}, h, w) "
+                             f"stacks for this 2.5-D one, got shape {tuple(slices.shape)}")
         n, _, h, w = batch.shape
         if (self._auto_tile and self.backend == "openvino"
                 and h * w * sy * sx > OV_WHOLE_SLICE_MAX_PIXELS):
@@ -334,7 +356,7 @@ class SliceUpscaler:
                 self.tile = 0
         with torch.inference_mode():
             if not self.tile or (h <= self.tile and w <= self.tile):
-                return self._run(batch)[:, 0].numpy()
+                return check_finite_output(self._run(batch)[:, 0].numpy(), self.model)
             out = torch.empty(n, 1, h * sy, w * sx)
             r, t = self._halo, self.tile
             for y0 in range(0, h, t):
@@ -347,7 +369,46 @@ class SliceUpscaler:
                     oy, ox = (y0 - py0) * sy, (x0 - px0) * sx
                     out[:, :, y0 * sy:y1 * sy, x0 * sx:x1 * sx] = \
                         tile_out[:, :, oy:oy + (y1 - y0) * sy, ox:ox + (x1 - x0) * sx]
-            return out[:, 0].numpy()
+            return check_finite_output(out[:, 0].numpy(), self.model)
+
+
+def check_finite_output(output: np.ndarray, model: nn.Module) -> np.ndarray:
+    """`output` (a network's result) unchanged, or WeightsError naming the model and its
+    weights file when it holds a NaN or infinite value (NaN/inf weights, an overflow): cast to
+    an integer type such voxels would silently become 0 or the type's limits."""
+    if not np.isfinite(output).all():
+        spec = getattr(model, "spec", None)
+        name = getattr(spec, "name", type(model).__name__)
+        weights = getattr(model, "weights_path", None)
+        raise WeightsError(f"model {name} produced NaN/Inf values (weights file "
+                           f"{weights if weights is not None else 'none: untrained'}); nothing "
+                           "was written")
+    return output
+
+
+def slice_stacks(volume: np.ndarray, axis: int, start: int, stop: int,
+                 context_slices: int) -> np.ndarray:
+    """Slices start..stop-1 of `volume` along `axis` as (N, h, w), or, with `context_slices`
+    k > 0, as (N, k + 1, h, w) stacks of each slice and its neighbours (`neighbour_indices`:
+    edges replicated); h, w are the remaining axes in increasing order."""
+    if not context_slices:
+        index = [slice(None)] * volume.ndim
+        index[axis] = slice(start, stop)
+        return np.moveaxis(volume[tuple(index)], axis, 0)
+    n_slices = volume.shape[axis]
+    indices = np.stack([neighbour_indices(i, n_slices, context_slices) for i in range(start, stop)])
+    taken = np.moveaxis(np.take(volume, indices.reshape(-1), axis=axis), axis, 0)
+    return taken.reshape(stop - start, context_slices + 1, *taken.shape[1:])
+
+
+def neighbour_indices(index: int, n_slices: int, context_slices: int) -> np.ndarray:
+    """Slice indices a 2.5-D network sees for slice `index` of `n_slices`: index - k/2 ...
+    index + k/2 (k = `context_slices`, even) in order, clipped to [0, n_slices - 1], so edge
+    slices are replicated (a one-slice volume gives k + 1 copies of its slice)."""
+    if context_slices < 0 or context_slices % 2:
+        raise ValueError(f"context_slices must be an even number >= 0, got {context_slices}")
+    half = context_slices // 2
+    return np.clip(np.arange(index - half, index + half + 1), 0, n_slices - 1)
 
 
 @dataclass(frozen=True)
@@ -377,10 +438,9 @@ def plan_passes(factors_kji: Sequence[int], slice_axis: int) -> list[SlicePass]:
 
 
 def _check_memory_error(err: BaseException) -> None:
-    text = str(err).lower()
-    if isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
-        raise InputError("out of memory during super-resolution; use a smaller --tile or "
-                         "--batch, or a lighter model") from None
+    from .memory_budget import is_out_of_memory, out_of_memory_message
+    if is_out_of_memory(err):
+        raise InputError(out_of_memory_message()) from None
 
 
 def super_resolve_volume(
@@ -399,8 +459,11 @@ def super_resolve_volume(
     """Super-resolve `volume` (K, J, I) by integer `factors_kji`, slice-wise along `slice_axis`.
 
     `model_for((fy, fx))` returns (model, learned) mapping (N, 1, h, w) network units to
-    (N, 1, h*fy, w*fx). `to_unit` maps voxel values to network units, `from_unit` maps them back
-    and casts to `out_dtype`. Work is done batch by batch; `cancel` is checked between batches.
+    (N, 1, h*fy, w*fx); a 2.5-D model (`context_slices` k > 0) gets each slice with its k
+    neighbours along the pass's slice axis as (N, k + 1, h, w) (edges replicated, so a volume
+    of 1, 2 or 3 slices runs too) and the output grid is the same. `to_unit` maps voxel values
+    to network units, `from_unit` maps them back and casts to `out_dtype`. Work is done batch by
+    batch; `cancel` is checked between batches.
     The result is written into `out` when given (its shape and dtype must be the result's), else
     into a new array.
     """
@@ -441,7 +504,7 @@ def super_resolve_volume(
             stop = min(start + options.batch_size, n_slices)
             index = [slice(None)] * 3
             index[axis] = slice(start, stop)
-            block = np.moveaxis(current[tuple(index)], axis, 0)
+            block = slice_stacks(current, axis, start, stop, upscaler.context_slices)
             if pass_index == 0:
                 block = to_unit(block)
             try:

@@ -106,6 +106,16 @@ register(ModelSpec(
                 "trainable and fast on CPU; the default CT/MR model."))
 
 register(ModelSpec(
+    name="edsr_lite_25d", title="EDSR lite 2.5-D (8x48, slice and 2 neighbours in)",
+    builder=EDSR, kind="post_upsampled",
+    paper="EDSR design (Lim et al. 2017; paper 004), CPU-sized, neighbouring slices as channels",
+    scales=(2, 3, 4), modalities=("CT", "MR"),
+    default_config={**_EDSR_LITE_CONFIG, "context_slices": 2},
+    description="edsr_lite that also sees the slice above and below (input channels; edge "
+                "slices replicated) and returns the middle slice; trained from the edsr_lite "
+                "weights with the neighbours' first-layer kernels starting at zero."))
+
+register(ModelSpec(
     name="lfsr", title="LFSR generator (GAN on lesion ROIs)", builder=EDSR,
     kind="post_upsampled", paper="paper 003 (Zhu et al.), LFSR; EDSR-lite generator",
     scales=(2, 3, 4), modalities=("MR", "CT"),
@@ -121,7 +131,9 @@ register(ModelSpec(
                     "preprocess_blocks": 2, "preprocess_kernel_size": 5,
                     "bicubic_residual": False},
     description="Shared 80-block trunk, per-scale 5x5 pre-processing blocks and parallel "
-                "x2/x3/x4 upsampling heads; scale chosen per call."))
+                "x2/x3/x4 upsampling heads; scale chosen per call. The shipped weights add a "
+                "global bicubic residual and start from edsr_multiscale, expanded without "
+                "changing its output (docs/mdrn.md); the slowest in-plane model."))
 
 register(ModelSpec(
     name="edsr_multiscale", title="Multi-scale EDSR (16x64)", builder=MultiScaleEDSR,

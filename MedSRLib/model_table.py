@@ -20,7 +20,7 @@ SPEED_PATH = PACKAGE_DIR / "data" / "speed_frontier.json"
 MODALITIES = ("CT", "MR", "XR")
 SCALES = (2, 3, 4)
 #: `zoo.DEFAULT_PREFERENCE`: the first with shipped weights for the modality and scale wins.
-DEFAULT_PREFERENCE = ("edsr_lite", "edsr_baseline", "fmen", "srcnn")
+DEFAULT_PREFERENCE = ("edsr_lite", "edsr_baseline", "fmen", "srresnet", "srcnn")
 #: The registry's parameter-free baselines (`model_catalog.py`, kind "interpolation").
 INTERPOLATION_BASELINES = ("nearest", "linear", "bicubic", "lanczos")
 #: Cards of networks that are not in-plane SR models (listed apart).

@@ -115,11 +115,13 @@ def check_memory(image: sitk.Image, plan: ScalePlan, output_float: bool) -> None
     memory_budget.check_fits(int(needed), f"upscaling to {output_size} voxels (x, y, z)")
 
 
-def choose_model(model: str | None, image: sitk.Image, modality: str | None, scale: int) -> str:
-    """`model`, or the registry's default for the image's modality and `scale`."""
+def choose_model(model: str | None, image: sitk.Image, modality: str | None, scale: int,
+                 slices: int | None = None) -> str:
+    """`model`, or the registry's default for the image's modality, `scale` and number of
+    `slices` along the slice axis (a single slice gets a 2-D model, `zoo.default_model`)."""
     if model:
         return model
-    return zoo.default_model(modality or io.modality_of(image), scale)
+    return zoo.default_model(modality or io.modality_of(image), scale, slices)
 
 
 def model_loader(name: str, allow_untrained: bool = False, weights: str | None = None,

@@ -268,7 +268,8 @@ def _jsonable(value: Any) -> Any:
 
 
 class SRModel(nn.Module):
-    """A registry model made uniform: `forward(lr)` maps (N, C, h, w) to (N, C, h*sy, w*sx).
+    """A registry model made uniform: `forward(lr)` maps (N, C, h, w) to (N, C, h*sy, w*sx)
+    (a 2.5-D network, `context_slices` k: (N, k + 1, h, w) to (N, 1, h*sy, w*sx)).
 
     Pre-upsampled networks get the bicubic image first; networks that upsample by a single
     factor s = max(sy, sx) have their output area-averaged back along an axis whose factor is
@@ -288,6 +289,13 @@ class SRModel(nn.Module):
     @property
     def trained(self) -> bool:
         return self.card is not None or not self.spec.needs_weights
+
+    @property
+    def context_slices(self) -> int:
+        """Neighbouring slices the network sees besides the one it super-resolves (0: a 2-D
+        network; k > 0: a 2.5-D one whose input is the k + 1 slices as channels, in order
+        along the slice axis, the super-resolved slice in the middle)."""
+        return int(getattr(self.network, "context_slices", 0) or 0)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         sy, sx = self.factors
@@ -402,22 +410,38 @@ def describe_all(names: Iterable[str] | None = None) -> list[dict[str, Any]]:
 
 
 #: Preference order for the default model; the first with shipped weights for the modality and
-#: scale wins, else bicubic.
-DEFAULT_PREFERENCE = ("edsr_lite", "edsr_baseline", "fmen", "srcnn")
+#: scale wins (a card's "default_for" can limit the modalities it is the default for), else
+#: bicubic. edsr_lite_25d is not in it: on the test patients it is level with edsr_lite
+#: (-0.03 to +0.03 dB, within the noise) and has no int8 model, so on a CPU without bf16 it would
+#: run in fp32, several times slower than edsr_lite's int8. srresnet before srcnn: chest X-ray
+#: x4 +1.31 dB over bicubic against +0.80 dB.
+DEFAULT_PREFERENCE = ("edsr_lite", "edsr_baseline", "fmen", "srresnet", "srcnn")
 
 
-def default_model(modality: str | None, scale: int) -> str:
-    """Name of the default model for a modality ("CT", "MR", "XR" or None) and scale."""
+def default_model(modality: str | None, scale: int, slices: int | None = None) -> str:
+    """Name of the default model for a modality ("CT", "MR", "XR" or None) and scale.
+
+    `slices`: how many slices the input has along its slice axis, when known; a 2-D input (one
+    slice, e.g. an X-ray) gets no 2.5-D model (`context_slices`): it has no neighbours to show.
+    """
     for name in DEFAULT_PREFERENCE:
         if name not in model_names():
             continue
         spec = get_spec(name)
         if scale not in spec.scales:
             continue
+        if slices == 1 and spec.default_config.get("context_slices"):
+            continue
         path = shipped_weights(spec, scale, modality=modality)
         if path is None:
             continue
-        card_modality = read_card(path).get("modality", [])
-        if modality is None or modality in card_modality:
+        card = read_card(path)
+        card_modality = card.get("modality", [])
+        # "default_for": the modalities on whose test patients this file measured best (a card
+        # without it is a default candidate for every modality it was trained on)
+        default_for = card.get("default_for", card_modality)
+        if modality is None and set(card_modality) <= set(default_for):
+            return name
+        if modality is not None and modality in card_modality and modality in default_for:
             return name
     return "bicubic"

@@ -11,7 +11,7 @@ import torch
 import MedSRLib
 from MedSRLib import cli, engine, intensity, model_cache, openvino_runtime, zoo
 from MedSRLib.demo import SAMPLE_PATH
-from MedSRLib.engine import EngineOptions, SliceUpscaler
+from MedSRLib.engine import EngineOptions, SliceUpscaler, slice_stacks
 from MedSRLib.metrics import psnr
 from MedSRLib.training.degrade import bicubic_downsample
 
@@ -47,6 +47,7 @@ def test_openvino_agrees_with_torch_fp32_on_real_slices(name, scale, modality, r
     hr = torch.from_numpy(real_hr_slices)[:, None]
     lr = bicubic_downsample(hr, scale)[:, 0].numpy()
     model = model_cache.load_model(name, (scale, scale), modality=modality)
+    lr = slice_stacks(lr, 0, 0, len(lr), model.context_slices)  # a 2.5-D model: with neighbours
     runs = {}
     for label, options in (("torch fp32", EngineOptions(backend="torch", precision="fp32", tile=0,
                                                         channels_last=False)),

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(not (DATA_ROOT / "MANIFEST.md").is_file(),
 CI_RECIPES = {
     "srcnn": None, "improved_srcnn": None, "vdsr": None, "fmen": None,
     "edsr_baseline_x2": None, "edsr_baseline_x4": "edsr_baseline_x2", "edsr_lite": None,
-    "mdrn_x2": None, "mdrn": "mdrn_x2", "edsr_multiscale": None,
+    "edsr_lite_25d": "edsr_lite", "mdrn_x2": None, "mdrn": "mdrn_x2", "edsr_multiscale": None,
     "srresnet": None, "srgan": "srresnet", "lfsr": "edsr_lite", "hybrid_pretrain": None, "hybrid": "hybrid_pretrain",
     "lesion_detector": None, "vdsr_through_plane": None,
 }

@@ -81,25 +81,35 @@ class EDSR(nn.Module):
         bicubic_residual: add the bicubic-upsampled input to the output, so the network learns
             only the high-frequency residual (VDSR's global residual on a post-upsampling
             network; not in EDSR, off by default). It makes short CPU training converge faster.
+        context_slices: neighbouring slices seen besides the one super-resolved (0, 2 or 4; a
+            "2.5-D" network). The input then holds (context_slices + 1) * in_channels channels,
+            slices in order along the slice axis with the target slice in the middle; the
+            output is the middle slice only, and the bicubic residual is the middle slice's.
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_features: int = 64,
                  num_blocks: int = 16, res_scale: float = 1.0, scale: int = 4,
-                 bicubic_residual: bool = False):
+                 bicubic_residual: bool = False, context_slices: int = 0):
         super().__init__()
         if bicubic_residual and spatial_dims != 2:
             raise ValueError("bicubic_residual needs spatial_dims=2")
+        if context_slices < 0 or context_slices % 2:
+            raise ValueError(f"context_slices must be an even number >= 0, got {context_slices}")
         self.scale = scale
         self.bicubic_residual = bicubic_residual
-        self.head = Convolution(spatial_dims, in_channels, num_features, kernel_size=3,
-                                conv_only=True)
+        self.in_channels = in_channels
+        self.context_slices = context_slices
+        self.head = Convolution(spatial_dims, in_channels * (context_slices + 1), num_features,
+                                kernel_size=3, conv_only=True)
         self.trunk = ResidualTrunk(spatial_dims, num_features, num_blocks, res_scale)
         self.tail = _upsampling_head(spatial_dims, num_features, in_channels, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.tail(self.trunk(self.head(x)))
         if self.bicubic_residual:
-            out = out + F.interpolate(x, scale_factor=self.scale, mode="bicubic",
+            centre = self.context_slices // 2 * self.in_channels
+            middle = x[:, centre:centre + self.in_channels] if self.context_slices else x
+            out = out + F.interpolate(middle, scale_factor=self.scale, mode="bicubic",
                                       align_corners=False)
         return out
 

@@ -102,14 +102,16 @@ def figure(path: Path, thick: np.ndarray, factor: float, outputs: dict[str, np.n
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="medsr benchmark --through-plane", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--through-plane", action="store_true")
-    parser.add_argument("--held-out", metavar="DATA_ROOT", required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--through-plane", action="store_true",
+                        help="this benchmark: thick slices made from thin held-out volumes")
+    parser.add_argument("--held-out", metavar="DATA_ROOT", required=True,
+                        help="the data folder holding the held-out volumes (../shared/data)")
+    parser.add_argument("--out", required=True, help="output folder (results.md, .json, PNGs)")
     parser.add_argument("--crop", type=int, default=160, help="in-plane centre crop (pixels)")
     parser.add_argument("--adapt-seconds", type=float, default=90.0,
                         help="CPU budget of the adapted run (0 = skip it)")
     parser.add_argument("--weights", default=None, help="through-plane weights instead of the shipped")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     parser.add_argument("--only", nargs="*", default=None, help="substrings of the cases to run")
     args = parser.parse_args(list(argv))
     torch.set_num_threads(args.threads)

@@ -10,7 +10,9 @@ Pipeline (MONAI dictionary transforms on `{"image": path, ...}` items):
 2. random, per visit: `RandSlicePatchd` picks `num_samples` 2-D patches, each from a random
    slice along one of the configured axes, centred on a foreground voxel with probability
    `foreground_probability` (so the black border around the body does not dominate), else on
-   any voxel; then `RandFlipd` (both axes) and `RandRotate90d`.
+   any voxel; then `RandFlipd` (both axes) and `RandRotate90d`. For a 2.5-D network
+   (`context_slices` k > 0) a patch holds the slice and its k neighbours along the slice axis
+   as channels (k + 1, P, P), edge slices replicated as the engine does at inference.
 
 Randomness is a function of (seed, epoch, dataset index) only: `SeededVisitDataset` reseeds
 the random transforms for every item, so a batch does not depend on the worker that made it or
@@ -38,6 +40,7 @@ from monai.transforms import (Compose, MapTransform, RandFlipd, Randomizable, Ra
                               Transform)
 from torch.utils.data import DistributedSampler
 
+from ..engine import neighbour_indices
 from ..intensity import fit_mapping
 
 #: Foreground voxels kept per volume for centre sampling (an evenly strided subset).
@@ -261,12 +264,13 @@ class RandSlicePatchd(Randomizable, Transform):
     axes: slice axes allowed (0 = Z, 1 = Y, 2 = X in array order); an axis is skipped for a
     volume whose other two sizes are not both > 1 (so a PNG only gives Z slices).
     Each patch is centred on a stored foreground voxel with `foreground_probability`, else on
-    a uniformly random voxel. Output items: {"image": (1, P, P) float32 tensor, optionally
-    "mask": (1, P, P), "patient": id}.
+    a uniformly random voxel. Output items: {"image": (1 + context_slices, P, P) float32 tensor
+    (the slice's neighbours along the slice axis as channels, in order, the slice in the
+    middle, edges replicated), optionally "mask": (1, P, P) of the middle slice, "patient": id}.
     """
 
     def __init__(self, patch_size: int, axes: Sequence[int] = (0,), num_samples: int = 1,
-                 foreground_probability: float = 0.9):
+                 foreground_probability: float = 0.9, context_slices: int = 0):
         if patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")
         if not set(axes) <= {0, 1, 2} or not axes:
@@ -275,6 +279,7 @@ class RandSlicePatchd(Randomizable, Transform):
         self.axes = tuple(int(a) for a in axes)
         self.num_samples = int(num_samples)
         self.foreground_probability = float(foreground_probability)
+        self.context_slices = int(context_slices)
 
     def randomize(self, data: Any = None) -> None:  # randomness is drawn in __call__
         pass
@@ -298,8 +303,11 @@ class RandSlicePatchd(Randomizable, Transform):
             item: dict[Hashable, Any] = {"patient": data.get("patient", "")}
             for key in ("image", "mask"):
                 if key in data:
-                    plane = np.take(data[key][0], centre[axis], axis=axis)
-                    item[key] = torch.from_numpy(_extract_patch(plane, in_plane, self.patch_size)[None].copy())
+                    indices = (neighbour_indices(centre[axis], shape[axis], self.context_slices)
+                               if key == "image" else [centre[axis]])
+                    patches = [_extract_patch(np.take(data[key][0], i, axis=axis), in_plane, self.patch_size)
+                               for i in indices]
+                    item[key] = torch.from_numpy(np.stack(patches))
             samples.append(item)
         return samples
 
@@ -368,8 +376,10 @@ class BoxFromMaskd(Transform):
         return d
 
 
-def random_transforms(data_config: Mapping[str, Any], with_mask: bool = False) -> Compose:
-    """The per-visit random chain: patches, flips along both axes, rot90 (+ boxes for masks)."""
+def random_transforms(data_config: Mapping[str, Any], with_mask: bool = False,
+                      context_slices: int = 0) -> Compose:
+    """The per-visit random chain: patches (with `context_slices` neighbours as channels),
+    flips along both axes, rot90 (+ boxes for masks)."""
     keys = ["image", "mask"] if with_mask else ["image"]
     if data_config.get("whole_slice_size"):
         sampler: Any = RandWholeSliced(
@@ -381,7 +391,8 @@ def random_transforms(data_config: Mapping[str, Any], with_mask: bool = False) -
             patch_size=int(data_config.get("patch_size", 96)),
             axes=data_config.get("slice_axes", [0]),
             num_samples=int(data_config.get("patches_per_volume", 4)),
-            foreground_probability=float(data_config.get("foreground_probability", 0.9)))
+            foreground_probability=float(data_config.get("foreground_probability", 0.9)),
+            context_slices=context_slices)
     chain: list[Any] = [sampler]
     if data_config.get("flips", True):
         chain += [RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1)]
@@ -467,17 +478,19 @@ def volume_dataset(items: Sequence[dict[str, Any]], data_config: Mapping[str, An
 @dataclass
 class ValidationSlice:
     patient: str
-    image: torch.Tensor        # (1, 1, H, W) unit intensities, H and W multiples of every scale
+    image: torch.Tensor        # (1, 1 + k, H, W) unit intensities (k context slices, the
+                               # validated slice in the middle), H and W multiples of every scale
     foreground: torch.Tensor   # (1, 1, H, W) bool
     box: torch.Tensor | None = None
 
 
 def validation_slices(volumes: Dataset, data_config: Mapping[str, Any], multiple: int,
-                      with_boxes: bool = False) -> list[ValidationSlice]:
+                      with_boxes: bool = False, context_slices: int = 0) -> list[ValidationSlice]:
     """Fixed held-out slices: `slices_per_volume` evenly spaced slices along the first of
     `slice_axes` (Z for 2-D images) among those with >= 5 %
     foreground (lesion slices for detector data), centre-cropped to `max_size` (or padded to
-    `patch_size` for boxes), trimmed to a multiple of `multiple`."""
+    `patch_size` for boxes), trimmed to a multiple of `multiple`; with `context_slices` k, the
+    k neighbours along that axis (edges replicated) come as channels around the slice."""
     config = data_config.get("validation_slices", {})
     per_volume = int(config.get("slices_per_volume", 3))
     max_size = int(config.get("max_size", 192))
@@ -531,7 +544,11 @@ def validation_slices(volumes: Dataset, data_config: Mapping[str, Any], multiple
             y0, x0 = (plane.shape[0] - h) // 2, (plane.shape[1] - w) // 2
             crop = np.ascontiguousarray(plane[y0:y0 + h, x0:x0 + w])
             image = torch.from_numpy(crop)[None, None]
-            result.append(ValidationSlice(d["patient"], image, image > threshold))
+            foreground = image > threshold
+            if context_slices:
+                stack = volume[neighbour_indices(int(z), volume.shape[0], context_slices)]
+                image = torch.from_numpy(np.ascontiguousarray(stack[:, y0:y0 + h, x0:x0 + w]))[None]
+            result.append(ValidationSlice(d["patient"], image, foreground))
     if not result:
         raise ValueError("no validation slices could be taken from the validation volumes")
     return result

@@ -64,6 +64,9 @@ def load_matching_weights(module: nn.Module, path: str | Path,
     tensor whose name and shape match (e.g. an x4 EDSR from its x2 weights: all but the
     upsampler). `rename` maps name prefixes of the file to the module's (e.g. an EDSR's
     "tail." to a multi-scale EDSR's "tails.x4."); renamed tensors replace the originals.
+    A convolution kernel whose input channels are an odd multiple of the file's (a 2.5-D
+    network's first layer, `context_slices`) gets the file's kernel on its middle channels and
+    zeros on the neighbours' (`centre_embedded`), so it starts as the 2-D network.
     Returns (copied, total)."""
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -75,10 +78,31 @@ def load_matching_weights(module: nn.Module, path: str | Path,
         state = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state.items()}
     own = module.state_dict()
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    matching.update({k: centre_embedded(v, own[k].shape[1]) for k, v in state.items()
+                     if k in own and _is_context_expansion(v.shape, own[k].shape)})
     if not matching:
         raise ValueError(f"{path}: no tensor matches the network's names and shapes")
     module.load_state_dict(matching, strict=False)
     return len(matching), len(own)
+
+
+def _is_context_expansion(file_shape: torch.Size, own_shape: torch.Size) -> bool:
+    """True for conv kernels (out, in, kh, kw) differing only in input channels, the module's
+    an odd multiple (> 1) of the file's."""
+    if len(file_shape) < 3 or len(file_shape) != len(own_shape) or file_shape[1] == 0:
+        return False
+    same_rest = file_shape[0] == own_shape[0] and file_shape[2:] == own_shape[2:]
+    ratio, remainder = divmod(own_shape[1], file_shape[1])
+    return same_rest and remainder == 0 and ratio > 1 and ratio % 2 == 1
+
+
+def centre_embedded(kernel: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """`kernel` (out, c, ...) widened to `in_channels` (an odd multiple of c) input channels:
+    the original on the middle c channels, zeros elsewhere."""
+    widened = kernel.new_zeros((kernel.shape[0], in_channels, *kernel.shape[2:]))
+    start = (in_channels // kernel.shape[1]) // 2 * kernel.shape[1]
+    widened[:, start:start + kernel.shape[1]] = kernel
+    return widened
 
 
 class Trainer:
@@ -119,6 +143,7 @@ class Trainer:
         torch.manual_seed(self.seed)
         overrides = dict(self.config.get("model_config", {}))
         self.model_config = {**self.spec.default_config, **overrides}
+        self.context_slices = int(self.model_config.get("context_slices", 0))
         network = zoo.build_network(self.spec.name, scale=max(self.scales), **overrides)
         init_from = self.config.get("init_from")
         # one file, or a list of {path, rename: {file prefix: network prefix}} applied in order
@@ -161,8 +186,8 @@ class Trainer:
         self.visits_per_batch = batch_size // patches
         visits = int(data_cfg.get("visits_per_epoch", max(len(self.split.train), 1024)))
         visits = max(visits, self.visits_per_batch * self.context.world_size)
-        self.visit_dataset = tdata.SeededVisitDataset(self.volumes, tdata.random_transforms(data_cfg, with_mask),
-                                                      visits, self.seed)
+        transforms = tdata.random_transforms(data_cfg, with_mask, context_slices=self.context_slices)
+        self.visit_dataset = tdata.SeededVisitDataset(self.volumes, transforms, visits, self.seed)
         self.sampler = tdata.ResumableDistributedSampler(self.visit_dataset, self.context.world_size,
                                                          self.context.rank, self.seed)
         workers = int(data_cfg.get("num_workers", 0))
@@ -174,7 +199,8 @@ class Trainer:
             val_volumes = tdata.volume_dataset([i.as_dict(root) for i in self.split.validation], data_cfg,
                                                use_mask_foreground=lesion_centred)
             multiple = int(np.lcm.reduce([s for s in self.scales]))
-            self.validation = tdata.validation_slices(val_volumes, data_cfg, multiple, with_boxes=lesion_centred)
+            self.validation = tdata.validation_slices(val_volumes, data_cfg, multiple, with_boxes=lesion_centred,
+                                                      context_slices=self.context_slices)
 
     def _optimizer(self, parameters, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
         kind = cfg.get("type", "adam")
@@ -198,8 +224,35 @@ class Trainer:
             return ramp * gamma ** sum(step >= m for m in milestones)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
+    def _parameter_groups(self, cfg: Mapping[str, Any]) -> list[dict[str, Any]] | Any:
+        """The network's parameters, or groups of them when `optimizer.lr_by_prefix` gives
+        parameters whose names start with a prefix their own learning rate (e.g. a 2.5-D
+        network's widened first layer, "head.", learning faster than the copied trunk).
+        `optimizer.trainable` (name prefixes) freezes every other parameter (no gradient, not
+        optimised)."""
+        by_prefix = {str(k): float(v) for k, v in (cfg.get("lr_by_prefix") or {}).items()}
+        trainable = [str(p) for p in cfg.get("trainable") or []]
+        named = list(_unwrap(self.network).named_parameters())
+        if trainable:
+            if not any(name.startswith(p) for name, _ in named for p in trainable):
+                raise ValueError(f"optimizer.trainable {trainable} match no parameter of {self.spec.name}")
+            for name, parameter in named:
+                parameter.requires_grad_(any(name.startswith(p) for p in trainable))
+            named = [(name, parameter) for name, parameter in named if parameter.requires_grad]
+        if not by_prefix:
+            return [parameter for _, parameter in named]
+        groups: dict[str, list] = {prefix: [] for prefix in [*by_prefix, ""]}
+        for name, parameter in named:
+            groups[next((p for p in by_prefix if name.startswith(p)), "")].append(parameter)
+        unmatched = [prefix for prefix in by_prefix if not groups[prefix]]
+        if unmatched:
+            raise ValueError(f"optimizer.lr_by_prefix {unmatched} match no parameter of {self.spec.name}")
+        return [{"params": params, **({"lr": by_prefix[prefix]} if prefix else {})}
+                for prefix, params in groups.items() if params]
+
     def _build_optimisation(self) -> None:
-        self.optimizer = self._optimizer(self.network.parameters(), self.config.get("optimizer", {}))
+        optimizer_cfg = self.config.get("optimizer", {})
+        self.optimizer = self._optimizer(self._parameter_groups(optimizer_cfg), optimizer_cfg)
         self.scheduler = self._scheduler(self.optimizer)
         self.loss = build_loss(self.config.get("loss", [{"type": "l1"}])).to(self.context.device) \
             if self.task != "detector" else None
@@ -232,17 +285,28 @@ class Trainer:
 
     def make_input(self, hr: torch.Tensor, scale: int, generator: torch.Generator | None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(network input, HR target cropped to a multiple of the degradation's factors)."""
+        """(network input, HR target cropped to a multiple of the degradation's factors).
+
+        For a 2.5-D network `hr` holds the slice and its neighbours as channels: every slice is
+        degraded alike and the target is the middle one."""
         steps = degrade.with_scale(self.config.get("degradation", [{"type": "bicubic"}]), scale)
         factors = degrade.pipeline_factors(steps)
         hr = degrade.crop_to_multiple(hr, factors)
         lr = degrade.apply_pipeline(hr, steps, generator=generator)
+        hr = self.middle_slice(hr)
         if self.spec.kind == "pre_upsampled":
             return degrade.bicubic_upsample(lr, hr.shape[-2:]), hr
         if factors[0] != factors[1]:
             raise ValueError(f"anisotropic degradation {factors} needs a pre-upsampled network, "
                              f"not {self.spec.name!r} ({self.spec.kind})")
         return lr, hr
+
+    def middle_slice(self, stack: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W): the middle channel of a 2.5-D stack (N, k + 1, H, W); 2-D input as is."""
+        if not self.context_slices:
+            return stack
+        middle = self.context_slices // 2
+        return stack[:, middle:middle + 1]
 
     def forward(self, network: nn.Module, inputs: torch.Tensor, scale: int) -> torch.Tensor:
         if self.spec.kind == "multi_scale":
@@ -374,7 +438,7 @@ class Trainer:
                     if self.spec.kind == "pre_upsampled":
                         bicubic = inputs
                     else:
-                        bicubic = degrade.bicubic_upsample(inputs, target.shape[-2:])
+                        bicubic = degrade.bicubic_upsample(self.middle_slice(inputs), target.shape[-2:])
                     model_scores.append(quality.all_metrics(output, target, 1.0, mask if mask.any() else None))
                     bicubic_scores.append(quality.all_metrics(bicubic, target, 1.0, mask if mask.any() else None))
                 results[f"x{scale}"] = {"model": _mean_scores(model_scores), "bicubic": _mean_scores(bicubic_scores),
