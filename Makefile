@@ -47,7 +47,7 @@ benchmark: $(VENV)/.installed
 	$(PY) benchmarks/bench_engine.py
 
 # Retrain every shipped model from ../shared/data (CPU time per model ends up in its card's
-# cpu_seconds) and copy the exports into MedSRLib/weights/. Same commands, in the same order, as
+# cpu_seconds) and copy the exports into MedSRLib/models/weights/. Same commands, in the same order, as
 # the sessions that produced the shipped files (x3/x4 runs start from the x2 exports; LFSR from
 # the edsr_lite exports; the multi-scale EDSR from all three; SRGAN from SRResNet; hybrid X-ray
 # from hybrid MR x4). About 9 CPU hours on 2 cores (the cards' cpu_seconds sum to 5.1 h, plus
@@ -61,7 +61,7 @@ MR_X4 := --set scale=4 --set init_from=runs/edsr_lite_x4_stage4/edsr_lite_x4.saf
 SHIPPED_RUNS := edsr_lite_x2_stage4 edsr_lite_x4_stage4 edsr_lite_x3_stage2 fmen_x2 fmen_x3 fmen_x4 srcnn_x2 srcnn_x3 srcnn_x4 \
 	improved_srcnn_x2 improved_srcnn_x3 improved_srcnn_x4 lesion_detector lfsr_x2 lfsr_x4 \
 	vdsr_cpu_x2 vdsr_cpu_x3 vdsr_cpu_x4 edsr_multiscale_lite
-# run:modality -> MedSRLib/weights/<stem>_<modality>.safetensors (one file per modality, zoo.weights_files)
+# run:modality -> MedSRLib/models/weights/<stem>_<modality>.safetensors (one file per modality, zoo.weights_files)
 MODALITY_RUNS := srresnet_mr_x2:mr srresnet_mr_x4:mr srresnet_xr_x4:xr srgan_mr_x2:mr srgan_mr_x4:mr \
 	srgan_xr_x4:xr hybrid_mr_x2:mr hybrid_mr_x4:mr hybrid_xr_x4_from_mr:xr
 weights: $(VENV)/.installed
@@ -87,21 +87,21 @@ weights: $(VENV)/.installed
 	for run in fmen_x2 fmen_x3 fmen_x4 vdsr_cpu_x2 vdsr_cpu_x3 vdsr_cpu_x4 edsr_multiscale_lite srresnet_mr_x2 srresnet_mr_x4 \
 	  srresnet_xr_x4 srgan_mr_x2 srgan_mr_x4 srgan_xr_x4 hybrid_mr_x2 hybrid_mr_x4 hybrid_xr_x4_from_mr; do $(TRAIN) $$run; done
 	for run in $(SHIPPED_RUNS); do \
-	  for f in runs/$$run/*.safetensors; do cp "$$f" "$${f%.safetensors}.json" MedSRLib/weights/; done; \
+	  for f in runs/$$run/*.safetensors; do cp "$$f" "$${f%.safetensors}.json" MedSRLib/models/weights/; done; \
 	done
 	for pair in $(MODALITY_RUNS); do run=$${pair%%:*}; mod=$${pair##*:}; \
 	  for f in runs/$$run/*.safetensors; do stem=$$(basename "$${f%.safetensors}"); \
-	    cp "$$f" MedSRLib/weights/$${stem}_$$mod.safetensors; sed 's/"weights_file": "[^"]*"/"weights_file": "'$${stem}_$$mod'.safetensors"/' \
-	      "$${f%.safetensors}.json" > MedSRLib/weights/$${stem}_$$mod.json; \
+	    cp "$$f" MedSRLib/models/weights/$${stem}_$$mod.safetensors; sed 's/"weights_file": "[^"]*"/"weights_file": "'$${stem}_$$mod'.safetensors"/' \
+	      "$${f%.safetensors}.json" > MedSRLib/models/weights/$${stem}_$$mod.json; \
 	  done; \
 	done
 	# int8 OpenVINO models of the default networks and of VDSR, the heaviest per pixel
 	# (calibrated on their training patients)
 	$(VENV)/bin/pip install --quiet nncf
-	for s in 2 3 4; do $(PY) -m MedSRLib.training.quantize_int8 --model edsr_lite --scale $$s; done
-	for s in 2 3 4; do $(PY) -m MedSRLib.training.quantize_int8 --model vdsr --scale $$s; done
+	for s in 2 3 4; do $(PY) -m MedSRLib.evaluation.quantize_int8 --model edsr_lite --scale $$s; done
+	for s in 2 3 4; do $(PY) -m MedSRLib.evaluation.quantize_int8 --model vdsr --scale $$s; done
 	# bf16's held-out cost per volume for FMEN (auto keeps fp32 where a volume loses > 0.05 dB)
-	for s in 2 3 4; do $(PY) -m MedSRLib.training.bf16_cost --model fmen --scale $$s; done
+	for s in 2 3 4; do $(PY) -m MedSRLib.evaluation.bf16_cost --model fmen --scale $$s; done
 
 # Benchmark-only runs for benchmarks/bench_lfsr.py (not shipped): paper 003's whole-slice GAN
 # baseline, and LFSR x2 re-trained with k-space noise sigma 20 and 40 (after `make weights`).

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import CancelledError, InputError, MedSRError, WeightsError
 
-_LAZY = {"upscale": ".api", "list_models": ".api", "CancelToken": ".engine",
-         "read_volume": ".io", "write_volume": ".io", "write_dicom_series": ".dicom_export",
+_LAZY = {"upscale": ".api", "list_models": ".api", "CancelToken": ".runtime.engine",
+         "read_volume": ".io.volumes", "write_volume": ".io.volumes",
+         "write_dicom_series": ".io.dicom_export",
          "batch": ".cohort"}
 
 __all__ = ["upscale", "read_volume", "write_volume", "write_dicom_series", "list_models",
@@ -24,9 +25,9 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from .api import list_models, upscale
     from .cohort import batch
-    from .dicom_export import write_dicom_series
-    from .engine import CancelToken
-    from .io import read_volume, write_volume
+    from .io.dicom_export import write_dicom_series
+    from .runtime.engine import CancelToken
+    from .io.volumes import read_volume, write_volume
 
 
 def __getattr__(name: str) -> Any:

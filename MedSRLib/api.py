@@ -13,14 +13,17 @@ from typing import Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from . import geometry, intensity, io, memory_budget, no_telemetry, zoo  # noqa: F401
-from . import roi as lesion_roi
-from . import run_defaults
-from .engine import (CancelToken, EngineOptions, ProgressCallback, plan_passes,
-                     super_resolve_volume)
+from .transforms import geometry, intensity
+from .io import volumes as io
+from .runtime import memory_budget, no_telemetry  # noqa: F401 (no_telemetry: on import)
+from .models import registry as zoo
+from .roi import focus as lesion_roi
+from .planning import defaults as run_defaults
+from .runtime.engine import (CancelToken, EngineOptions, ProgressCallback, plan_passes,
+                             super_resolve_volume)
 from .errors import InputError
-from .run_plan import (AXIS_NAMES, ScalePlan, check_memory, choose_model, model_loader,  # noqa: F401
-                       plan_scale, validate_image)
+from .planning.run_plan import (AXIS_NAMES, ScalePlan, check_memory, choose_model,  # noqa: F401
+                                model_loader, plan_scale, validate_image)
 from .through_plane import run as through_plane
 
 #: Metadata keys written on the output image.
@@ -235,3 +238,64 @@ def _stage(progress: ProgressCallback | None, offset: float, weight: float,
 def list_models() -> list[dict]:
     """Registry metadata of every model (name, title, kind, scales, weights, ...)."""
     return zoo.describe_all()
+
+
+def _modality_phrase(image: sitk.Image, given: str | None) -> str | None:
+    if given:
+        return None
+    stored = io.modality_of(image)
+    if stored:
+        return f"modality {stored} (from DICOM)"
+    assumed = run_defaults.modality_for(image, None)
+    if assumed:
+        return (f"modality {assumed} (a 2-D image without one: X-ray assumed; --modality "
+                "to change)")
+    return "modality unknown (--modality CT, MR or XR to pick its model)"
+
+
+def describe_choices(image: sitk.Image, *, model: str | None, scale: object, axis: str | int,
+                     device: str, backend: str, precision: str, modality: str | None,
+                     target_spacing: "float | Sequence[float] | None" = None,
+                     slice_thickness: float | None = None, slice_profile: str = "box",
+                     roi: object = None) -> str | None:
+    """One line naming each choice made for the user ("defaults: modality XR (...), model
+    srcnn (XR x4 default), axis z, backend openvino"), or None when every one was given. Raises what `api.upscale`
+    would raise for the same request (InputError), before any voxel work."""
+    from .planning import run_plan
+    from .runtime.engine import resolve_backend, resolve_device
+    from .through_plane import run as through_plane
+
+    image = io.as_scalar_volume(image)
+    parts = [_modality_phrase(image, modality)]
+    chosen_modality = run_defaults.modality_for(image, modality)
+    if scale is None:
+        scale = 2 if target_spacing is None else None
+    thin, inplane_scale = through_plane.plan_request(image, scale, axis, target_spacing,
+                                                     slice_thickness, slice_profile, model,
+                                                     roi=roi)
+    if thin is not None:
+        if model is None:
+            parts.append("model through_plane_net")
+        if str(axis).lower() == "auto":
+            parts.append(f"axis {'xyz'[thin.axis_xyz]} (thick slices)")
+        return _join(parts)
+    plan = run_plan.plan_scale(inplane_scale, axis, image.GetSpacing(), image.GetSize())
+    slices = image.GetSize()[plan.slice_axis_xyz]  # as `api.upscale` counts them
+    name = run_plan.choose_model(model, image, chosen_modality, plan.network_scale, slices)
+    if model is None:
+        parts.append(f"model {name} ({chosen_modality or 'any modality'} "
+                     f"x{plan.network_scale} default)")
+    if str(axis).lower() == "auto":
+        parts.append(f"axis {'xyz'[plan.slice_axis_xyz]}")
+    if backend == "auto":
+        from .models import registry as zoo
+        learned = zoo.get_spec(name).needs_weights
+        factors = tuple(f for a, f in enumerate(plan.factors_xyz) if a != plan.slice_axis_xyz)
+        used = resolve_backend("auto", resolve_device(device), learned, factors, precision)
+        parts.append(f"backend {used}")
+    return _join(parts)
+
+
+def _join(parts: list[str | None]) -> str | None:
+    chosen = [part for part in parts if part]
+    return "defaults: " + ", ".join(chosen) if chosen else None

@@ -83,7 +83,7 @@ def _int_at_least(minimum: int, what: str):
 
 
 def _parse_tile(text: str) -> int:
-    from .engine import MIN_TILE
+    from .runtime.engine import MIN_TILE
     try:
         value = int(text)
     except ValueError:
@@ -317,7 +317,8 @@ _EXAMPLES = {
 
 
 def _cmd_upscale(args: argparse.Namespace) -> int:
-    from . import api, io
+    from . import api
+    from .io import volumes as io
 
     _output_from_option(args)
     if _pacs_run(args):  # a DICOMweb URL input or --send: fetch, run this command, send
@@ -372,7 +373,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
 def _print_choices(args: argparse.Namespace, image) -> None:
     """One line on stderr naming what the run chose for the user (modality, model, axis,
     backend); nothing when every choice was given."""
-    from .run_defaults import describe_choices
+    from .api import describe_choices
 
     line = describe_choices(
         image, model=args.model, scale=args.scale, axis=args.axis, device=args.device,
@@ -405,7 +406,7 @@ def _output_from_option(args: argparse.Namespace) -> None:
 def _free_space_check(output: Path, dicom_source):
     """The `before_compute` of `api.upscale`: InputError naming the output's folder when its
     disk cannot hold the output (`safe_write.check_free_space`), before any voxel work."""
-    from . import io, safe_write
+    from .io import volumes as io, safe_write
 
     compressed = dicom_source is None and io.suffix_of(output) != ".nii"
 
@@ -420,7 +421,7 @@ def _free_space_check(output: Path, dicom_source):
 def _dicom_output_source(args: argparse.Namespace):
     """The `dicom_export.DicomSource` giving a DICOM series output its identity (checked before
     any work), or None when the output is a volume file."""
-    from . import io
+    from .io import volumes as io
 
     input_is_dicom = Path(args.input).is_dir() or io.is_dicom_file(args.input)
     wanted = args.output_format == "dicom" or (
@@ -432,10 +433,10 @@ def _dicom_output_source(args: argparse.Namespace):
         return None
     if not Path(args.input).exists():
         raise InputError(f"{args.input}: no such file or folder")
-    from . import dicom_export
+    from .io import dicom_export
 
     if args.dicom_template is not None:
-        from .dicom_identity import check_template_identity, recorded_modality, series_header
+        from .io.dicom_identity import check_template_identity, recorded_modality, series_header
 
         template = dicom_export.load_source(
             args.dicom_template, getattr(args, "dicom_template_series", None),
@@ -464,12 +465,12 @@ def _write_output(result, output: Path, args: argparse.Namespace, dicom_source,
                   side_files=()) -> None:
     """The volume file (or DICOM series folder) and its side files, all or none: side files are
     prepared before the series is written and committed after it."""
-    from . import io
+    from .io import volumes as io
 
     if dicom_source is None:
         io.write_all([io.stage_volume(result, output, overwrite=args.overwrite), *side_files])
         return
-    from .dicom_export import write_dicom_series
+    from .io.dicom_export import write_dicom_series
 
     prepared = []
     try:
@@ -490,7 +491,7 @@ def _write_output(result, output: Path, args: argparse.Namespace, dicom_source,
 
 def _roi_mask_path(roi: str) -> str | None:
     """The mask file named by --roi, if it names one (not auto, not a box)."""
-    from .roi import looks_like_box
+    from .roi.focus import looks_like_box
     text = roi.strip()
     boxes = ";" in text and all(looks_like_box(part) for part in text.split(";") if part.strip())
     auto = text.lower() == "auto" or text.lower().startswith("auto:")
@@ -511,7 +512,9 @@ def _through_plane_options(args: argparse.Namespace) -> dict:
 
 def _upscale_with_roi(args: argparse.Namespace, image, output: Path, progress: _Progress,
                       started: float, dicom_source=None) -> int:
-    from . import api, io, roi
+    from . import api
+    from .io import volumes as io
+    from .roi import focus as roi
 
     margin = {} if args.roi_margin is None else {"roi_margin_mm": args.roi_margin}
     try:
@@ -548,14 +551,14 @@ def _upscale_with_roi(args: argparse.Namespace, image, output: Path, progress: _
 
 def _cmd_models(args: argparse.Namespace) -> int:
     if args.json:  # the registry itself (builds each network to count its parameters)
-        from . import zoo
+        from .models import registry as zoo
         print(json.dumps(zoo.describe_all(), indent=2))
         return EXIT_OK
-    from . import model_table  # the cards alone: no torch import, answers at once
+    from .models import table as model_table  # the cards alone: no torch import, answers at once
 
     untrained = ()
     if args.all:
-        from . import zoo
+        from .models import registry as zoo
         untrained = tuple(name for name in zoo.model_names()
                           if zoo.get_spec(name).needs_weights
                           and not any(zoo.weights_files(zoo.get_spec(name), s)
@@ -567,7 +570,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from . import io
+    from .io import volumes as io
 
     image = io.read_volume(args.input, series_uid=args.series)
     voxels = io.image_array(image)
@@ -605,7 +608,7 @@ def _orientation_code(direction) -> str:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .evaluation.demo import run_demo
 
     if args.in_plane and args.through_plane:
         raise InputError("--in-plane and --through-plane each ask for one picture only; give "
@@ -846,18 +849,18 @@ def _train(argv: list[str]) -> int:
 
 
 def _benchmark(argv: list[str]) -> int:
-    from .benchmark import main as benchmark_main
+    from .evaluation.benchmark import main as benchmark_main
     return benchmark_main(argv)
 
 
 def _committed_since(count: int) -> list:
-    if "MedSRLib.safe_write" not in sys.modules:
+    if "MedSRLib.io.safe_write" not in sys.modules:
         return []
-    return sys.modules["MedSRLib.safe_write"].COMMITTED[count:]
+    return sys.modules["MedSRLib.io.safe_write"].COMMITTED[count:]
 
 
 def _guarded(run) -> int:
-    safe_write = sys.modules.get("MedSRLib.safe_write")
+    safe_write = sys.modules.get("MedSRLib.io.safe_write")
     committed_before = len(safe_write.COMMITTED) if safe_write is not None else 0
     try:
         return int(run() or 0)
@@ -875,9 +878,12 @@ def _guarded(run) -> int:
         else:
             print("medsr: cancelled; nothing was written", file=sys.stderr)
         return EXIT_CANCELLED
+    except BrokenPipeError:  # the reader went away (`medsr models | head`): nothing to report
+        sys.stdout = open(os.devnull, "w")  # the interpreter's final flush must not fail again
+        return 0
     except Exception as err:  # noqa: BLE001 - last-resort report for the CLI
         if _is_out_of_memory(err):
-            from .memory_budget import out_of_memory_message
+            from .runtime.memory_budget import out_of_memory_message
             print(f"medsr: error: {out_of_memory_message()}", file=sys.stderr)
             return EXIT_INPUT
         print(f"medsr: internal error: {type(err).__name__}: {err}", file=sys.stderr)
@@ -885,7 +891,7 @@ def _guarded(run) -> int:
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
-    from .memory_budget import is_out_of_memory
+    from .runtime.memory_budget import is_out_of_memory
     return is_out_of_memory(err)
 
 
@@ -907,7 +913,7 @@ def _inside_import(frame) -> bool:
 
 def _leave_at_once() -> None:
     """Cancel without unwinding: remove this run's temporary files, report, exit 130."""
-    safe_write = sys.modules.get("MedSRLib.safe_write")
+    safe_write = sys.modules.get("MedSRLib.io.safe_write")
     if safe_write is not None:
         for temp in list(getattr(safe_write, "PENDING", ())):  # may be half-imported
             temp.unlink(missing_ok=True)

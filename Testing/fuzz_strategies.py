@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.extra import numpy as hnp
 
-from MedSRLib.geometry import Grid, corner_points
+from MedSRLib.transforms.geometry import Grid, corner_points
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

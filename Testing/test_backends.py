@@ -9,11 +9,14 @@ import SimpleITK as sitk
 import torch
 
 import MedSRLib
-from MedSRLib import cli, engine, intensity, model_cache, openvino_runtime, zoo
-from MedSRLib.demo import SAMPLE_PATH
-from MedSRLib.engine import EngineOptions, SliceUpscaler, slice_stacks
+from MedSRLib import cli
+from MedSRLib.runtime import engine, model_cache, openvino_runtime
+from MedSRLib.transforms import intensity
+from MedSRLib.models import registry as zoo
+from MedSRLib.evaluation.demo import SAMPLE_PATH
+from MedSRLib.runtime.engine import EngineOptions, SliceUpscaler, slice_stacks
 from MedSRLib.metrics import psnr
-from MedSRLib.training.degrade import bicubic_downsample
+from MedSRLib.transforms.degrade import bicubic_downsample
 
 from conftest import make_volume
 

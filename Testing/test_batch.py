@@ -281,7 +281,8 @@ def test_failed_case_is_retried_when_its_input_changes_or_when_asked(tmp_path):
 
 
 def test_model_is_loaded_once_per_worker(tmp_path, monkeypatch):
-    from MedSRLib import model_cache, zoo
+    from MedSRLib.runtime import model_cache
+    from MedSRLib.models import registry as zoo
 
     model_cache.clear()
     loads = []
@@ -324,7 +325,7 @@ def test_cli_usage_errors_exit_2(tmp_path):
 
 
 def test_dicom_output_format_writes_a_series_per_dicom_case(tmp_path, shared_data):
-    pytest.importorskip("MedSRLib.dicom_export")
+    pytest.importorskip("MedSRLib.io.dicom_export")
     root = tmp_path / "in"
     (root / "ct").mkdir(parents=True)
     for name in sorted(os.listdir(shared_data / CT_DICOM))[:3]:

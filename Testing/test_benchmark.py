@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from MedSRLib import benchmark, benchmark_report, metrics, zoo
-from MedSRLib.training import degrade
+from MedSRLib.evaluation import benchmark, report as benchmark_report
+from MedSRLib import metrics
+from MedSRLib.models import registry as zoo
+from MedSRLib.transforms import degrade
 
-SAMPLE = Path(benchmark.__file__).resolve().parent / "data" / "ct_abdomen_sample.nrrd"
+SAMPLE = Path(benchmark.__file__).resolve().parents[1] / "data" / "ct_abdomen_sample.nrrd"
 SCALES = (2, 3)
 MAX_SIZE = 64
 METHODS = ["bicubic", "nearest", "srcnn (untrained)"]

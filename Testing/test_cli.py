@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MedSRLib import cli, zoo
-from MedSRLib.demo import SAMPLE_PATH
+from MedSRLib import cli
+from MedSRLib.models import registry as zoo
+from MedSRLib.evaluation.demo import SAMPLE_PATH
 
 from conftest import make_volume
 

@@ -17,8 +17,9 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from MedSRLib import __version__, cli, model_table, zoo
-from MedSRLib.demo import SAMPLE_PATH
+from MedSRLib import __version__, cli
+from MedSRLib.models import table as model_table, registry as zoo
+from MedSRLib.evaluation.demo import SAMPLE_PATH
 
 from conftest import REPO_ROOT, make_volume
 
@@ -110,7 +111,7 @@ def test_every_option_of_every_command_has_help_text():
 
 
 def test_benchmark_options_have_help_and_its_help_names_the_through_plane_form(capsys):
-    from MedSRLib import benchmark
+    from MedSRLib.evaluation import benchmark
     missing = [a.dest for a in benchmark.build_parser()._actions if not a.help]
     assert missing == []
     code, out, _ = run_cli_exit(["benchmark", "--help"], capsys)

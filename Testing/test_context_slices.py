@@ -11,9 +11,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from MedSRLib import api, openvino_runtime, zoo
-from MedSRLib.engine import (EngineOptions, SliceUpscaler, neighbour_indices, slice_stacks,
-                             super_resolve_volume)
+from MedSRLib import api
+from MedSRLib.runtime import openvino_runtime
+from MedSRLib.models import registry as zoo
+from MedSRLib.runtime.engine import (EngineOptions, SliceUpscaler, neighbour_indices, slice_stacks,
+                                     super_resolve_volume)
 from MedSRLib.training import data as tdata
 from MedSRLib.training.config import CONFIG_DIR, load_config
 from MedSRLib.training.trainer import Trainer, load_matching_weights
@@ -209,7 +211,7 @@ def test_default_is_25d_for_volumes_and_2d_for_single_slices(tmp_path, monkeypat
 def test_roi_crops_reach_the_25d_model_neighbours_and_match_a_whole_volume_run(tmp_path, single_thread):
     """An ROI crop is grown along the slice axis by the neighbours a 2.5-D ROI model sees, and
     inside the ROI the result is the whole-volume run's."""
-    from MedSRLib import roi as lesion_roi
+    from MedSRLib.roi import focus as lesion_roi
     weights = _trained_like(tmp_path)
     model_25d = zoo.load_model("edsr_lite_25d", 2, weights_path=weights)
     model_2d = zoo.load_model("edsr_lite", 2)

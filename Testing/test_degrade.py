@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from MedSRLib.training import degrade
+from MedSRLib.transforms import degrade
 
 
 def _smooth_image(h=64, w=48):

@@ -8,7 +8,8 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from MedSRLib import cli, demo
+from MedSRLib import cli
+from MedSRLib.evaluation import demo
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ import pytest
 import SimpleITK as sitk
 
 import MedSRLib
-from MedSRLib import cli, dicom_export, io
+from MedSRLib import cli
+from MedSRLib.io import dicom_export, volumes as io
 from conftest import REPO_ROOT
 
 CROP_SLICES = 4
@@ -379,7 +380,7 @@ def test_library_call_takes_model_and_factors_from_the_image(crops, tmp_path):
                                         model="edsr_lite", weights="/w/my_ct_x3.safetensors")
     description = read_series(other)[0].DerivationDescription
     assert "model edsr_lite, weights my_ct_x3.safetensors" in description
-    from MedSRLib import zoo
+    from MedSRLib.models import registry as zoo
 
     shipped = zoo.shipped_weights(zoo.get_spec("edsr_lite"), 3, modality="MR")
     assert dicom_export._weights_name("edsr_lite", (1, 1, 3), None, "MR") == shipped.name

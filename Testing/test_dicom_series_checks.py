@@ -2,7 +2,7 @@
 
 Each defective series is 8 consecutive real CT slices (1-11.dcm .. 1-18.dcm of
 crlm-ct-1004-dicom, z = -225 .. -260 mm, 5 mm apart) with one file damaged by pydicom; the
-file list and series UID come from SimpleITK's GDCM calls, as in MedSRLib.io. The comments
+file list and series UID come from SimpleITK's GDCM calls, as in MedSRLib.io.volumes. The comments
 record what SimpleITK 2.5 (ITK 5.4) does with the same folder: it reads every one of them
 without an exception, at most printing an ITK warning.
 """
@@ -16,7 +16,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from MedSRLib.dicom_series_checks import check_series_files
+from MedSRLib.io.dicom_checks import check_series_files
 from MedSRLib.errors import InputError
 
 CT_SERIES = "ct/crlm-ct-1004-dicom"
@@ -35,7 +35,7 @@ def ct_copy(shared_data, tmp_path) -> Path:
 
 
 def gdcm_series(folder: Path) -> tuple[list[str], str]:
-    """The one series' file list and UID, exactly as the caller (MedSRLib.io) obtains them."""
+    """The one series' file list and UID, exactly as the caller (MedSRLib.io.volumes) obtains them."""
     reader = sitk.ImageSeriesReader()
     uids = reader.GetGDCMSeriesIDs(str(folder))
     assert len(uids) == 1

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from MedSRLib import zoo
-from MedSRLib.engine import (CancelToken, EngineOptions, SliceUpscaler, plan_passes,
-                             receptive_radius, resolve_device, super_resolve_volume)
+from MedSRLib.models import registry as zoo
+from MedSRLib.runtime.engine import (CancelToken, EngineOptions, SliceUpscaler, plan_passes,
+                                     receptive_radius, resolve_device, super_resolve_volume)
 from MedSRLib.errors import CancelledError, InputError
 
 # One per architecture style (pre-upsampled, pooling, deep residual, re-parameterised,
@@ -112,7 +112,7 @@ def test_bf16_autocast_stays_close_to_fp32():
 def test_receptive_radius_cache_tells_models_of_one_name_apart():
     """The tile halo is measured per loaded model: two edsr_lite of different depths (a card may
     record a smaller config) must not share one cached radius."""
-    from MedSRLib import engine
+    from MedSRLib.runtime import engine
 
     spec = zoo.get_spec("edsr_lite")
     shallow, deep = (zoo.SRModel(spec, zoo.build_network("edsr_lite", scale=2, num_blocks=n), (2, 2), None).eval()

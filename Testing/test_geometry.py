@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 import MedSRLib
-from MedSRLib import geometry
+from MedSRLib.transforms import geometry
 from MedSRLib.errors import InputError
 
 from conftest import make_volume, oblique_direction

@@ -26,7 +26,8 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.uid import generate_uid
 
 import MedSRLib
-from MedSRLib import cli, io
+from MedSRLib import cli
+from MedSRLib.io import volumes as io
 from MedSRLib.errors import InputError
 
 CT_SERIES = "ct/crlm-ct-1004-dicom"

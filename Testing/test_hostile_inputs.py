@@ -20,8 +20,10 @@ import pytest
 import SimpleITK as sitk
 
 import MedSRLib
-from MedSRLib import api, cli, io, memory_budget, safe_write
-from MedSRLib.demo import SAMPLE_PATH
+from MedSRLib import api, cli
+from MedSRLib.io import volumes as io, safe_write
+from MedSRLib.runtime import memory_budget
+from MedSRLib.evaluation.demo import SAMPLE_PATH
 from MedSRLib.errors import InputError
 
 from conftest import make_volume
@@ -583,7 +585,7 @@ def test_every_real_volume_in_shared_data_passes_the_integrity_checks(shared_dat
     """No false alarm on real files: every NIfTI/NRRD/MHA volume of ../shared/data is complete,
     finite and has valid spacings (among them uint8 NIfTI with a NaN scl_slope, which SimpleITK
     reports as float32 while 1 byte per voxel is stored)."""
-    from MedSRLib import file_integrity
+    from MedSRLib.io import file_integrity
     checked = []
     for path in sorted(shared_data.rglob("*")):
         if path.is_file() and io.suffix_of(path) in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
@@ -613,7 +615,7 @@ def test_sheared_grids_are_refused_where_a_format_or_reader_would_straighten_the
 
 def test_uint64_extremes_survive_the_cast_back():
     """2**64 - 1 in float64 rounds up to 2**64, which wraps to 0 in uint64 unless clipped below."""
-    from MedSRLib import intensity
+    from MedSRLib.transforms import intensity
     values = np.array([0.0, 1.8446744073709552e19, 2e19, -5.0])
     cast = intensity.cast_to_dtype(values, np.uint64)
     assert cast[1] > np.uint64(2**63) and cast[2] > np.uint64(2**63) and cast[3] == 0

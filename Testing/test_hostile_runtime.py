@@ -18,7 +18,10 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file, save_file
 
-from MedSRLib import api, cli, int8_models, memory_budget, model_cache, model_integrity, openvino_runtime, zoo
+from MedSRLib import api, cli
+from MedSRLib.runtime import (int8_models, memory_budget, model_cache, model_integrity,
+                              openvino_runtime)
+from MedSRLib.models import registry as zoo
 from MedSRLib.errors import InputError, WeightsError
 
 from conftest import SHARED_DATA, make_volume
@@ -347,7 +350,7 @@ def test_roi_auto_without_a_lesion_says_so_in_plain_words(tmp_path):
         result = api.upscale(flat, model="bicubic", roi="auto", roi_model="lanczos")
     except InputError as err:
         pytest.skip(f"no lesion finder ships: {err}")
-    from MedSRLib import roi
+    from MedSRLib.roi import focus as roi
     report = roi.RoiReport.from_image(result)
     assert report.fallback
     message = report.message

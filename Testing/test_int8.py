@@ -12,11 +12,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from MedSRLib import engine, int8_models, intensity, model_cache, openvino_runtime, zoo
-from MedSRLib.demo import SAMPLE_PATH
-from MedSRLib.engine import EngineOptions, SliceUpscaler
+from MedSRLib.runtime import engine, int8_models, model_cache, openvino_runtime
+from MedSRLib.transforms import intensity
+from MedSRLib.models import registry as zoo
+from MedSRLib.evaluation.demo import SAMPLE_PATH
+from MedSRLib.runtime.engine import EngineOptions, SliceUpscaler
 from MedSRLib.metrics import psnr
-from MedSRLib.training.degrade import bicubic_downsample
+from MedSRLib.transforms.degrade import bicubic_downsample
 
 pytestmark = pytest.mark.skipif(not openvino_runtime.available(), reason="openvino not installed")
 
@@ -140,7 +142,7 @@ def test_quantisation_keeps_first_last_and_shuffle_convolutions_float():
 
 def test_quantisation_aware_fine_tuning_keeps_the_same_layers_float_and_learns():
     pytest.importorskip("nncf")
-    from MedSRLib.training import qat_int8
+    from MedSRLib.evaluation import qat_int8
     torch.manual_seed(0)
     model = zoo.load_model("edsr_lite", (2, 2), allow_untrained=True)
     body = openvino_runtime.residual_body(model)

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 import MedSRLib
-from MedSRLib import intensity
+from MedSRLib.transforms import intensity
 from MedSRLib.errors import InputError
 
 from conftest import make_volume

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MedSRLib import io
+from MedSRLib.io import volumes as io
 from MedSRLib.errors import InputError
 
 from conftest import make_volume, oblique_direction

@@ -12,7 +12,9 @@ import SimpleITK as sitk
 import torch
 
 from conftest import make_volume
-from MedSRLib import api, lesion_localiser as loc, roi, roi_boxes, zoo
+from MedSRLib import api
+from MedSRLib.roi import localiser as loc, focus as roi, boxes as roi_boxes
+from MedSRLib.models import registry as zoo
 from MedSRLib.errors import InputError, WeightsError
 from MedSRLib.training import lesion_composites, localiser, localiser_calibration as calib
 

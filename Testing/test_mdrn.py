@@ -13,8 +13,10 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from MedSRLib import benchmark, cli, zoo
-from MedSRLib.demo import SAMPLE_PATH
+from MedSRLib.evaluation import benchmark
+from MedSRLib import cli
+from MedSRLib.models import registry as zoo
+from MedSRLib.evaluation.demo import SAMPLE_PATH
 from MedSRLib.training.config import load_config
 from MedSRLib.training.expand_multiscale import check_compatible, expand_network, load_source
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from MedSRLib import zoo
+from MedSRLib.models import registry as zoo
 
 SMALL = {"mdrn": {"num_blocks": 2}, "edsr_multiscale": {"num_blocks": 2}}
 
@@ -101,7 +101,7 @@ def test_lesion_detector_exports_boxes_and_scores():
 
 
 def test_srgan_discriminator_exports():
-    from MedSRLib.networks.srresnet import SRGANDiscriminator
+    from MedSRLib.models.networks.srresnet import SRGANDiscriminator
 
     torch.manual_seed(0)
     discriminator = SRGANDiscriminator().eval()

@@ -7,16 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from MedSRLib import zoo
+from MedSRLib.models import registry as zoo
 from MedSRLib.errors import InputError
-from MedSRLib.networks.edsr import MultiScaleEDSR
-from MedSRLib.networks.fmen import FMEN
-from MedSRLib.networks.hybrid import HybridSRGANVDSR
-from MedSRLib.networks.improved_srcnn import OverlappingMaxPool
-from MedSRLib.networks.lesion_detector import LesionDetector
-from MedSRLib.networks.srresnet import SRGANDiscriminator, SRResNet
-from MedSRLib.networks.upsampling import upscale_steps
-from MedSRLib.networks.vdsr import VDSR
+from MedSRLib.models.networks.edsr import MultiScaleEDSR
+from MedSRLib.models.networks.fmen import FMEN
+from MedSRLib.models.networks.hybrid import HybridSRGANVDSR
+from MedSRLib.models.networks.improved_srcnn import OverlappingMaxPool
+from MedSRLib.models.networks.lesion_detector import LesionDetector
+from MedSRLib.models.networks.srresnet import SRGANDiscriminator, SRResNet
+from MedSRLib.models.networks.upsampling import upscale_steps
+from MedSRLib.models.networks.vdsr import VDSR
 
 SR_NETWORKS = ("srcnn", "improved_srcnn", "vdsr", "fmen", "srresnet", "srgan", "hybrid",
                "edsr_baseline", "mdrn", "edsr_multiscale")

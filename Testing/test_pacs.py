@@ -23,7 +23,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from MedSRLib import cli, io
+from MedSRLib import cli
+from MedSRLib.io import volumes as io
 from MedSRLib.errors import InputError
 from MedSRLib.pacs import dicomweb, send
 
@@ -412,7 +413,7 @@ def test_listener_forwards_a_series_from_a_trusted_ae_and_refuses_others(orthanc
 
 def test_series_too_large_for_memory_is_refused_before_download(orthanc, uploaded, credentials,
                                                                 monkeypatch):
-    from MedSRLib import memory_budget
+    from MedSRLib.runtime import memory_budget
 
     monkeypatch.setattr(memory_budget, "available_bytes", lambda: 1_000_000)
     with pytest.raises(InputError, match=r"its 6 instances needs .* of memory"):

@@ -12,7 +12,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from MedSRLib import api, blend, cli, roi, zoo
+from MedSRLib import api, cli
+from MedSRLib.roi import blend, focus as roi
+from MedSRLib.models import registry as zoo
 from MedSRLib.errors import InputError, WeightsError
 
 from conftest import make_volume
@@ -448,7 +450,7 @@ def test_narrow_detector_loads_its_widths_from_the_card_and_resizes_slices(tmp_p
 
 
 def test_resized_mask_keeps_a_one_pixel_lesion_and_its_normalised_box():
-    from MedSRLib.networks.lesion_detector import resize_slices
+    from MedSRLib.models.networks.lesion_detector import resize_slices
     from MedSRLib.training.data import BoxFromMaskd
     mask = torch.zeros(1, 1, 40, 60)
     mask[0, 0, 10, 33] = 1

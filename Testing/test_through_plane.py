@@ -13,11 +13,16 @@ import SimpleITK as sitk
 import torch
 
 import MedSRLib
-from MedSRLib import cli, geometry, io, zoo
-from MedSRLib.demo import SAMPLE_PATH
+from MedSRLib import cli
+from MedSRLib.transforms import geometry
+from MedSRLib.io import volumes as io
+from MedSRLib.models import registry as zoo
+from MedSRLib.evaluation.demo import SAMPLE_PATH
 from MedSRLib.errors import CancelledError, InputError
-from MedSRLib.through_plane import apply, data, model_io, planning, profile
-from MedSRLib.through_plane.network import ThroughPlaneEDSR
+from MedSRLib.through_plane import apply, data, planning
+from MedSRLib.models import through_plane_io as model_io
+from MedSRLib.transforms import slice_profile as profile
+from MedSRLib.models.networks.through_plane import ThroughPlaneEDSR
 
 from conftest import make_volume, oblique_direction
 

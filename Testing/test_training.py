@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from MedSRLib import zoo
+from MedSRLib.models import registry as zoo
 from MedSRLib.training import data as tdata
 from MedSRLib.training.__main__ import main as train_main
 from MedSRLib.training.config import CONFIG_DIR, load_config
@@ -99,7 +99,7 @@ def test_export_is_safetensors_with_a_complete_model_card(ci_runs, name):
     else:  # the card is what roi.detect_lesion_roi reads: scale x1, the recipe's threshold
         assert card["scales"] == [1]
         assert card["score_threshold"] == _ci_config(name)["score_threshold"]
-        from MedSRLib import roi
+        from MedSRLib.roi import focus as roi
         assert roi.load_detector(export)[1]["score_threshold"] == card["score_threshold"]
 
 

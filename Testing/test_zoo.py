@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from MedSRLib import zoo
+from MedSRLib.models import registry as zoo
 from MedSRLib.errors import InputError, WeightsError
 
 
@@ -106,7 +106,7 @@ def test_every_shipped_weights_file_loads_and_beats_nothing_silently():
         if spec.kind == "detector":
             continue
         if spec.kind == "through_plane":  # any factor; its own loader (test_through_plane.py)
-            from MedSRLib.through_plane import model_io
+            from MedSRLib.models import through_plane_io as model_io
             assert model_io.load(path).card["model"] == spec.name
             continue
         for scale in card["scales"]:
@@ -130,7 +130,7 @@ def test_default_model_follows_modality_and_scale_of_shipped_cards(tmp_path, mon
 def test_upscale_without_model_uses_the_default_for_the_dicom_modality(tmp_path, monkeypatch):
     import SimpleITK as sitk
     import MedSRLib
-    from MedSRLib import io
+    from MedSRLib.io import volumes as io
 
     monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)
     card = {"model": "edsr_lite", "scales": [2], "modality": ["MR"],

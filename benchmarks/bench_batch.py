@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from MedSRLib import io
+from MedSRLib.io import volumes as io
 from MedSRLib.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """2.5-D against 2-D in-plane networks on the test patients: per-volume PSNR, gain over bicubic,
 the automatic path's bf16/int8 cost, and time per 512 x 512 slice, all in one run.
 
-Protocol (that of `medsr benchmark`, `MedSRLib/benchmark.py`):
+Protocol (that of `medsr benchmark`, `MedSRLib/evaluation/benchmark.py`):
 
 - Test volumes: the benchmark's held-out patients (`benchmark.HELD_OUT`: sarcoma STS_012 and
   STS_014 CT and MR T1, totalseg-example-ct, brain-t1-gd-skullstripped, BraTS pat0006 T1c and
@@ -36,10 +36,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from MedSRLib import benchmark as bench
-from MedSRLib import intensity, io, model_cache, zoo
-from MedSRLib.engine import EngineOptions, SliceUpscaler, slice_stacks
-from MedSRLib.training import degrade
+from MedSRLib.evaluation import benchmark as bench
+from MedSRLib.transforms import intensity
+from MedSRLib.io import volumes as io
+from MedSRLib.runtime import model_cache
+from MedSRLib.models import registry as zoo
+from MedSRLib.runtime.engine import EngineOptions, SliceUpscaler, slice_stacks
+from MedSRLib.transforms import degrade
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runtime import SPEED_VOLUME, cpu_description  # noqa: E402
@@ -130,7 +133,7 @@ def write_costs(costs: dict[int, dict[str, float]], cards: dict[int, tuple[Path,
     path's (OpenVINO bf16 on CPUs with it), as `training.bf16_cost` records them."""
     import openvino
 
-    from MedSRLib import int8_models
+    from MedSRLib.runtime import int8_models
     for scale, per_volume in costs.items():
         if scale not in cards or not per_volume:
             continue

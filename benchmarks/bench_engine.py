@@ -23,11 +23,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from MedSRLib import intensity, io, zoo
-from MedSRLib.demo import SAMPLE_PATH
-from MedSRLib.engine import EngineOptions, SliceUpscaler
+from MedSRLib.transforms import intensity
+from MedSRLib.io import volumes as io
+from MedSRLib.models import registry as zoo
+from MedSRLib.evaluation.demo import SAMPLE_PATH
+from MedSRLib.runtime.engine import EngineOptions, SliceUpscaler
 from MedSRLib.metrics import psnr
-from MedSRLib.training.degrade import bicubic_downsample
+from MedSRLib.transforms.degrade import bicubic_downsample
 
 TILES = (64, 128, 192, 0)
 

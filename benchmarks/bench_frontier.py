@@ -30,8 +30,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from MedSRLib import intensity, io, model_cache, zoo
-from MedSRLib.engine import EngineOptions, SliceUpscaler, slice_stacks
+from MedSRLib.transforms import intensity
+from MedSRLib.io import volumes as io
+from MedSRLib.runtime import model_cache
+from MedSRLib.models import registry as zoo
+from MedSRLib.runtime.engine import EngineOptions, SliceUpscaler, slice_stacks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runtime import SPEED_VOLUME, cpu_description  # noqa: E402

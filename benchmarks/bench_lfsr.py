@@ -31,9 +31,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MedSRLib import api, intensity, io, metrics, roi, zoo  # noqa: E402
+from MedSRLib import api, metrics  # noqa: E402
+from MedSRLib.transforms import intensity
+from MedSRLib.io import volumes as io
+from MedSRLib.roi import focus as roi
+from MedSRLib.models import registry as zoo
 from MedSRLib.errors import InputError  # noqa: E402
-from MedSRLib.training import degrade  # noqa: E402
+from MedSRLib.transforms import degrade  # noqa: E402
 
 #: Held-out MR volumes with lesion masks (patients held out by every MR recipe).
 HELD_OUT = [("sarcoma/STS_012/MR_T1_image.nii.gz", "sarcoma/STS_012/MR_T1_mask.nii.gz"),

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MedSRLib import zoo  # noqa: E402
+from MedSRLib.models import registry as zoo  # noqa: E402
 
 SR_NETWORKS = ("srcnn", "improved_srcnn", "vdsr", "fmen", "srresnet", "hybrid",
                "edsr_baseline", "edsr_multiscale", "mdrn")

@@ -34,11 +34,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from MedSRLib import benchmark as bench
-from MedSRLib import intensity, io, model_cache, zoo
-from MedSRLib.engine import EngineOptions, SliceUpscaler
+from MedSRLib.evaluation import benchmark as bench
+from MedSRLib.transforms import intensity
+from MedSRLib.io import volumes as io
+from MedSRLib.runtime import model_cache
+from MedSRLib.models import registry as zoo
+from MedSRLib.runtime.engine import EngineOptions, SliceUpscaler
 from MedSRLib.metrics import psnr
-from MedSRLib.training.degrade import bicubic_downsample
+from MedSRLib.transforms.degrade import bicubic_downsample
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPEED_VOLUME = DATA / "ct" / "crlm-ct-1004-dicom"

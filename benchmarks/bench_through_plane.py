@@ -5,7 +5,7 @@ through-plane network and the adapted network; sagittal-reformat figures.
     python benchmarks/bench_through_plane.py --held-out ../shared/data --out benchmarks/results/through_plane
 
 is the same as `medsr benchmark --through-plane --held-out ../shared/data --out ...` (protocol:
-MedSRLib/through_plane/benchmark.py). Adaptation timing on a 512x512x60 CT:
+MedSRLib/evaluation/through_plane.py). Adaptation timing on a 512x512x60 CT:
 `python benchmarks/bench_through_plane.py --adapt-timing ../shared/data/ct/crlm-ct-1004-dicom`.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 
-from MedSRLib.through_plane import benchmark
+from MedSRLib.evaluation import through_plane as benchmark
 
 
 def adapt_timing(path: str) -> int:

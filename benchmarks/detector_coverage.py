@@ -28,8 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MedSRLib import io, roi  # noqa: E402
-from MedSRLib.training import config as tconfig, data as tdata, degrade  # noqa: E402
+from MedSRLib.io import volumes as io  # noqa: E402
+from MedSRLib.roi import focus as roi
+from MedSRLib.training import config as tconfig, data as tdata  # noqa: E402
+from MedSRLib.transforms import degrade
 
 AXIAL = 2  # slice axis, (x, y, z) index
 

@@ -1,4 +1,4 @@
-"""Ship an MDRN export: copy `<run>/mdrn.safetensors` and its card into MedSRLib/weights/, with the
+"""Ship an MDRN export: copy `<run>/mdrn.safetensors` and its card into MedSRLib/models/weights/, with the
 card completed by what the trainer does not know: the function-preserving start and its
 validation PSNR, the benchmark's test patients (in neither training nor validation), how the
 trained form differs from paper 004, and the commands that resume and re-export the run.
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from MedSRLib import benchmark, zoo
+from MedSRLib.evaluation import benchmark
+from MedSRLib.models import registry as zoo
 
 RESUME = [
     "OMP_NUM_THREADS=1 nohup python -m MedSRLib.training mdrn_from_multiscale --resume --no-progress "

@@ -3,7 +3,7 @@ held-out benchmark (`medsr benchmark --held-out`, the file's modality and scales
 and the float16 copy, print the mean PSNR of both, and with --write replace the file by the
 float16 copy if the difference stays below --tolerance dB at every scale.
 
-    python benchmarks/half_storage.py MedSRLib/weights/srresnet_x4_xr.safetensors --data-root ../shared/data [--write]
+    python benchmarks/half_storage.py MedSRLib/models/weights/srresnet_x4_xr.safetensors --data-root ../shared/data [--write]
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from MedSRLib import benchmark, zoo
+from MedSRLib.evaluation import benchmark
+from MedSRLib.models import registry as zoo
 
 
 def mean_psnr(weights_dir: Path, model: str, modality: str, scales: list[int], data_root: Path,

@@ -27,8 +27,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MedSRLib import benchmark, intensity, metrics  # noqa: E402
-from MedSRLib.training import config as tconfig, data as tdata, degrade  # noqa: E402
+from MedSRLib.evaluation import benchmark  # noqa: E402
+from MedSRLib.transforms import intensity
+from MedSRLib import metrics
+from MedSRLib.training import config as tconfig, data as tdata  # noqa: E402
+from MedSRLib.transforms import degrade
 
 KERNEL = 7
 TRAIN_SLICES_PER_VOLUME = 6

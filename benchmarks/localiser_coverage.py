@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MedSRLib import lesion_localiser as loc, roi  # noqa: E402
+from MedSRLib.roi import localiser as loc, focus as roi  # noqa: E402
 from MedSRLib.training import localiser_calibration as calib  # noqa: E402
 
 

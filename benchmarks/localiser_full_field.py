@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MedSRLib import io, lesion_localiser as loc, roi_boxes  # noqa: E402
+from MedSRLib.io import volumes as io  # noqa: E402
+from MedSRLib.roi import localiser as loc, boxes as roi_boxes
 from localiser_time import compared_localisers  # noqa: E402  (this folder is on sys.path)
 
 SCANS = ("ct/crlm-ct-1004-dicom", "mr/pelvis-t2-dicom", "ct/totalseg-example-ct.nii.gz",

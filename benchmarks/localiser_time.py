@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MedSRLib import io, lesion_localiser as loc  # noqa: E402
+from MedSRLib.io import volumes as io  # noqa: E402
+from MedSRLib.roi import localiser as loc
 
 FIRST_SEGMENTER = Path(__file__).resolve().parent / "results/localiser/candidates/S200/lesion_segmenter.safetensors"
 VOLUMES = ("sarcoma/STS_014/MR_T1_image.nii.gz", "ct/totalseg-example-ct.nii.gz",

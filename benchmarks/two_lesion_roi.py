@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MedSRLib import api, lesion_localiser as loc, roi, roi_boxes  # noqa: E402
+from MedSRLib import api  # noqa: E402
+from MedSRLib.roi import localiser as loc, focus as roi, boxes as roi_boxes
 from MedSRLib.training import localiser_calibration as calib  # noqa: E402
 from MedSRLib.training.lesion_composites import read_composite  # noqa: E402
 from MedSRLib.training.localiser import composite_cases  # noqa: E402

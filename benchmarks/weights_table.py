@@ -1,7 +1,7 @@
 """Markdown table of the shipped weights, read from their model cards: file, modality, recipe,
 steps, CPU minutes, validation PSNR of model vs bicubic (the recipe's held-out slices).
 
-    python benchmarks/weights_table.py [--weights-dir MedSRLib/weights]
+    python benchmarks/weights_table.py [--weights-dir MedSRLib/models/weights]
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from MedSRLib import zoo
+from MedSRLib.models import registry as zoo
 
 
 def rows(weights_dir: Path) -> list[str]:

@@ -50,7 +50,7 @@ DICOM_MODALITY_TAG = "0008,0060"
 MODEL_ATTRIBUTE = "MedSR.model"
 SCALE_FACTORS_ATTRIBUTE = "MedSR.scaleFactorsXYZ"
 #: DICOM Modality value -> MedSRLib modality: radiographs (CR, DX, RG) are "XR", as in
-#: `MedSRLib.io.modality_of`; any other value (PT, US, MG, ...) has no MedSRLib modality.
+#: `MedSRLib.io.volumes.modality_of`; any other value (PT, US, MG, ...) has no MedSRLib modality.
 MEDSR_MODALITY_FROM_DICOM = {"CT": "CT", "MR": "MR", "CR": "XR", "DX": "XR", "RG": "XR"}
 #: Attributes of a markups ROI that Detect proposed: the input volume's node ID, and the lesion
 #: finder's confidence. Apply uses every proposal of the input still in the scene.
@@ -60,7 +60,7 @@ CONFIDENCE_ATTRIBUTE = "MedSR.confidence"
 #: ROI-model choice meaning "the same model as outside the ROI" (not a registry name).
 SAME_AS_MODEL = "(same)"
 #: Models preferred inside the ROI when their weights ship, after MedSRLib's own default
-#: (`MedSRLib.roi.DEFAULT_ROI_MODEL`, paper 003's LFSR generator).
+#: (`MedSRLib.roi.focus.DEFAULT_ROI_MODEL`, paper 003's LFSR generator).
 PREFERRED_ROI_MODELS = ("srgan", "srresnet")
 
 #: Packages that belong to Slicer itself and must never be replaced by our requirements.
@@ -640,7 +640,7 @@ def panelMessage(message):
 def preferredRoiModels():
     """MedSRLib's default ROI model, then PREFERRED_ROI_MODELS (no duplicates)."""
     try:
-        from MedSRLib import roi
+        from MedSRLib.roi import focus as roi
         libraryDefault = (getattr(roi, "DEFAULT_ROI_MODEL", None),)
     except ImportError:
         libraryDefault = ()
@@ -650,7 +650,7 @@ def preferredRoiModels():
 def defaultRoiModel(models, preferred=None, modality=None, scale=None):
     """The ROI model offered first: the first of `preferred` (default `preferredRoiModels()`)
     that ships weights (at `scale`, when given) trained on `modality` (when known: "CT", "MR",
-    "XR"), else "Same as model" (as MedSRLib.roi.choose_roi_model: LFSR, trained on MR lesions,
+    "XR"), else "Same as model" (as MedSRLib.roi.focus.choose_roi_model: LFSR, trained on MR lesions,
     fell below bicubic inside CT tumours)."""
     for name in preferredRoiModels() if preferred is None else preferred:
         model = next((m for m in models if m["name"] == name), None)
@@ -1133,9 +1133,9 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
         """
         _medsrlib()
         try:
-            from MedSRLib import roi
+            from MedSRLib.roi import focus as roi
         except ImportError as error:
-            raise ValueError("This MedSRLib has no lesion detector (MedSRLib.roi); draw an ROI instead.") from error
+            raise ValueError("This MedSRLib has no lesion detector (MedSRLib.roi.focus); draw an ROI instead.") from error
         image = self.volumeNodeToImage(inputVolume)
         lower, upper = roi.detect_lesion(image)  # voxel indices (x, y, z), upper exclusive
         return self.setROIFromIndexBox(roiNode, inputVolume, (*lower, *upper))
@@ -1149,7 +1149,7 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
         (`lesionROINodes`). Returns the new nodes (an empty list when no lesion is found).
         """
         _medsrlib()
-        from MedSRLib import roi
+        from MedSRLib.roi import focus as roi
 
         image = self.volumeNodeToImage(inputVolume)
         found = roi.detect_lesions(image)  # [(lower xyz, upper xyz exclusive, confidence)]
@@ -1424,7 +1424,7 @@ class MedSRTest(ScriptedLoadableModuleTest):
 
     def test_LesionFocusedRunCoversWholeVolumeAndChangesOnlyTheROI(self):
         self.delayDisplay("Lesion-focused super-resolution with a drawn ROI")
-        from MedSRLib import roi as medsrRoi
+        from MedSRLib.roi import focus as medsrRoi
 
         inputVolume, inputIJKToRAS = self.makeObliqueAnisotropicVolume()
         roiNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "MedSRTestROI")

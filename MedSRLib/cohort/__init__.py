@@ -28,7 +28,7 @@ from .manifest import (CARRY_FAILURE, MANIFEST_NAME, RUN, SKIP, ManifestWriteErr
 from .runners import CaseResult, InProcessRunner, RayRunner, import_ray, is_disk_full
 
 if TYPE_CHECKING:  # the engine imports torch: only when a batch runs
-    from ..engine import CancelToken
+    from ..runtime.engine import CancelToken
 
 __all__ = ["batch", "BatchSummary", "MANIFEST_NAME", "OUTPUT_FORMATS", "RAY_HINT",
            "RAY_MIN_CASES"]
@@ -131,7 +131,7 @@ def batch(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str 
     "failed" line, never an exception. A case whose manifest line cannot be written (a full
     disk) is failed and its output removed; the others still run (`disk_full` says so).
     """
-    from ..engine import CancelToken
+    from ..runtime.engine import CancelToken
 
     started = time.perf_counter()
     cancel = cancel or CancelToken()
@@ -294,9 +294,10 @@ def _unrecorded(case: Case, line: dict[str, Any], error: BaseException) -> dict[
 def _check_upscale_options(options: dict[str, Any]) -> dict[str, Any]:
     """The options as given, checked before any case runs; TypeError for an unknown name,
     InputError naming the option for a bad value."""
-    from .. import api, zoo
-    from ..engine import EngineOptions
-    from ..run_plan import plan_scale
+    from .. import api
+    from ..models import registry as zoo
+    from ..runtime.engine import EngineOptions
+    from ..planning.run_plan import plan_scale
 
     accepted = [name for name in inspect.signature(api.upscale).parameters
                 if name not in _NOT_BATCH_OPTIONS]
@@ -373,7 +374,7 @@ def _choose_runner(plan: _RunnerPlan, due: int, device: str) -> tuple[Any, list[
         return InProcessRunner(threads or plan.cpus), notes
     if threads is None:
         threads = max(1, plan.cpus // workers) if workers else 1
-    from ..memory_budget import available_bytes
+    from ..runtime.memory_budget import available_bytes
     free = available_bytes()
     by_memory = plan.cpus if free is None else max(1, free // _MEMORY_PER_DEFAULT_WORKER)
     local_cpu_workers = max(1, min(plan.cpus // threads, by_memory))

@@ -208,7 +208,7 @@ def _describe(case: Case) -> str:
 def _search_folder(root: Path, base: Path, out_dir: Path, suffix: str | None) -> list[Case]:
     """Image files and DICOM series under `root`, in sorted order, skipping `out_dir`; outputs
     mirror their paths relative to `base`."""
-    from ..io import list_dicom_series
+    from ..io.volumes import list_dicom_series
 
     cases = []
     visited: set[Path] = set()

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..safe_write import signals_deferred
+from ..io.safe_write import signals_deferred
 from .cases import Case
 
 MANIFEST_NAME = "medsr-batch.jsonl"

@@ -25,7 +25,7 @@ from ..errors import CancelledError, InputError
 from .cases import Case
 
 if TYPE_CHECKING:  # the engine imports torch: only inside a worker or a run
-    from ..engine import CancelToken
+    from ..runtime.engine import CancelToken
 
 ResultCallback = Callable[[Case, "CaseResult"], None]
 
@@ -93,13 +93,13 @@ def write_output(image, case: Case, output_format: str | None,
     """Write one case's output atomically and verified: a volume file through `io.write_all`,
     or (format "dicom") a derived DICOM series folder in the source series' study."""
     if output_format != "dicom":
-        from .. import io
+        from ..io import volumes as io
         io.write_all([io.stage_volume(image, case.output, overwrite=True)])
         return
     if not case.input.is_dir():
         raise InputError(f"{case.input}: is not a DICOM series, so a DICOM output has no "
                          "patient, study or frame of reference; use another --format")
-    from ..dicom_export import write_dicom_series
+    from ..io.dicom_export import write_dicom_series
     write_dicom_series(image, case.input, case.output, overwrite=True,
                        series_uid=case.series_uid, weights=upscale_options.get("weights"),
                        modality=upscale_options.get("modality"))
@@ -124,7 +124,8 @@ def run_case(case: Case, upscale_options: dict[str, Any], output_format: str | N
     not the input's are "internal error: TYPE: message"). CancelledError and KeyboardInterrupt
     propagate: nothing of the case is written then.
     """
-    from .. import api, io
+    from .. import api
+    from ..io import volumes as io
 
     worker = f"{socket.gethostname()}:{os.getpid()}"
     started = time.perf_counter()
@@ -196,7 +197,7 @@ class CaseWorker:
     def __init__(self, threads: int):
         import torch
 
-        from ..engine import CancelToken
+        from ..runtime.engine import CancelToken
 
         torch.set_num_threads(threads)
         self.threads = threads

@@ -10,7 +10,7 @@
   forwards the derived series.
 - `runs`: the `medsr upscale` glue (URL input, `--send`) and `medsr batch` URL expansion.
 
-Moves files only: volumes are read and written by `MedSRLib.io` and `MedSRLib.dicom_export`
+Moves files only: volumes are read and written by `MedSRLib.io.volumes` and `MedSRLib.io.dicom_export`
 (the same checks as a local DICOM folder), super-resolution goes through `MedSRLib.api`.
 Imports `io`, `dicom_export`, `api` and `errors` from MedSRLib, and `requests`,
 `dicomweb-client` and `pynetdicom` (the `pacs` extra) when used; nothing imports this package

@@ -217,7 +217,7 @@ def download_series(url: str | DicomwebAddress, folder: str | os.PathLike) -> li
     disk. Checked after: every instance arrived once and belongs to the series and study.
     PacsError otherwise (the caller removes `folder`).
     """
-    from .. import memory_budget
+    from ..runtime import memory_budget
 
     address = url if isinstance(url, DicomwebAddress) else parse_address(url)
     if not (address.study_uid and address.series_uid):
@@ -271,7 +271,7 @@ def fetched_series(url: str) -> Iterator[Path]:
 def read_series_url(url: str, series_uid: str | None = None):
     """The series `url` names as a SimpleITK volume, read like a local DICOM folder (one
     series, consistent geometry, complete files): `io.read_volume` of the downloaded folder."""
-    from .. import io
+    from ..io import volumes as io
 
     address = parse_address(url)
     if series_uid is not None and series_uid != address.series_uid:
@@ -323,7 +323,7 @@ class StoreReport:
 
 def series_files(folder: str | os.PathLike) -> list[Path]:
     """The DICOM files of the series folder `folder` (one series; PacsError otherwise)."""
-    from .. import io
+    from ..io import volumes as io
 
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and io.is_dicom_file(p))

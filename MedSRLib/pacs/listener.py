@@ -116,8 +116,9 @@ class Listener:
         return done
 
     def _process(self, series_uid: str, entry: _Incoming) -> None:
-        from .. import api, io
-        from ..dicom_export import write_dicom_series
+        from .. import api
+        from ..io import volumes as io
+        from ..io.dicom_export import write_dicom_series
         from . import send
 
         out = entry.folder.with_name(entry.folder.name + "-derived")

@@ -31,7 +31,7 @@ def upscale_through_pacs(args: argparse.Namespace,
     after the whole series is written and verified; a failed send exits 2 saying what was
     stored (a rerun completes it without duplicates).
     """
-    from .. import io
+    from ..io import volumes as io
 
     target = send.check_target(args.send) if args.send is not None else None
     if args.output is None and target is None:

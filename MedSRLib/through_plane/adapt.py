@@ -11,11 +11,11 @@ import time
 import numpy as np
 import torch
 
-from ..engine import CancelToken, ProgressCallback
+from ..runtime.engine import CancelToken, ProgressCallback
 from . import apply, data
-from .model_io import trainable_copy
-from .network import run_planes
-from .profile import SliceProfile
+from ..models.through_plane_io import trainable_copy
+from ..models.networks.through_plane import run_planes
+from ..transforms.slice_profile import SliceProfile
 
 #: Fine-tuning settings: patch edge (HR pixels), pairs per step, Adam learning rate.
 PATCH, BATCH, LEARNING_RATE = 48, 8, 1e-4

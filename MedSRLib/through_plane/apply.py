@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..engine import CancelToken, ProgressCallback
-from . import profile
-from .network import run_planes
+from ..runtime.engine import CancelToken, ProgressCallback
+from ..transforms import slice_profile as profile
+from ..models.networks.through_plane import run_planes
 
 #: Conditioning range the network was trained on (thickness / spacing).
 RATIO_RANGE = (0.4, 1.0)

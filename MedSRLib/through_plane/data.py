@@ -17,8 +17,9 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .. import intensity, io
-from . import profile
+from ..transforms import intensity
+from ..io import volumes as io
+from ..transforms import slice_profile as profile
 
 #: Patients of ../shared/data in each role. Training: CT axial planes and MR planes with square
 #: pixels; validation (checkpoint choice): through-plane (z) on two volumes; test (benchmark

@@ -30,11 +30,11 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .. import geometry
+from ..transforms import geometry
 from ..errors import InputError
-from ..run_plan import ScalePlan, _parse_axis
-from .model_io import MODEL_NAME
-from .profile import PROFILES, SliceProfile
+from ..planning.run_plan import ScalePlan, _parse_axis
+from ..models.through_plane_io import MODEL_NAME
+from ..transforms.slice_profile import PROFILES, SliceProfile
 
 #: Largest through-plane factor (e.g. 8 mm slices to 1 mm).
 MAX_THROUGH_FACTOR = 8.0

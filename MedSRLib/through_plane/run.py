@@ -11,16 +11,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import SimpleITK as sitk
 
-from .. import intensity, io, zoo
-from ..engine import (CancelToken, EngineOptions, ProgressCallback, check_finite_output,
-                      super_resolve_volume)
+from ..transforms import intensity
+from ..io import volumes as io
+from ..models import registry as zoo
+from ..runtime.engine import (CancelToken, EngineOptions, ProgressCallback, check_finite_output,
+                              super_resolve_volume)
 from ..errors import InputError
 
 if TYPE_CHECKING:  # annotations only: torch is imported where a network runs
     import torch
-from ..run_plan import model_loader
-from . import apply, model_io, planning
-from .network import ThroughPlaneEDSR
+from ..planning.run_plan import model_loader
+from . import apply, planning
+from ..models import through_plane_io as model_io
+from ..models.networks.through_plane import ThroughPlaneEDSR
 
 #: Output metadata keys.
 PROFILE_KEY = "medsr_slice_profile"
@@ -104,7 +107,7 @@ def super_resolve(voxels: np.ndarray, thin: planning.ThroughPlanePlan, modality:
         if getattr(net, "adapted_steps", 0):
             names.append("adapted")
         else:
-            from ..engine import notice
+            from ..runtime.engine import notice
             notice("adaptation skipped: the stored slices are too small for training pairs")
     if thin.inplane is not None:
         in_name = zoo.default_model(modality, thin.inplane.network_scale)
@@ -146,7 +149,7 @@ def _autocast_dtype(options: EngineOptions) -> "torch.dtype | None":
     "auto"); CPU only (the network runs on the CPU)."""
     import torch
 
-    from ..engine import resolve_precision
+    from ..runtime.engine import resolve_precision
     if options.precision == "fp16":
         raise InputError("precision fp16 is for CUDA; the through-plane network runs on the CPU "
                          "(use bf16 or fp32)")

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import zoo
-from . import data, model_io
-from .network import ThroughPlaneEDSR, ThroughPlaneNet, run_planes
+from ..models import registry as zoo
+from . import data
+from ..models import through_plane_io as model_io
+from ..models.networks.through_plane import ThroughPlaneEDSR, ThroughPlaneNet, run_planes
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

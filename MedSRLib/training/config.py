@@ -204,7 +204,7 @@ def check_config(config: Mapping[str, Any], origin: str | Path) -> None:
     model = config.get("model")
     if not isinstance(model, str):
         raise ConfigError(f"{origin}: model must be a registry name (see `medsr models`), got {model!r}")
-    from .. import zoo
+    from ..models import registry as zoo
     if model not in zoo.model_names():
         raise ConfigError(f"{origin}: unknown model {model!r}; known models: {', '.join(zoo.model_names())}")
     for section in ("data", "train", "optimizer", "output", "model_config"):

@@ -3,8 +3,8 @@
 Pipeline (MONAI dictionary transforms on `{"image": path, ...}` items):
 
 1. deterministic, cached once per volume (`CacheDataset` in memory or `PersistentDataset` on
-   disk): `LoadNormalisedVolumed` reads the file or DICOM folder with `MedSRLib.io.read_volume`
-   and maps intensities with `MedSRLib.intensity.fit_mapping(volume).to_unit` (exactly the
+   disk): `LoadNormalisedVolumed` reads the file or DICOM folder with `MedSRLib.io.volumes.read_volume`
+   and maps intensities with `MedSRLib.transforms.intensity.fit_mapping(volume).to_unit` (exactly the
    inference normalisation), giving a (1, Z, Y, X) float32 array (a PNG is one slice, Z = 1);
    `ForegroundIndicesd` stores a subsample of the voxels above a unit-intensity threshold.
 2. random, per visit: `RandSlicePatchd` picks `num_samples` 2-D patches, each from a random
@@ -40,8 +40,8 @@ from monai.transforms import (Compose, MapTransform, RandFlipd, Randomizable, Ra
                               Transform)
 from torch.utils.data import DistributedSampler
 
-from ..engine import neighbour_indices
-from ..intensity import fit_mapping
+from ..runtime.engine import neighbour_indices
+from ..transforms.intensity import fit_mapping
 
 #: Foreground voxels kept per volume for centre sampling (an evenly strided subset).
 MAX_FOREGROUND_INDICES = 200_000
@@ -173,13 +173,13 @@ def _read_2d_image(path: Path) -> np.ndarray:
 
 
 def read_volume_array(path: str | Path) -> np.ndarray:
-    """(Z, Y, X) array of a volume file, DICOM folder or 2-D image (Z = 1), via MedSRLib.io."""
+    """(Z, Y, X) array of a volume file, DICOM folder or 2-D image (Z = 1), via MedSRLib.io.volumes."""
     path = Path(path)
     if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
         return _read_2d_image(path)
     try:
-        from ..io import read_volume
-    except ImportError:  # pragma: no cover - before MedSRLib.io existed
+        from ..io.volumes import read_volume
+    except ImportError:  # pragma: no cover - before MedSRLib.io.volumes existed
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
@@ -333,7 +333,7 @@ class RandWholeSliced(Randomizable, Transform):
         pass
 
     def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
-        from ..networks.lesion_detector import resize_slices
+        from ..models.networks.lesion_detector import resize_slices
         shape = data["image"][0].shape
         axes = [a for a in self.axes if all(shape[o] > 1 for o in range(3) if o != a)] or [0]
         foreground = data.get("foreground_indices", np.zeros(0, dtype=np.int64))
@@ -514,7 +514,7 @@ def validation_slices(volumes: Dataset, data_config: Mapping[str, Any], multiple
         for z in chosen:
             plane = volume[z]
             if with_boxes and data_config.get("whole_slice_size"):
-                from ..networks.lesion_detector import resize_slices
+                from ..models.networks.lesion_detector import resize_slices
                 size = int(data_config["whole_slice_size"])
                 image = resize_slices(torch.from_numpy(np.ascontiguousarray(plane))[None, None], size)
                 mask_slice = torch.from_numpy(np.ascontiguousarray(np.moveaxis(d["mask"][0], volume_axis, 0)[z]))
@@ -533,7 +533,7 @@ def validation_slices(volumes: Dataset, data_config: Mapping[str, Any], multiple
                                               torch.from_numpy(mask_patch > 0)[None, None], box[None]))
                 continue
             if data_config.get("whole_slice_size"):  # SR on whole resized slices (paper 002)
-                from ..networks.lesion_detector import resize_slices
+                from ..models.networks.lesion_detector import resize_slices
                 resized = resize_slices(torch.from_numpy(np.ascontiguousarray(plane))[None, None],
                                         int(data_config["whole_slice_size"]))
                 plane = resized[0, 0].numpy()

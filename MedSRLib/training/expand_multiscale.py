@@ -19,7 +19,7 @@ the smaller one stands (Net2Net, Chen et al. 2016, in its zero-padding form):
 - Sub-pixel convolutions keep the pixel-shuffle layout: output channel c*r*r + k is feature c at
   sub-position k, so feature channels 0..F-1 are the first F*r*r outputs in both networks.
 
-    python -m MedSRLib.training.expand_multiscale MedSRLib/weights/edsr_multiscale.safetensors \\
+    python -m MedSRLib.training.expand_multiscale MedSRLib/models/weights/edsr_multiscale.safetensors \\
         runs/mdrn_init/mdrn_init.safetensors --num-features 64 --num-blocks 80 --preprocess-blocks 2
 
 The source's card (same stem, .json) supplies its architecture; the output is a plain
@@ -35,9 +35,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch import nn
 
-from ..networks.edsr import MultiScaleEDSR
+from ..models.networks.edsr import MultiScaleEDSR
 
 #: Architecture keys a source card must state (the rest of MultiScaleEDSR's arguments).
 ARCHITECTURE_KEYS = ("in_channels", "num_features", "num_blocks", "res_scale", "preprocess_blocks",

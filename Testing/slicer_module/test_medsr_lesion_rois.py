@@ -1,7 +1,7 @@
 """Detect shows every lesion ROI (one markups ROI each, named with its confidence); the user
 keeps, edits or deletes them before Apply, which refines every ROI still in the scene.
 
-The lesion finder's network is replaced by fixed ROIs (`MedSRLib.roi.detect_lesions`, a test
+The lesion finder's network is replaced by fixed ROIs (`MedSRLib.roi.focus.detect_lesions`, a test
 double for the network only): the nodes, the RAS <-> index conversions, the run through
 `MedSRLib.upscale` and the report are the module's and the library's real code. The real
 network's ROIs are tested in Testing/test_localiser.py.
@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import slicer
 
 import MedSRLib
-from MedSRLib import roi as medsr_roi
+from MedSRLib.roi import focus as medsr_roi
 
 FOUND = [((2, 2, 1), (8, 7, 3), 0.93), ((15, 11, 2), (21, 17, 5), 0.61)]
 

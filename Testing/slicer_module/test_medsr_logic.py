@@ -11,7 +11,7 @@ import slicer
 import vtk
 
 import MedSRLib
-from MedSRLib import roi as medsr_roi
+from MedSRLib.roi import focus as medsr_roi
 from scene_state import scene_state
 from fakes.fake_dicom_database import FakeDICOMDatabase
 
@@ -126,7 +126,7 @@ def test_cancel_through_token_leaves_scene_unchanged(scene, MedSR):
 ])
 def test_failing_run_leaves_no_node(scene, MedSR, arguments, message, monkeypatch, tmp_path):
     node, _ = oblique_anisotropic_volume(MedSR)
-    monkeypatch.setattr(MedSRLib.zoo, "WEIGHTS_DIR", tmp_path)  # no weights ship at all
+    monkeypatch.setattr(MedSRLib.models.registry, "WEIGHTS_DIR", tmp_path)  # no weights ship at all
     before = scene_state(scene)
     with pytest.raises(ValueError, match=message):
         MedSR.MedSRLogic().process(node, **{"scale": 2, **arguments})
@@ -260,8 +260,8 @@ def per_modality_weights_dir(tmp_path, stem="srcnn_x2", modalities=("MR", "XR"))
 
     for modality in modalities:
         target = tmp_path / f"{stem}_{modality.lower()}.safetensors"
-        shutil.copyfile(MedSRLib.zoo.WEIGHTS_DIR / f"{stem}.safetensors", target)
-        card = json.loads((MedSRLib.zoo.WEIGHTS_DIR / f"{stem}.json").read_text())
+        shutil.copyfile(MedSRLib.models.registry.WEIGHTS_DIR / f"{stem}.safetensors", target)
+        card = json.loads((MedSRLib.models.registry.WEIGHTS_DIR / f"{stem}.json").read_text())
         card.update(modality=[modality], weights_file=target.name)
         target.with_suffix(".json").write_text(json.dumps(card))
     return tmp_path
@@ -270,7 +270,7 @@ def per_modality_weights_dir(tmp_path, stem="srcnn_x2", modalities=("MR", "XR"))
 def test_per_modality_weights_need_a_known_modality(scene, MedSR, monkeypatch, tmp_path):
     """The library's real per-modality rule, through the module: unknown -> its error, no node;
     the panel's choice (or the DICOM modality) -> that modality's weights."""
-    monkeypatch.setattr(MedSRLib.zoo, "WEIGHTS_DIR", per_modality_weights_dir(tmp_path))
+    monkeypatch.setattr(MedSRLib.models.registry, "WEIGHTS_DIR", per_modality_weights_dir(tmp_path))
     node, _ = oblique_anisotropic_volume(MedSR)
     logic = MedSR.MedSRLogic()
     before = scene_state(scene)
@@ -462,7 +462,7 @@ def test_roi_outside_volume_is_a_clear_error_and_leaves_no_node(scene, MedSR):
 def test_missing_roi_model_weights_is_the_librarys_error_and_leaves_no_node(scene, MedSR, monkeypatch, tmp_path):
     node, ijk_to_ras = oblique_anisotropic_volume(MedSR)
     roi = drawn_roi(scene, (ijk_to_ras @ [12.0, 10.0, 3.0, 1])[:3], [4.0, 4.0, 4.0])
-    monkeypatch.setattr(MedSRLib.zoo, "WEIGHTS_DIR", tmp_path)  # nothing ships
+    monkeypatch.setattr(MedSRLib.models.registry, "WEIGHTS_DIR", tmp_path)  # nothing ships
     before = scene_state(scene)
     with pytest.raises(ValueError, match="no trained weights"):
         MedSR.MedSRLogic().process(node, model="linear", roiNode=roi, roiModel="srresnet")

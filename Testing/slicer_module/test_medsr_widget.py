@@ -8,7 +8,7 @@ import pytest
 import slicer
 
 import MedSRLib
-from MedSRLib import roi as medsr_roi
+from MedSRLib.roi import focus as medsr_roi
 from scene_state import scene_state
 from fakes.fake_dicom_database import FakeDICOMDatabase
 
@@ -167,7 +167,7 @@ def test_model_card_line_reports_scale_support_and_metrics(MedSR):
 
 
 def test_model_card_line_with_weights_per_modality(MedSR):
-    """`MedSRLib.zoo.describe` joins several per-modality files with ", " and merges their
+    """`MedSRLib.models.registry.describe` joins several per-modality files with ", " and merges their
     modalities; the metrics are the first file's."""
     card = {"name": "srresnet", "title": "SRResNet", "kind": "post_upsampled", "scales": [2, 4],
             "modalities": ["CT", "MR", "XR"], "description": "SRResNet generator.",
@@ -364,7 +364,7 @@ def test_detect_without_input_or_detector_is_a_clear_error(widget, scene, MedSR,
     widget.ui.inputSelector.setCurrentNode(node)
     before = scene_state(scene)
     widget.ui.detectButton.click()
-    from MedSRLib import zoo
+    from MedSRLib.models import registry as zoo
 
     if not any(zoo.shipped_weights(zoo.get_spec(name), 1) for name in medsr_roi.AUTO_FINDERS):
         assert "no trained lesion detector" in str(widget.lastError)

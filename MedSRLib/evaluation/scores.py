@@ -1,0 +1,45 @@
+"""The benchmark's result types and their means (shared by the runner and the report)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Unit-intensity threshold of foreground pixels (the training default `foreground_threshold`).
+FOREGROUND_THRESHOLD = 0.1
+
+
+@dataclass
+class BenchmarkSlice:
+    """One evaluated 2-D HR image in unit intensities."""
+
+    label: str                 # row name: "<volume label> z=<index>" (or the label for 2-D)
+    volume: str                # input path
+    hr_unit: np.ndarray        # (H, W) float32
+    neighbours_unit: np.ndarray | None = None  # (MAX_CONTEXT_SLICES + 1, H, W), hr_unit in the middle
+
+
+@dataclass
+class ScaleResult:
+    scale: int
+    factors: tuple[int, int]
+    methods: list[str]                                  # column names, bicubic first
+    scores: dict[str, dict[str, dict[str, float]]]      # image -> method -> "psnr_whole" -> value
+    seconds_per_slice: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+    figure: dict[str, Any] | None = None                # image label, HR and SR slices
+    figure_path: Path | None = None                     # set by the report writer
+    figure_info: dict[str, Any] | None = None
+
+
+def mean_scores(result: ScaleResult) -> dict[str, dict[str, float]]:
+    """method -> metric -> mean over the images that have it (NaN if none)."""
+    means: dict[str, dict[str, float]] = {}
+    for method in result.methods:
+        keys = sorted({k for image in result.scores.values() for k in image[method]})
+        means[method] = {k: float(np.mean([image[method][k] for image in result.scores.values()
+                                           if k in image[method]])) for k in keys}
+    return means

@@ -1,0 +1,207 @@
+"""Through-plane benchmark (`medsr benchmark --through-plane`, `benchmarks/bench_through_plane.py`).
+
+Protocol: each held-out thin-slice volume (never used in training or checkpoint choice:
+`data.TEST_SOURCES`) is mapped to network units by `intensity.fit_mapping`, centre-cropped
+in-plane to `--crop` pixels, and made thick along z with `profile.degradation_matrix` (box
+profile, contiguous; the gap case: thickness 0.6 x spacing). The thin truth keeps the slices the
+thick ones cover (n * factor). Every method then goes through `MedSRLib.upscale` on the thick
+volume as a user would run it (`scale=(1, 1, factor)`, float output), except cubic-z (the same
+Keys cubic resampling the network starts from). Scores against the truth in unit intensities
+(data range 1): PSNR over the whole volume and SSIM averaged over the sagittal planes, without
+the first and last `factor` slices (extrapolated by every method alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .. import metrics
+from ..errors import InputError
+from ..through_plane import apply, data
+from ..transforms import slice_profile as profile
+
+#: (factor, thickness ratio) settings; the gap case runs on the first volume only.
+SETTINGS = ((3.0, 1.0), (5.0, 1.0))
+GAP_SETTING = (5.0, 0.6)
+
+
+def make_thick(thin: np.ndarray, factor: float, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """(thick volume, the thin truth over the same extent) along array axis 0."""
+    matrix = profile.degradation_matrix(thin.shape[0], factor, ratio, "box").astype(np.float32)
+    n = matrix.shape[0]
+    covered = int(round(n * factor))
+    thick = np.tensordot(matrix, thin, axes=(1, 0)).astype(np.float32)
+    return thick, thin[:covered]
+
+
+def score(output: np.ndarray, truth: np.ndarray, margin: int) -> dict[str, float]:
+    """PSNR (whole volume) and SSIM (mean over sagittal planes), `margin` slices off each end."""
+    a = torch.from_numpy(np.ascontiguousarray(output[margin:truth.shape[0] - margin], dtype=np.float32))
+    b = torch.from_numpy(np.ascontiguousarray(truth[margin:truth.shape[0] - margin], dtype=np.float32))
+    mse = float(torch.mean((a.double() - b.double()) ** 2))
+    planes_a = a.permute(2, 0, 1)[:, None]  # sagittal: (I, 1, K, J)
+    planes_b = b.permute(2, 0, 1)[:, None]
+    return {"psnr": 10.0 * np.log10(1.0 / mse), "ssim": metrics.ssim(planes_a, planes_b)}
+
+
+def as_image(volume: np.ndarray, spacing_xyz: Sequence[float]) -> sitk.Image:
+    image = sitk.GetImageFromArray(volume.astype(np.float32))
+    image.SetSpacing(tuple(float(s) for s in spacing_xyz))
+    return image
+
+
+def run_methods(thick: np.ndarray, spacing_xyz: Sequence[float], factor: float, ratio: float,
+                adapt_seconds: float, weights: str | None) -> dict[str, tuple[np.ndarray | None, float]]:
+    """{method: (output volume or None when not applicable, seconds)}."""
+    from .. import api
+    thick_spacing = (spacing_xyz[0], spacing_xyz[1], spacing_xyz[2] * factor)
+    image = as_image(thick, thick_spacing)
+    thickness = thick_spacing[2] * ratio
+    results: dict[str, tuple[np.ndarray | None, float]] = {}
+    started = time.perf_counter()
+    cubic = apply.restore(thick, 0, int(round(thick.shape[0] * factor)), ratio, None, cubic_only=True)  # type: ignore[arg-type]
+    results["cubic-z"] = (cubic, time.perf_counter() - started)
+    if float(factor).is_integer() and factor <= 4:
+        started = time.perf_counter()
+        out = api.upscale(image, model="edsr_lite", scale=(1, 1, int(factor)), output_float=True)
+        results["today (edsr_lite + averaging)"] = (sitk.GetArrayFromImage(out), time.perf_counter() - started)
+    else:
+        results["today (edsr_lite + averaging)"] = (None, 0.0)
+    for label, extra in (("MedSR through-plane", {}),
+                         ("MedSR adapted", {"adapt": True, "adapt_seconds": adapt_seconds})):
+        if label == "MedSR adapted" and adapt_seconds <= 0:
+            continue
+        started = time.perf_counter()
+        out = api.upscale(image, scale=(1, 1, factor), output_float=True, slice_thickness=thickness,
+                          weights=weights, **extra)
+        results[label] = (sitk.GetArrayFromImage(out), time.perf_counter() - started)
+    return results
+
+
+def figure(path: Path, thick: np.ndarray, factor: float, outputs: dict[str, np.ndarray], truth: np.ndarray) -> None:
+    """Sagittal reformat PNG: thick (nearest) | cubic | MedSR | truth, 8-bit, unit range 0-1."""
+    column = truth.shape[2] // 2
+    n = truth.shape[0]
+    nearest = thick[np.minimum((np.arange(n) / factor).astype(int), thick.shape[0] - 1)]
+    panels = [nearest[:, :, column], outputs["cubic-z"][:n, :, column],
+              outputs["MedSR through-plane"][:n, :, column], truth[:, :, column]]
+    strip = np.concatenate([np.pad(p, ((0, 0), (0, 4)), constant_values=1.0) for p in panels], axis=1)
+    image = sitk.GetImageFromArray(np.clip(strip[::-1] * 255.0, 0, 255).astype(np.uint8))
+    sitk.WriteImage(image, str(path))
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="medsr benchmark --through-plane", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--through-plane", action="store_true",
+                        help="this benchmark: thick slices made from thin held-out volumes")
+    parser.add_argument("--held-out", metavar="DATA_ROOT", required=True,
+                        help="the data folder holding the held-out volumes (../shared/data)")
+    parser.add_argument("--out", required=True, help="output folder (results.md, .json, PNGs)")
+    parser.add_argument("--crop", type=int, default=160, help="in-plane centre crop (pixels)")
+    parser.add_argument("--adapt-seconds", type=float, default=90.0,
+                        help="CPU budget of the adapted run (0 = skip it)")
+    parser.add_argument("--weights", default=None, help="through-plane weights instead of the shipped")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    parser.add_argument("--only", nargs="*", default=None, help="substrings of the cases to run")
+    args = parser.parse_args(list(argv))
+    torch.set_num_threads(args.threads)
+    root, out = Path(args.held_out), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    cases = [(modality, rel, "test") for modality, rel in data.TEST_SOURCES]
+    cases += [(modality, rel, "validation") for modality, rel in data.VALIDATION_SOURCES if modality == "CT"]
+    for case_index, (modality, rel, role) in enumerate(cases):
+        if args.only and not any(s in rel for s in args.only):
+            continue
+        if not (root / rel).exists():
+            raise InputError(f"{root / rel}: held-out volume not found")
+        units, spacing = data.load_units(root / rel)
+        k, j, i = units.shape
+        c = args.crop
+        units = units[:, max(0, (j - c) // 2):max(0, (j - c) // 2) + c, max(0, (i - c) // 2):max(0, (i - c) // 2) + c]
+        settings = list(SETTINGS) + ([GAP_SETTING] if case_index == 0 else [])
+        for factor, ratio in settings:
+            thick, truth = make_thick(units, factor, ratio)
+            outputs = run_methods(thick, spacing, factor, ratio, args.adapt_seconds, args.weights)
+            margin = int(np.ceil(factor))
+            for method, (volume, seconds) in outputs.items():
+                if volume is None:
+                    rows.append({"case": rel, "role": role, "modality": modality, "factor": factor, "thickness_ratio": ratio,
+                                 "method": method, "psnr": None, "ssim": None, "seconds": None})
+                    continue
+                s = score(volume, truth, margin)
+                rows.append({"case": rel, "role": role, "modality": modality, "factor": factor, "thickness_ratio": ratio,
+                             "method": method, **s, "seconds": round(seconds, 1)})
+                print(f"{rel} x{factor:g} t{ratio:g} {method}: {s['psnr']:.2f} dB SSIM {s['ssim']:.4f} "
+                      f"({seconds:.1f} s)", file=sys.stderr, flush=True)
+            name = Path(rel).name.split(".")[0]
+            if ratio == 1.0:
+                figure(out / f"sagittal_{modality}_{name}_x{factor:g}.png", thick, factor,
+                       {m: v for m, (v, _) in outputs.items() if v is not None}, truth)
+            (out / "results.json").write_text(json.dumps({"command": "medsr benchmark " + shlex.join(list(argv)),
+                                                          "rows": rows}, indent=1))
+    (out / "results.md").write_text(report(rows, "medsr benchmark " + shlex.join(list(argv))))
+    print((out / "results.md").read_text())
+    return 0
+
+
+def report(rows: list[dict], command: str) -> str:
+    """Markdown: per case and setting, PSNR / SSIM per method and the gain over cubic-z; then
+    the mean gain at x3 and x5 (box, contiguous) over CT and MR."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [f"Command: `{command}`", "", "| case | factor | thickness/spacing | " + " | ".join(methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]
+    keys = list(dict.fromkeys((r["case"], r["factor"], r["thickness_ratio"]) for r in rows))
+    for key in keys:
+        cells = []
+        by_method = {r["method"]: r for r in rows if (r["case"], r["factor"], r["thickness_ratio"]) == key}
+        cubic = by_method.get("cubic-z", {}).get("psnr")
+        for m in methods:
+            r = by_method.get(m)
+            if r is None or r["psnr"] is None:
+                cells.append("n/a")
+            else:
+                gain = "" if m == "cubic-z" or cubic is None else f" ({r['psnr'] - cubic:+.2f})"
+                cells.append(f"{r['psnr']:.2f}{gain} / {r['ssim']:.3f}")
+        role = next(r["role"] for r in rows if r["case"] == key[0])
+        label = Path(key[0]).name + ("" if role == "test" else f" ({role})")
+        lines.append(f"| {label} | x{key[1]:g} | {key[2]:g} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean PSNR gain over cubic-z on the test volumes (box, contiguous), CT and MR averaged "
+              "(each modality's mean, then their mean):", ""]
+    for m in methods:
+        if m == "cubic-z":
+            continue
+        parts = []
+        for factor in (3.0, 5.0):
+            per_modality = []
+            for modality in ("CT", "MR"):
+                gains = []
+                for key in keys:
+                    if key[1] != factor or key[2] != 1.0:
+                        continue
+                    if next(r["role"] for r in rows if r["case"] == key[0]) != "test":
+                        continue
+                    by_method = {r["method"]: r for r in rows if (r["case"], r["factor"], r["thickness_ratio"]) == key}
+                    if by_method.get(m, {}).get("psnr") is None or by_method[m]["modality"] != modality:
+                        continue
+                    gains.append(by_method[m]["psnr"] - by_method["cubic-z"]["psnr"])
+                if gains:
+                    per_modality.append(float(np.mean(gains)))
+            parts.append(f"x{factor:g}: " + (f"{np.mean(per_modality):+.2f} dB" if per_modality else "n/a"))
+        lines.append(f"- {m}: " + ", ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

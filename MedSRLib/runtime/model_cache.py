@@ -1,0 +1,67 @@
+"""Loaded models kept across calls in one process, so a second `upscale` costs its pixels only.
+
+A Slicer user pressing Apply again, a cohort worker or a Python loop over X-rays reuses the
+network already built and loaded. The key holds the model name, factors, modality and the
+identity (path, size, modification time) of the weights file used, so a retrained file is
+reloaded. Untrained (random-weight) models are never cached: each call draws them anew from
+torch's generator, as the tests expect. At most `MAX_MODELS` stay (least recently used out).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Hashable
+
+from ..models import registry as zoo
+
+#: Models kept at most (a shipped model is a few MB).
+MAX_MODELS = 8
+
+_MODELS: "OrderedDict[Hashable, zoo.SRModel]" = OrderedDict()
+_LOCK = threading.Lock()
+
+
+def _file_identity(path: Path | None) -> tuple | None:
+    if path is None:
+        return None
+    stat = Path(path).stat()
+    return (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def load_model(name: str, factors: tuple[int, int], *, allow_untrained: bool = False,
+               weights_path: str | Path | None = None, modality: str | None = None) -> zoo.SRModel:
+    """`zoo.load_model`, reusing a model this process already loaded from the same weights."""
+    spec = zoo.get_spec(name)
+    scale = max(factors)
+    path = weights_path
+    if path is None and spec.needs_weights and scale in spec.scales:
+        path = zoo.shipped_weights(spec, scale, None, modality)
+    if spec.needs_weights and path is None:  # untrained or an error: nothing to reuse
+        return zoo.load_model(name, factors, allow_untrained=allow_untrained,
+                              weights_path=weights_path, modality=modality)
+    try:
+        identity = _file_identity(Path(path)) if path is not None else None
+    except OSError:  # a missing file: let zoo report it
+        identity = None
+    key = (name, tuple(factors), modality, identity)
+    with _LOCK:
+        if identity is not None or not spec.needs_weights:
+            model = _MODELS.get(key)
+            if model is not None:
+                _MODELS.move_to_end(key)
+                return model
+    model = zoo.load_model(name, factors, allow_untrained=allow_untrained,
+                           weights_path=weights_path, modality=modality)
+    with _LOCK:
+        _MODELS[key] = model
+        while len(_MODELS) > MAX_MODELS:
+            _MODELS.popitem(last=False)
+    return model
+
+
+def clear() -> None:
+    """Forget every cached model."""
+    with _LOCK:
+        _MODELS.clear()
