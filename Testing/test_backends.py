@@ -10,7 +10,7 @@ import torch
 
 import MedSRLib
 from MedSRLib import cli
-from MedSRLib.runtime import engine, model_cache, openvino_runtime
+from MedSRLib.runtime import engine, model_cache, notices, openvino_runtime
 from MedSRLib.transforms import intensity
 from MedSRLib.models import registry as zoo
 from MedSRLib.evaluation.demo import SAMPLE_PATH
@@ -81,7 +81,7 @@ def test_auto_backend_is_openvino_for_learned_cpu_models_and_torch_otherwise():
 
 def test_missing_openvino_falls_back_to_torch_with_one_notice(monkeypatch, capsys):
     monkeypatch.setattr(openvino_runtime, "available", lambda: False)
-    monkeypatch.setattr(engine, "_NOTICES", set())
+    monkeypatch.setattr(notices, "_NOTICES", set())
     image = make_volume(shape_kji=(2, 24, 28))
     fallback = MedSRLib.upscale(image, model="srcnn", backend="openvino", precision="fp32")
     err = capsys.readouterr().err
@@ -93,7 +93,7 @@ def test_missing_openvino_falls_back_to_torch_with_one_notice(monkeypatch, capsy
 def test_conversion_failure_falls_back_to_torch_not_a_crash(monkeypatch, capsys, tmp_path):
     import openvino
     monkeypatch.setenv("MEDSR_CACHE_DIR", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr(engine, "_NOTICES", set())
+    monkeypatch.setattr(notices, "_NOTICES", set())
 
     def broken(*args, **kwargs):
         raise RuntimeError("unsupported operation aten::imaginary")

@@ -490,7 +490,7 @@ def test_signal_inside_an_import_leaves_at_once_without_abort(tmp_path):
     script = (
         "import sys, pathlib\n"
         f"sys.path.insert(0, {str(tmp_path)!r})\n"
-        "from MedSRLib import cli, safe_write\n"
+        "from MedSRLib import cli\nfrom MedSRLib.io import safe_write\n"
         f"temp = pathlib.Path({str(temp)!r}); temp.write_text('partial')\n"
         "safe_write.PENDING.add(temp)\n"
         "cli._install_signal_handlers()\n"

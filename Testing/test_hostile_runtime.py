@@ -273,7 +273,7 @@ def test_an_allocation_failure_is_exit_2_with_the_sizes_and_no_traceback(large_c
     itself: exit 2, one line with the estimate and the limit, nothing written."""
     out = tmp_path / "out.nrrd"
     script = ("import resource, sys\n"
-              "from MedSRLib import memory_budget, cli\n"
+              "from MedSRLib import cli\nfrom MedSRLib.runtime import memory_budget\n"
               "memory_budget.available_bytes = lambda: None\n"
               f"resource.setrlimit(resource.RLIMIT_AS, ({LIMIT_AS}, resource.RLIM_INFINITY))\n"
               f"sys.exit(cli.main(['upscale', {str(large_ct)!r}, {str(out)!r}, '--scale', '4', "

@@ -139,8 +139,10 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> sitk.
     like a DICOM folder (`MedSRLib.pacs`).
     """
     if isinstance(path, str) and path.lower().startswith(("http://", "https://")):
-        from ..pacs.dicomweb import read_series_url
-        return read_series_url(path, series_uid)
+        from ..pacs.dicomweb import check_series_request, fetched_series
+        check_series_request(path, series_uid)
+        with fetched_series(path) as folder:
+            return read_volume(folder)
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 WEIGHTS_DIR = PACKAGE_DIR / "weights"
-SPEED_PATH = PACKAGE_DIR / "data" / "speed_frontier.json"
+SPEED_PATH = PACKAGE_DIR.parent / "data" / "speed_frontier.json"
 MODALITIES = ("CT", "MR", "XR")
 SCALES = (2, 3, 4)
 #: `zoo.DEFAULT_PREFERENCE`: the first with shipped weights for the modality and scale wins.

@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 
 from .errors import PacsError, require
 
-__all__ = ["DicomwebAddress", "parse_address", "fetched_series", "read_series_url",
+__all__ = ["DicomwebAddress", "parse_address", "fetched_series", "check_series_request",
            "download_series", "series_urls", "store_series", "StoreReport",
            "partial_store_message", "ENV_TOKEN", "ENV_USER", "ENV_PASSWORD"]
 
@@ -268,17 +268,13 @@ def fetched_series(url: str) -> Iterator[Path]:
         yield folder
 
 
-def read_series_url(url: str, series_uid: str | None = None):
-    """The series `url` names as a SimpleITK volume, read like a local DICOM folder (one
-    series, consistent geometry, complete files): `io.read_volume` of the downloaded folder."""
-    from ..io import volumes as io
-
+def check_series_request(url: str, series_uid: str | None = None) -> None:
+    """PacsError unless `url` names one series and `series_uid` (if given) is that series;
+    `io.read_volume` then reads the `fetched_series` folder like a local DICOM folder."""
     address = parse_address(url)
     if series_uid is not None and series_uid != address.series_uid:
         raise PacsError(f"{address.url}: the URL names the series; do not pass another series "
                         f"UID ({series_uid})")
-    with fetched_series(url) as folder:
-        return io.read_volume(folder)
 
 
 def series_urls(url: str) -> list[str]:
@@ -323,10 +319,10 @@ class StoreReport:
 
 def series_files(folder: str | os.PathLike) -> list[Path]:
     """The DICOM files of the series folder `folder` (one series; PacsError otherwise)."""
-    from ..io import volumes as io
+    from pydicom.misc import is_dicom  # the "DICM" preamble, as the folder reader asks
 
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and io.is_dicom_file(p))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_dicom(p))
     if not files:
         raise PacsError(f"{folder}: holds no DICOM files to send")
     return files

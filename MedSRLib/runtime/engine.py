@@ -14,7 +14,6 @@ Peak memory is the input, the output, and one batch of tiles, whatever the numbe
 
 from __future__ import annotations
 
-import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import CancelledError, InputError, WeightsError
+from .notices import notice  # noqa: F401 (the backends' notices, re-exported)
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -183,16 +183,6 @@ def _cached_radius(model: nn.Module, factors: tuple[int, int]) -> int | None:
     if tuple(factors) not in per_model:
         per_model[tuple(factors)] = receptive_radius(model, factors)
     return per_model[tuple(factors)]
-
-
-_NOTICES: set[str] = set()
-
-
-def notice(message: str) -> None:
-    """Print a one-line notice on stderr, once per process and message."""
-    if message not in _NOTICES:
-        _NOTICES.add(message)
-        print(f"medsr: note: {message}", file=sys.stderr, flush=True)
 
 
 def resolve_backend(backend: str, device: torch.device, learned: bool,

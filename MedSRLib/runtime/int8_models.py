@@ -84,7 +84,7 @@ def find(weights_path: Path | None, card: dict[str, Any] | None, scale: int) -> 
         return None  # made from other weights (a retrained file): never used
     card_name = Path(weights_path).with_suffix(".json").name
     if not (entry.get("xml_sha256") and entry.get("bin_sha256")):
-        from .engine import notice
+        from .notices import notice
         notice(f"{path.name}: model card {card_name} records no SHA-256 for this int8 model, so "
                "it cannot be verified and is not used; running the model in float")
         return None

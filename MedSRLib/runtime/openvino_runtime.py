@@ -209,7 +209,7 @@ def check_finite_weights(model: nn.Module) -> None:
 
 
 def _notice(message: str) -> None:
-    from .engine import notice  # the engine's once-per-process stderr notice
+    from .notices import notice  # once per process, on stderr
     notice(message)
 
 
