@@ -77,8 +77,16 @@ class Orthanc:
         return record
 
     def series_of_study(self, study_uid: str) -> list[str]:
-        found = self.rest.post(self.http + "/tools/find", timeout=30, data=json.dumps(
-            {"Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True})).json()
+        query = json.dumps({"Level": "Series", "Query": {"StudyInstanceUID": study_uid},
+                            "Expand": True})
+        for attempt in range(3):  # Orthanc may drop a kept-alive connection as a POST reuses it
+            try:
+                found = self.rest.post(self.http + "/tools/find", timeout=30, data=query).json()
+                break
+            except requests.ConnectionError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.5)
         return sorted(s["MainDicomTags"]["SeriesInstanceUID"] for s in found)
 
     def upload(self, files) -> None:
