@@ -219,9 +219,20 @@ def test_models_table_defaults_follow_the_registry_rule():
     for modality in (*model_table.MODALITIES, None):
         for scale in model_table.SCALES:
             assert defaults[(modality, scale)] == zoo.default_model(modality, scale)
-    assert model_table.DEFAULT_PREFERENCE == zoo.DEFAULT_PREFERENCE
     assert model_table.INTERPOLATION_BASELINES == tuple(
         n for n in zoo.model_names() if zoo.get_spec(n).kind == "interpolation")
+
+
+def test_models_table_honours_a_cards_default_for(tmp_path):
+    """A card that limits the modalities it is the default for moves the table's default the
+    way it moves the registry's (one rule for both)."""
+    shipped = json.loads((zoo.WEIGHTS_DIR / "edsr_lite_x2.json").read_text())
+    (tmp_path / "edsr_lite_x2.safetensors").write_bytes(b"")
+    (tmp_path / "edsr_lite_x2.json").write_text(json.dumps({**shipped, "default_for": ["MR"]}))
+    defaults = model_table.default_models(model_table.read_cards(tmp_path))
+    assert defaults[("MR", 2)] == "edsr_lite"
+    assert defaults[("CT", 2)] == "bicubic"
+    assert defaults[(None, 2)] == "bicubic"  # trained on more than it is the default for
 
 
 def test_packaged_speed_table_is_the_committed_frontier_measurement():

@@ -22,6 +22,7 @@ from ..errors import InputError, WeightsError
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 from .spec import KINDS, ModelSpec  # noqa: F401  (re-exported)
+from .default_rule import DEFAULT_PREFERENCE, choose_default  # noqa: F401  (re-exported)
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
@@ -364,39 +365,19 @@ def describe_all(names: Iterable[str] | None = None) -> list[dict[str, Any]]:
     return [describe(get_spec(n)) for n in (names or model_names())]
 
 
-#: Preference order for the default model; the first with shipped weights for the modality and
-#: scale wins (a card's "default_for" can limit the modalities it is the default for), else
-#: bicubic. edsr_lite_25d is not in it: on the test patients it is level with edsr_lite
-#: (-0.03 to +0.03 dB, within the noise) and has no int8 model, so on a CPU without bf16 it would
-#: run in fp32, several times slower than edsr_lite's int8. srresnet before srcnn: chest X-ray
-#: x4 +1.31 dB over bicubic against +0.80 dB.
-DEFAULT_PREFERENCE = ("edsr_lite", "edsr_baseline", "fmen", "srresnet", "srcnn")
-
-
 def default_model(modality: str | None, scale: int, slices: int | None = None) -> str:
     """Name of the default model for a modality ("CT", "MR", "XR" or None) and scale.
 
     `slices`: how many slices the input has along its slice axis, when known; a 2-D input (one
     slice, e.g. an X-ray) gets no 2.5-D model (`context_slices`): it has no neighbours to show.
     """
-    for name in DEFAULT_PREFERENCE:
+    def card_of(name: str) -> dict | None:
         if name not in model_names():
-            continue
+            return None
         spec = get_spec(name)
-        if scale not in spec.scales:
-            continue
-        if slices == 1 and spec.default_config.get("context_slices"):
-            continue
+        if scale not in spec.scales or (slices == 1 and spec.default_config.get("context_slices")):
+            return None
         path = shipped_weights(spec, scale, modality=modality)
-        if path is None:
-            continue
-        card = read_card(path)
-        card_modality = card.get("modality", [])
-        # "default_for": the modalities on whose test patients this file measured best (a card
-        # without it is a default candidate for every modality it was trained on)
-        default_for = card.get("default_for", card_modality)
-        if modality is None and set(card_modality) <= set(default_for):
-            return name
-        if modality is not None and modality in card_modality and modality in default_for:
-            return name
-    return "bicubic"
+        return None if path is None else read_card(path)
+
+    return choose_default(modality, card_of, DEFAULT_PREFERENCE)

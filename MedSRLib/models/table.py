@@ -14,13 +14,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .default_rule import choose_default
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 WEIGHTS_DIR = PACKAGE_DIR / "weights"
 SPEED_PATH = PACKAGE_DIR.parent / "data" / "speed_frontier.json"
 MODALITIES = ("CT", "MR", "XR")
 SCALES = (2, 3, 4)
-#: `zoo.DEFAULT_PREFERENCE`: the first with shipped weights for the modality and scale wins.
-DEFAULT_PREFERENCE = ("edsr_lite", "edsr_baseline", "fmen", "srresnet", "srcnn")
 #: The registry's parameter-free baselines (`model_catalog.py`, kind "interpolation").
 INTERPOLATION_BASELINES = ("nearest", "linear", "bicubic", "lanczos")
 #: Cards of networks that are not in-plane SR models (listed apart).
@@ -39,6 +39,7 @@ class ShippedWeights:
     parameters: int | None
     gain_db: dict[int, float]  # scale -> validation PSNR gain over bicubic (dB)
     for_modality: str | None  # the `<stem>_<modality>` files serve that modality only
+    default_for: tuple[str, ...] | None = None  # the card's "default_for", when it has one
 
 
 def read_cards(weights_dir: Path = WEIGHTS_DIR) -> list[ShippedWeights]:
@@ -61,26 +62,31 @@ def read_cards(weights_dir: Path = WEIGHTS_DIR) -> list[ShippedWeights]:
             scales=tuple(int(s) for s in card.get("scales") or []),
             modalities=tuple(card.get("modality") or []),
             parameters=card.get("parameter_count"), gain_db=gains,
-            for_modality=suffix if suffix in MODALITIES else None))
+            for_modality=suffix if suffix in MODALITIES else None,
+            default_for=tuple(card["default_for"]) if "default_for" in card else None))
     return cards
 
 
 def default_models(cards: list[ShippedWeights]) -> dict[tuple[str | None, int], str]:
-    """{(modality or None, scale): default model name}, by `zoo.default_model`'s rule: the
-    first of DEFAULT_PREFERENCE whose weights for the scale serve the modality (its own file,
-    else the general one) and whose card lists it; else bicubic."""
+    """{(modality or None, scale): default model name}, by the registry's own rule
+    (`default_rule.choose_default`) over the weights file that would serve each run (the
+    modality's own file, else the general one)."""
     defaults = {}
     for modality in (*MODALITIES, None):
         for scale in SCALES:
-            defaults[(modality, scale)] = "bicubic"
-            for name in DEFAULT_PREFERENCE:
+            def card_of(name: str, modality=modality, scale=scale) -> dict | None:
                 files = {c.for_modality or "": c for c in cards
                          if c.model == name and c.file.startswith(f"{name}_x{scale}")}
                 card = files.get(modality or "") or files.get("") or (
                     next(iter(files.values())) if modality is None and len(files) == 1 else None)
-                if card is not None and (modality is None or modality in card.modalities):
-                    defaults[(modality, scale)] = name
-                    break
+                if card is None:
+                    return None
+                described = {"modality": list(card.modalities)}
+                if card.default_for is not None:
+                    described["default_for"] = list(card.default_for)
+                return described
+
+            defaults[(modality, scale)] = choose_default(modality, card_of)
     return defaults
 
 
