@@ -40,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runtime import SPEED_VOLUME, cpu_description  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = RESULTS / "frontier"
+#: The packaged copy `medsr models` prints its ms/slice from; written with the default --out.
+PACKAGED_COPY = Path(__file__).resolve().parents[1] / "MedSRLib" / "data" / "speed_frontier.json"
 
 
 def held_out_gains(modality: str) -> dict[tuple[str, int], tuple[float, int]]:
@@ -82,7 +85,7 @@ def frontier_flags(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS / "frontier")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--relabel", action="store_true",
                         help="time nothing: re-read the gains from benchmarks/results/<modality>/ and "
                              "re-mark the registry's defaults in the existing frontier.json "
@@ -173,8 +176,12 @@ def write_frontier(out: Path, cpu: str, plain_ms: float, rounds: int, rows: list
     print("\n" + text)
     out.mkdir(parents=True, exist_ok=True)
     (out / "frontier.md").write_text(text)
-    (out / "frontier.json").write_text(json.dumps(
-        {"cpu": cpu, "plain_ms": plain_ms, "rounds": rounds, "rows": rows}, indent=2) + "\n")
+    measured = json.dumps({"cpu": cpu, "plain_ms": plain_ms, "rounds": rounds, "rows": rows},
+                          indent=2) + "\n"
+    (out / "frontier.json").write_text(measured)
+    if out.resolve() == DEFAULT_OUT.resolve():  # `medsr models` reads the packaged copy
+        PACKAGED_COPY.write_text(measured)
+        print(f"also written: {PACKAGED_COPY}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ and the packaged speed measurement: no torch, MONAI or OpenVINO import, so it an
 - gain: the card's validation PSNR of the model minus bicubic's (dB, the recipe's held-out
   slices);
 - ms/slice: one 512 x 512 slice on the automatic inference path, from `data/speed_frontier.json`
-  (a copy of `benchmarks/results/frontier/frontier.json`, made by `benchmarks/bench_frontier.py`);
+  (`benchmarks/bench_frontier.py` writes it beside `benchmarks/results/frontier/frontier.json`);
 - default: what `zoo.default_model` picks for each modality and scale (same rule, same cards).
 """
 
