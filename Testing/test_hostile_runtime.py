@@ -121,6 +121,42 @@ def test_a_damaged_compiled_blob_is_compiled_again_with_a_notice(own_cache, caps
     assert blobs and all(model_integrity.matches_record(b, [b]) for b in blobs)
 
 
+LOCK_PROBE = """
+import fcntl, sys
+with open(sys.argv[1], "a+b") as handle:
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("held")
+    else:
+        print("free")
+"""
+
+
+def _lock_state(folder: Path) -> str:
+    """What another process finds when it tries to take the compiled cache's lock now."""
+    return subprocess.run([PYTHON, "-c", LOCK_PROBE, str(folder / openvino_runtime.LOCK_NAME)],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+@needs_openvino
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file locks")
+def test_other_processes_wait_while_a_blob_is_compiled_and_recorded(own_cache, monkeypatch):
+    """Another worker sharing the cache cannot check (and delete as unrecorded) a blob between
+    OpenVINO writing it and MedSR recording its hash: the lock is held across both."""
+    seen = []
+    record = openvino_runtime.record_new_blobs
+
+    def recording(folder, before):
+        seen.append(_lock_state(folder))  # the blob is written, not yet recorded
+        record(folder, before)
+
+    monkeypatch.setattr(openvino_runtime, "record_new_blobs", recording)
+    _openvino_srcnn(make_volume(shape_kji=(2, 24, 24)))
+    assert seen and set(seen) == {"held"}
+    assert _lock_state(own_cache / "compiled") == "free"  # released after the compile
+
+
 @pytest.fixture
 def user_int8_weights(tmp_path) -> Path:
     """A user's copy of the shipped edsr_lite x2 weights with its card and int8 IR."""

@@ -15,7 +15,9 @@ CT), the body in bf16 about 0.01 dB.
 Every cached file is verified before use: the IR's .xml/.bin against the SHA-256 recorded when
 MedSR wrote them, each compiled blob against the hash recorded after OpenVINO wrote it
 (`model_integrity`); a damaged or unrecorded entry is deleted and made again, with a one-line
-notice. The dependencies' usage reporting is off (`no_telemetry`, imported before OpenVINO).
+notice. Processes sharing the cache (a cohort's workers) take turns on the compiled-blob folder
+(an exclusive file lock over check, compile and record), so none deletes a blob another has
+just written but not yet recorded. The dependencies' usage reporting is off (`no_telemetry`, imported before OpenVINO).
 
 Nothing is downloaded. `available()` says whether OpenVINO imports; any failure to convert or
 compile raises `OpenVinoUnavailable`, which the engine turns into a one-line notice and a torch
@@ -24,6 +26,7 @@ fallback.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -240,6 +243,30 @@ def drop_unverified_blobs(folder: Path) -> set[Path]:
     return kept
 
 
+#: The file `compiled_cache_lock` locks inside the compiled-blob folder.
+LOCK_NAME = "cache.lock"
+
+
+@contextlib.contextmanager
+def compiled_cache_lock(folder: Path):
+    """Hold an exclusive lock on `folder` (the compiled-blob cache) against other processes,
+    blocking until it is free. Without POSIX file locks (Windows) or a writable folder (a
+    read-only cache, which nobody writes to), no lock: a concurrent worker may then cost a
+    recompilation, never a wrong output."""
+    try:
+        import fcntl
+        handle = open(folder / LOCK_NAME, "a+b")
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def record_new_blobs(folder: Path, before: set[Path]) -> None:
     """Record the SHA-256 of blobs OpenVINO wrote into `folder` since `before` was listed."""
     for blob in set(folder.glob("*.blob")) - before:
@@ -302,22 +329,24 @@ class OpenVinoRunner:
         config = {"INFERENCE_PRECISION_HINT": "bf16" if self.bf16 else "f32",
                   "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": self._threads}
         compiled_cache = cache_folder() / "compiled"
-        blobs_before: set[Path] | None = None
-        try:  # OpenVINO keeps compiled blobs there: a new process skips most of the compiling
-            compiled_cache.mkdir(parents=True, exist_ok=True)
-            blobs_before = drop_unverified_blobs(compiled_cache)
-            config["CACHE_DIR"] = str(compiled_cache)
-        except OSError:
-            pass
         if hint == "THROUGHPUT":
             config["NUM_STREAMS"] = max(1, min(self._threads, 4))
-        try:
-            compiled = self._core.compile_model(shaped, "CPU", config)
-        except Exception as err:  # noqa: BLE001
-            raise OpenVinoUnavailable(f"OpenVINO could not compile the model for {h}x{w} "
-                                      f"slices ({type(err).__name__})") from None
-        if blobs_before is not None:
-            record_new_blobs(compiled_cache, blobs_before)
+        with contextlib.ExitStack() as held:
+            blobs_before: set[Path] | None = None
+            try:  # OpenVINO keeps compiled blobs there: a new process skips most of the compiling
+                compiled_cache.mkdir(parents=True, exist_ok=True)
+                held.enter_context(compiled_cache_lock(compiled_cache))
+                blobs_before = drop_unverified_blobs(compiled_cache)
+                config["CACHE_DIR"] = str(compiled_cache)
+            except OSError:
+                pass
+            try:
+                compiled = self._core.compile_model(shaped, "CPU", config)
+            except Exception as err:  # noqa: BLE001
+                raise OpenVinoUnavailable(f"OpenVINO could not compile the model for {h}x{w} "
+                                          f"slices ({type(err).__name__})") from None
+            if blobs_before is not None:
+                record_new_blobs(compiled_cache, blobs_before)
         with _LOCK:
             self._compiled[key] = compiled
             while len(self._compiled) > MAX_COMPILED_PER_MODEL:
