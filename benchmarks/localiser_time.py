@@ -1,7 +1,9 @@
 """Time of the lesion localiser: the shipped ensemble against the first segmenter alone.
 
-Both run `find_regions` on the same volumes in one process, interleaved, twice each (the tiled
-300-slice CT once); the last run's wall time is printed with the ratio and the CPU flags.
+Both run `find_regions` (its default path: `localiser.FIND_RUNTIME`, `FIND_SLICE_GAP_MM`) on the
+same volumes in one process, interleaved, twice each (the tiled 300-slice CT once); the last
+run's wall time is printed with the ratio and the CPU flags. The finder against the SR run it
+serves, and its fast paths against the reference map: `lesion_focus_time.py`.
 
     python benchmarks/localiser_time.py --data-root ../shared/data [--threads 2]
 """
@@ -23,8 +25,9 @@ from MedSRLib.io import volumes as io  # noqa: E402
 from MedSRLib.roi import localiser as loc
 
 FIRST_SEGMENTER = Path(__file__).resolve().parent / "results/localiser/candidates/S200/lesion_segmenter.safetensors"
-VOLUMES = ("sarcoma/STS_014/MR_T1_image.nii.gz", "ct/totalseg-example-ct.nii.gz",
-           "brats/brats_2013_pat0006_1/T1c_subtrMeanDivStd.nii.gz", "ct/crlm-ct-1004-dicom")
+#: Validation patients only (sarcoma STS_010, BraTS pat0005): nothing here touches a test patient.
+VOLUMES = ("sarcoma/STS_010/MR_T1_image.nii.gz", "ct/totalseg-example-ct.nii.gz",
+           "brats/brats_2013_pat0005_1/T1c_subtrMeanDivStd.nii.gz", "ct/crlm-ct-1004-dicom")
 TALL_SLICES = 300
 
 

@@ -12,7 +12,14 @@ identical inputs:
 - the network's lesion probability is resized back to the slice's own size and the three axes'
   maps are averaged into one (K, J, I) map on the input grid;
 - a card may list `ensemble` members (segmenters with their own slicing, e.g. another pixel
-  size): their maps are averaged with its own (`Localiser`, `load_ensemble`).
+  size): their maps are averaged with its own (`Localiser`, `load_ensemble`);
+- the networks run in torch (the reference, `runtime="torch"`) or through OpenVINO
+  (`MedSRLib.runtime.localiser_runtime`): f32 reproduces the reference map within ~1e-4, bf16
+  (where the CPU has it) within ~0.02 at about 4x the torch speed; a constant stack (e.g. an
+  MR's zero background) runs once for all its copies;
+- `find_regions` (the finder of `--roi auto`) runs the fastest runtime with sagittal and
+  coronal slices at least `FIND_SLICE_GAP_MM` apart (the others interpolated), a coarser map at
+  a fraction of the reference's cost; `Localiser.probability` defaults to the reference map.
 
 `find_regions` turns the map into ROIs (`roi_boxes`): connected components above the card's
 calibrated threshold, one box per component grown by the card's calibrated padding (mm), with a
@@ -33,6 +40,8 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
 from ..transforms import intensity
+from ..runtime import localiser_runtime
+from ..runtime.notices import notice
 from . import boxes as roi_boxes
 from ..models import registry as zoo
 from ..errors import InputError, WeightsError
@@ -45,6 +54,16 @@ SIZE_MULTIPLE = 16
 #: Probability threshold when a card does not record a calibrated one.
 DEFAULT_THRESHOLD = 0.5
 NO_LOCALISER_MESSAGE = "no trained lesion localiser ships; pass a box or a mask"
+#: How the segmenters run: torch fp32 (the reference), OpenVINO f32 or bf16, or "auto" (OpenVINO
+#: bf16 where the CPU runs bf16 natively, else OpenVINO f32, else torch).
+RUNTIMES = ("torch", "openvino-f32", "openvino-bf16", "auto")
+#: What `find_regions` (the `--roi auto` finder) runs by default: the fastest runtime, and
+#: sagittal and coronal slices (along x and y) at least 4 mm apart (the ones between
+#: interpolated; axial slices as `Slicing.slice_step`). Its map differs from the reference
+#: (torch, `Slicing.slice_step` only) by up to a few tenths at lesion edges, with the same
+#: lesion-slice coverage on the validation volumes: benchmarks/results/localiser/time.md.
+FIND_RUNTIME = "auto"
+FIND_SLICE_GAP_MM = (4.0, 4.0, 0.0)
 
 
 def units_of(voxels_kji: np.ndarray) -> np.ndarray:
@@ -150,6 +169,25 @@ def _batches(count: int, batch_size: int) -> Iterator[list[int]]:
         yield list(range(start, min(count, start + batch_size)))
 
 
+def distinct_stacks(planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices of the stacks to run, index of each stack's result among them) of (N, C, h, w)
+    network inputs: a constant stack (e.g. background outside an MR's head, or a window wholly
+    in the zero padding) gives the same output as any other stack of that constant, so one of
+    them runs for all."""
+    flat = planes.reshape(planes.shape[0], -1)
+    low, high = flat.amin(dim=1), flat.amax(dim=1)
+    keep, inverse, first_of_value = [], [], {}
+    for i, (lo, hi) in enumerate(zip(low.tolist(), high.tolist())):
+        if lo == hi and lo in first_of_value:
+            inverse.append(first_of_value[lo])
+            continue
+        if lo == hi:
+            first_of_value[lo] = len(keep)
+        inverse.append(len(keep))
+        keep.append(i)
+    return torch.tensor(keep, dtype=torch.long), torch.tensor(inverse, dtype=torch.long)
+
+
 def lesion_probability(network: torch.nn.Module, stacks: torch.Tensor, window: int | None,
                        batch_size: int = 16) -> torch.Tensor:
     """(N, 1, h, w) lesion probability of network inputs (N, C, h, w): the whole plane at once
@@ -157,8 +195,9 @@ def lesion_probability(network: torch.nn.Module, stacks: torch.Tensor, window: i
     blended with Gaussian weights (MONAI `sliding_window_inference`)."""
     def predict(planes: torch.Tensor) -> torch.Tensor:
         h, w = planes.shape[-2:]
-        logits = network(pad_to_multiple(planes))[..., :h, :w]
-        return torch.softmax(logits.float(), dim=1)[:, 1:2]
+        distinct, inverse = distinct_stacks(planes)
+        logits = network(pad_to_multiple(planes[distinct]))[..., :h, :w]
+        return torch.softmax(logits.float(), dim=1)[:, 1:2][inverse]
 
     if window is None:
         return predict(stacks)
@@ -185,16 +224,22 @@ def add_interpolated(out: np.ndarray, indices: Sequence[int], planes: np.ndarray
 def probability_map(units_kji: np.ndarray, network: torch.nn.Module,
                     spacing_xyz: Sequence[float] = (1.0, 1.0, 1.0),
                     slicing: Slicing = Slicing(), axes_xyz: Sequence[int] = (0, 1, 2),
-                    batch_size: int = 16) -> np.ndarray:
+                    batch_size: int = 16,
+                    slice_gap_mm: float | Sequence[float] | None = None) -> np.ndarray:
     """Lesion probability (float32, (K, J, I), in [0, 1]) of a volume in network units with
     voxel spacing `spacing_xyz` (mm): the mean over `axes_xyz` of the per-slice predictions
     resized back onto the input grid (along an axis whose slices are closer than the network's
-    pixels, every n-th slice's, linearly interpolated between: `Slicing.slice_step`)."""
+    pixels, every n-th slice's, linearly interpolated between: `Slicing.slice_step`; with
+    `slice_gap_mm` (one for every axis, or per axis (x, y, z); 0: none), slices are also at
+    least that far apart: a coarser, faster map)."""
     units_kji = np.asarray(units_kji, dtype=np.float32)
     if units_kji.ndim != 3 or min(units_kji.shape) < 1:
         raise InputError(f"the lesion localiser needs a 3-D volume, got shape {units_kji.shape}")
+    gaps_xyz = (0.0,) * 3 if not slice_gap_mm else tuple(
+        float(g or 0.0) for g in (np.broadcast_to(np.asarray(slice_gap_mm, dtype=float), (3,))))
     total = np.zeros(units_kji.shape, dtype=np.float32)
-    network = network.eval()
+    if isinstance(network, torch.nn.Module):
+        network = network.eval()
     with torch.inference_mode():
         for axis in axes_xyz:
             slices = slice_axis_view(units_kji, axis)
@@ -202,7 +247,10 @@ def probability_map(units_kji: np.ndarray, network: torch.nn.Module,
             spacing_hw = plane_spacing(spacing_xyz, axis)
             plane = slicing.plane_shape(slices.shape[1:], spacing_hw)
             extent_mm = [n * d for n, d in zip(slices.shape[1:], spacing_hw)]
-            run = sampled_slices(slices.shape[0], slicing.slice_step(spacing_xyz[axis], extent_mm))
+            step = slicing.slice_step(spacing_xyz[axis], extent_mm)
+            if gaps_xyz[axis] > 0:
+                step = max(step, int(np.ceil(gaps_xyz[axis] / float(spacing_xyz[axis]) - 1e-6)))
+            run = sampled_slices(slices.shape[0], step)
             computed = np.empty((len(run), *slices.shape[1:]), dtype=np.float32)
             for batch in _batches(len(run), batch_size):
                 stacks = network_stacks(slices, [run[i] for i in batch], slicing.context, plane)
@@ -234,13 +282,44 @@ class Localiser:
         return cls(((network.eval(), Slicing.of_card(card)),), card)
 
     def probability(self, units_kji: np.ndarray, spacing_xyz: Sequence[float],
-                    batch_size: int = 16) -> np.ndarray:
-        """Mean lesion probability of the members (float32, (K, J, I), in [0, 1])."""
+                    batch_size: int = 16, runtime: str = "torch",
+                    slice_gap_mm: float | Sequence[float] | None = None) -> np.ndarray:
+        """Mean lesion probability of the members (float32, (K, J, I), in [0, 1]), their
+        networks run in `runtime` (one of `RUNTIMES`; "torch" is the reference), with slices at
+        least `slice_gap_mm` apart when given (`probability_map`)."""
         total = None
         for network, slicing in self.members:
-            one = probability_map(units_kji, network, spacing_xyz, slicing, batch_size=batch_size)
+            network = runtime_network(network, runtime, batch_size)
+            one = probability_map(units_kji, network, spacing_xyz, slicing, batch_size=batch_size,
+                                  slice_gap_mm=slice_gap_mm)
             total = one if total is None else np.add(total, one, out=total)
         return total / np.float32(len(self.members))
+
+
+def resolved_runtime(runtime: str) -> str:
+    """`runtime` with "auto" resolved: "openvino-bf16" where OpenVINO runs bf16 natively on
+    this CPU, else "openvino-f32" where OpenVINO imports, else "torch"."""
+    if runtime not in RUNTIMES:
+        raise InputError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if runtime != "auto":
+        return runtime
+    if localiser_runtime.cpu_has_bf16():
+        return "openvino-bf16"
+    return "openvino-f32" if localiser_runtime.available() else "torch"
+
+
+def runtime_network(network: torch.nn.Module, runtime: str, batch_size: int = 16):
+    """`network` itself ("torch") or its OpenVINO runner (same call: stacks in, logits out);
+    when OpenVINO cannot run it, the torch network, with a one-line notice."""
+    runtime = resolved_runtime(runtime)
+    if runtime == "torch" or isinstance(network, localiser_runtime.SegmenterRunner):
+        return network
+    try:
+        return localiser_runtime.SegmenterRunner(network, runtime.split("-")[1],
+                                                 batch_size=batch_size)
+    except localiser_runtime.OpenVinoUnavailable as err:
+        notice(f"lesion localiser: {err}; running it in torch")
+        return network
 
 
 def ensemble_member_paths(weights_path: Path, card: Mapping[str, Any]) -> list[Path]:
@@ -298,15 +377,21 @@ def regions_of_map(probability_kji: np.ndarray, spacing_xyz: Sequence[float], th
 
 def find_regions(image: sitk.Image, weights_path: str | os.PathLike | None = None,
                  threshold: float | None = None, batch_size: int = 16,
-                 localiser: Localiser | None = None) -> Localisation:
-    """ROIs of `image` (no margin): the lesion probability map (the ensemble's mean)
-    thresholded at the card's calibrated threshold (or `threshold`), one box per connected
-    component large enough (the card's minimum component volume, mm^3) grown by the card's
-    padding (mm), each with its confidence (peak probability)."""
+                 localiser: Localiser | None = None, runtime: str = FIND_RUNTIME,
+                 slice_gap_mm: float | Sequence[float] | None = FIND_SLICE_GAP_MM
+                 ) -> Localisation:
+    """ROIs of `image` (no margin): the lesion probability map (the ensemble's mean, its
+    networks run in `runtime`, one of `RUNTIMES`; slices at least `slice_gap_mm` apart, None:
+    `Slicing.slice_step` only; `runtime="torch", slice_gap_mm=None` is the reference map the
+    calibration was chosen on) thresholded at the card's calibrated
+    threshold (or `threshold`), one box per connected component large enough (the card's
+    minimum component volume, mm^3) grown by the card's padding (mm), each with its confidence
+    (peak probability)."""
     localiser = localiser or load_ensemble(weights_path)
     card = localiser.card
     voxels = sitk.GetArrayViewFromImage(image)
-    probability = localiser.probability(units_of(voxels), image.GetSpacing(), batch_size)
+    probability = localiser.probability(units_of(voxels), image.GetSpacing(), batch_size,
+                                        runtime, slice_gap_mm)
     threshold = calibrated_setting(card, "threshold", DEFAULT_THRESHOLD) if threshold is None \
         else float(threshold)
     regions = regions_of_map(probability, image.GetSpacing(), threshold,
