@@ -1,5 +1,5 @@
-"""Lesion localiser (`lesion_segmenter`, `--roi auto`) coverage on held-out patients, paper 003's
-protocol.
+"""Lesion localiser (`lesion_segmenter`, `--roi auto`) coverage on held-out patients, the protocol of
+Ren et al. (lesion-focused SR).
 
 For every volume of the localiser's TEST patients (and their two-patient composites, two
 separate lesions each) (`MedSRLib.training.localiser.RECIPE`: never
@@ -9,9 +9,11 @@ that low-resolution input with the card's calibrated threshold, its ROIs (one pe
 component, grown by the margin, overlapping ones merged: what `upscale(roi="auto")` refines) are
 mapped back to the HR grid (index * f) and compared with the HR lesion mask. Per axial lesion
 slice: the share of its lesion voxels inside the ROIs, "perfect" = 100 %, "acceptable" >= 95 %
-(paper 003, Table 2). Also reported: the per-slice protocol (on each slice, the box of that
+(Ren et al., Table 2). Also reported: the per-slice protocol (on each slice, the box of that
 slice's thresholded prediction, no margin), the ROIs' share of the volume, the lesion components
-no ROI touches, and the Dice of the thresholded probability map.
+no ROI touches, and the Dice of the thresholded probability map. The lesion is read by the
+recipe's mask convention (`MedSRLib.training.localiser.lesion_mask`: on a BraTS contrast T1 the
+tumour core, labels 1, 3 and 4; on FLAIR the whole tumour; a sarcoma mask's nonzero voxels).
 
     python benchmarks/localiser_coverage.py --data-root ../shared/data --factors 2 4 \
         --out benchmarks/results/localiser
@@ -32,17 +34,55 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from MedSRLib.roi import localiser as loc, focus as roi  # noqa: E402
 from MedSRLib.training import localiser_calibration as calib  # noqa: E402
+from MedSRLib.training.localiser import extra_cases  # noqa: E402
+
+
+def extra_markdown(results) -> list[str]:
+    """Table of the extra test volumes (lung nodules, `localiser.EXTRA_LESIONS`): pooled rows of
+    the nodule crops and of the whole-slice slabs, then each slab."""
+    lines = ["", "## Extra test volumes: a new lesion type (LIDC-IDRI lung nodules on CT)", "",
+             "Patients `EXTRA_LESIONS[\"test\"]` of `MedSRLib/training/localiser.py` (never "
+             "calibrated on; ../extra_data/lesions or $MEDSR_EXTRA_LESIONS, made by "
+             "benchmarks/lesion_data/prepare_lesion_data.py; skipped when absent). The nodule "
+             "crops (`lidc-voi`) are 43-91 px around their nodule, so their ROI share says little; "
+             "the slabs (`lidc-slab`) are whole 512 x 512 chest slices the finder must search.", "",
+             "| volumes | input | volumes | lesion slices | 3-D ROI perfect | 3-D ROI acceptable | "
+             "ROI share of volume | missed lesions | volumes entirely missed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    groups = [("lidc-voi (nodule crops)", lambda r: r.volume.startswith("lidc-voi/")),
+              ("lidc-slab (whole slices)", lambda r: r.volume.startswith("lidc-slab/"))]
+    for (label, keep), factor in ((g, f) for g in groups for f in sorted({r.factor for r in results})):
+        rows = [r for r in results if r.factor == factor and keep(r)]
+        if not rows:
+            continue
+        p = calib.pooled(rows)
+        lines.append(f"| **{label}** | x{factor} | {len(rows)} | {p['lesion_slices']} | "
+                     f"**{p['perfect']:.0%}** | **{p['acceptable']:.0%}** | "
+                     f"mean {p['mean_roi_share']:.1%}, max {p['max_roi_share']:.1%} | "
+                     f"{p['missed_components']} of {p['lesion_components']} | "
+                     f"{p['volumes_entirely_missed']} |")
+    for r in (r for r in results if r.volume.startswith("lidc-slab/")):
+        n = max(r.lesion_slices, 1)
+        lines.append(f"| {r.volume} | x{r.factor} | 1 | {r.lesion_slices} | {r.perfect / n:.0%} | "
+                     f"{r.acceptable / n:.0%} | {r.roi_share:.1%} ({r.rois} ROIs) | "
+                     f"{r.missed_components} of {r.lesion_components} | "
+                     f"{int(r.voxel_coverage == 0)} |")
+    return lines
 
 
 def markdown(results, command: str, setting: tuple[float, float, float], margin_mm: float,
-             seconds: float, threads: int = 1) -> str:
+             seconds: float, threads: int = 1, extra_results=(), runtime: str = "torch") -> str:
     lines = ["# Lesion localiser coverage (held-out test patients)", "", f"Command: `{command}`", "",
              f"Threshold {setting[0]}, smallest component {setting[1]} mm^3 and box padding "
-             f"{setting[2]} mm (the card's, chosen on the validation patients), margin {margin_mm} mm.",
+             f"{setting[2]} mm (the card's, chosen by cross-validation on the validation patients), "
+             f"margin {margin_mm} mm; segmenters run in {runtime}.",
+             "Lesion masks (`MedSRLib.training.localiser.lesion_mask`): BraTS T1c = tumour core "
+             "(labels 1, 3, 4; oedema excluded), BraTS FLAIR = whole tumour (labels 1-4), sarcoma = "
+             "mask > 0.",
              "Composites (`A + B`): two patients' volumes side by side, two separate lesions.",
              "Per axial lesion slice: share of its",
              "lesion voxels inside the ROIs; perfect = 100 %, acceptable >= 95 %. Per-slice = the box of",
-             "that slice's thresholded prediction (paper 003's protocol); 3-D ROIs = one box per connected",
+             "that slice's thresholded prediction (Ren et al.'s protocol); 3-D ROIs = one box per connected",
              "component + margin, what `upscale(roi=\"auto\")` super-resolves. Missed = lesion components of at least",
              f"{calib.MIN_LESION_MM3:.0f} mm^3 (26-connected) that no ROI touches. {seconds:.0f} s wall time, {threads} torch thread(s).", "",
              "| Volume | input | lesion slices | per-slice perfect | per-slice acceptable | 3-D ROI perfect | "
@@ -66,6 +106,18 @@ def markdown(results, command: str, setting: tuple[float, float, float], margin_
                      f"**{p['perfect']:.0%}** | **{p['acceptable']:.0%}** | - | "
                      f"mean {p['mean_roi_share']:.1%}, max {p['max_roi_share']:.1%} | "
                      f"mean {p['mean_dice']:.3f} | {p['missed_components']} |")
+    lines += ["", "Goal (all single volumes, each input factor): >= 90 % of lesion slices acceptable, "
+              ">= 80 % perfect, mean ROI share <= 25 %, no lesion entirely missed; composites: "
+              "two ROIs, one per tumour.", ""]
+    for factor in sorted({r.factor for r in results}):
+        p = calib.pooled([r for r in results if r.factor == factor and " + " not in r.volume])
+        met = (p["acceptable"] >= 0.9 and p["perfect"] >= 0.8 and p["mean_roi_share"] <= 0.25
+               and p["volumes_entirely_missed"] == 0 and p["missed_components"] == 0)
+        lines.append(f"- x{factor}: acceptable {p['acceptable']:.1%}, perfect {p['perfect']:.1%}, "
+                     f"mean ROI share {p['mean_roi_share']:.1%}, lesions missed "
+                     f"{p['missed_components']}: {'met' if met else 'NOT met'}")
+    if extra_results:
+        lines += extra_markdown(extra_results)
     return "\n".join(lines) + "\n"
 
 
@@ -78,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=None, help="default: the card's")
     parser.add_argument("--out", type=Path, default=None, help="folder for coverage.md / coverage.json")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runtime", default=calib.FIND_MAP,
+                        help="how the maps are made: find (what --roi auto computes, the "
+                             "default), torch (the reference: torch fp32, every slice) or an "
+                             "OpenVINO runtime of MedSRLib.roi.localiser.RUNTIMES on every slice")
+    parser.add_argument("--no-extra", dest="extra", action="store_false",
+                        help="without the extra lung-nodule test volumes (skipped when absent)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     localiser = loc.load_ensemble(args.weights)
@@ -88,10 +146,15 @@ def main(argv: list[str] | None = None) -> int:
                loc.calibrated_setting(card, "padding_mm", 0.0))
     started = time.perf_counter()
     results = calib.evaluate_cases(args.data_root.resolve(), calib.evaluation_cases("test"),
-                                   args.factors, [setting], args.margin_mm, localiser)
+                                   args.factors, [setting], args.margin_mm, localiser,
+                                   args.runtime)
+    extra = extra_cases("test") if args.extra else []
+    extra_results = calib.evaluate_cases(args.data_root.resolve(), extra, args.factors, [setting],
+                                         args.margin_mm, localiser, args.runtime) if extra else []
     seconds = time.perf_counter() - started
     command = "python benchmarks/localiser_coverage.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = markdown(results, command, setting, args.margin_mm, seconds, args.threads)
+    text = markdown(results, command, setting, args.margin_mm, seconds, args.threads, extra_results,
+                    args.runtime)
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -102,9 +165,19 @@ def main(argv: list[str] | None = None) -> int:
             [r for r in single if r.factor == f and "PET_" not in r.volume]) for f in args.factors})
         summary.update({f"x{f}_composites": calib.pooled(
             [r for r in results if r.factor == f and " + " in r.volume]) for f in args.factors})
+        for factor in args.factors:
+            for label in ("lidc-voi", "lidc-slab"):
+                rows = [r for r in extra_results
+                        if r.factor == factor and r.volume.startswith(label + "/")]
+                if rows:
+                    summary[f"x{factor}_extra_{label}"] = calib.pooled(rows)
         (args.out / "coverage.json").write_text(json.dumps(
-            {"setting": setting, "margin_mm": args.margin_mm, "summary": summary,
-             "volumes": [asdict(r) for r in results]}, indent=2,
+            {"setting": setting, "margin_mm": args.margin_mm, "runtime": args.runtime,
+             "summary": summary,
+             "lesion_masks": "MedSRLib.training.localiser.lesion_mask (BraTS T1c: tumour core, "
+                             "labels 1, 3, 4; FLAIR: whole tumour; sarcoma and extra: mask > 0)",
+             "volumes": [asdict(r) for r in results],
+             "extra_volumes": [asdict(r) for r in extra_results]}, indent=2,
             default=lambda v: v.item() if hasattr(v, "item") else str(v)) + "\n")
     return 0
 

@@ -11,7 +11,9 @@ Steps (each one command; CPU, one torch thread):
     python -m MedSRLib.training.localiser_calibration --data-root ../shared/data \
         --run runs/localiser --export MedSRLib/models/weights/lesion_segmenter.safetensors
 
-`prepare` reads every lesion mask of the training and validation patients once, degrades each
+`prepare` reads every lesion mask of the training and validation patients once (the lesion by
+the recipe's mask convention, `lesion_mask`: the tumour core on a BraTS contrast T1, the whole
+tumour on FLAIR), degrades each
 volume in-plane by x1, x2 and x4 (anti-aliased bicubic, `degrade.bicubic_downsample`; the mask
 by area share), cuts 2.5-D stacks along all three axes resampled to the network's pixel spacing
 (`lesion_localiser.network_stacks`, the inference code), takes a square crop of each at a random
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,11 @@ from .lesion_composites import Composite
 
 SARCOMA_LICENCE = "CC BY 3.0 (IBSI / TCIA Soft-tissue-Sarcoma)"
 BRATS_LICENCE = "BraTS 2013, CC BY-NC-SA 3.0: non-commercial use only"
+#: BraTS OTMultiClass labels of the lesion on a contrast T1 (T1c): the tumour core (necrosis 1,
+#: non-enhancing 3, enhancing tumour 4), oedema (2) excluded.
+BRATS_TUMOUR_CORE = (1, 3, 4)
+#: BraTS OTMultiClass labels of the lesion on FLAIR / T2: the whole tumour (oedema included).
+BRATS_WHOLE_TUMOUR = (1, 2, 3, 4)
 
 #: Every lesion mask in the data pool, and the patient split. Test patients are those of the
 #: old detector's README table (benchmarks/results/detector), so both are compared on them.
@@ -54,10 +62,15 @@ RECIPE: dict[str, Any] = {
          "modality": "MR", "licence": SARCOMA_LICENCE, "family": "sarcoma"},
         {"image": "sarcoma/{p}/PET_image.nii.gz", "mask": "sarcoma/{p}/PET_mask.nii.gz",
          "modality": "PT", "licence": SARCOMA_LICENCE, "family": "sarcoma"},
+        # OTMultiClass: 1 necrosis, 2 oedema, 3 non-enhancing and 4 enhancing tumour. On the
+        # contrast T1 the lesion is the tumour core (oedema barely shows there), on FLAIR the
+        # whole tumour (`BRATS_TUMOUR_CORE`, `BRATS_WHOLE_TUMOUR`, `lesion_mask`)
         {"image": "brats/{p}/T1c_subtrMeanDivStd.nii.gz", "mask": "brats/{p}/OTMultiClass.nii.gz",
-         "modality": "MR", "licence": BRATS_LICENCE, "family": "brats"},
+         "labels": BRATS_TUMOUR_CORE, "modality": "MR", "licence": BRATS_LICENCE,
+         "family": "brats"},
         {"image": "brats/{p}/Flair_subtrMeanDivStd.nii.gz", "mask": "brats/{p}/OTMultiClass.nii.gz",
-         "modality": "MR", "licence": BRATS_LICENCE, "family": "brats"},
+         "labels": BRATS_WHOLE_TUMOUR, "modality": "MR", "licence": BRATS_LICENCE,
+         "family": "brats"},
         # scans without a lesion mask, read as lesion-free: background slices only (a full field
         # of view with organs, bone and vessels, as users' volumes have, unlike the crops above)
         {"image": "{p}", "mask": None, "modality": "any", "family": "lesion_free",
@@ -86,6 +99,40 @@ RECIPE: dict[str, Any] = {
 }
 
 
+#: Patients that no training, calibration, selection or test here may touch (the project's
+#: reserved test set), wherever a volume of theirs turns up.
+RESERVED_PATIENTS = frozenset({
+    "STS_015", "STS_018", "STS_019", "STS_022", "STS_023", "STS_024", "pat0001", "pat0002",
+    "LUNG1-001", "LIDC-IDRI-0314", "CRLM-CT-1006", "VS-SEG-001"})
+LIDC_LICENCE = "CC BY 3.0 (TCIA LIDC-IDRI)"
+#: Extra public lesion volumes (benchmarks/lesion_data/prepare_lesion_data.py writes them to
+#: <root>/<source>/<case>/{image,mask}.nii.gz with a MANIFEST.md; absent, e.g. in CI: skipped).
+#: <root>: $MEDSR_EXTRA_LESIONS, else "root" below (relative to the working directory, like
+#: ../shared/data: the project's sibling folder).
+#: A new lesion type, lung nodules on CT: the LIDC-IDRI patients listed under "test" (the two
+#: whole-slice slabs' patients, their nodule crops included, and every second other patient by
+#: ID) are extra benchmark volumes; every other case calibrates. Cases whose patient the source
+#: does not document ("calibration_only") never serve as test volumes.
+EXTRA_LESIONS: dict[str, Any] = {
+    "root": "../extra_data/lesions",
+    "sources": {
+        "lidc-voi": {"modality": "CT", "licence": LIDC_LICENCE, "crop": True},
+        "lidc-slab": {"modality": "CT", "licence": LIDC_LICENCE, "crop": False},
+        "pyradiomics": {"modality": "MR", "crop": False,
+                        "licence": "CC BY 3.0 (TCIA TCGA-GBM); brain2, breast1: BSD-3 "
+                                   "(repository), patient not documented"},
+    },
+    "patients": {"brain1": "TCGA-02-0003"},      # case -> patient where the name does not say
+    "calibration_only": ["brain2", "breast1"],
+    "test": ["LIDC-IDRI-0001", "LIDC-IDRI-0003", "LIDC-IDRI-0023", "LIDC-IDRI-0050",
+             "LIDC-IDRI-0058", "LIDC-IDRI-0064", "LIDC-IDRI-0075", "LIDC-IDRI-0087",
+             "LIDC-IDRI-0139", "LIDC-IDRI-0163", "LIDC-IDRI-0188", "LIDC-IDRI-0191",
+             "LIDC-IDRI-0203", "LIDC-IDRI-0242", "LIDC-IDRI-0313", "LIDC-IDRI-0470",
+             "LIDC-IDRI-0619", "LIDC-IDRI-0702", "LIDC-IDRI-0772", "LIDC-IDRI-0785",
+             "LIDC-IDRI-0829", "LIDC-IDRI-0869", "LIDC-IDRI-0976", "LIDC-IDRI-1011"],
+}
+
+
 @dataclass(frozen=True)
 class Case:
     """One image with its lesion mask (paths relative to the data root; None: lesion-free)."""
@@ -96,6 +143,9 @@ class Case:
     modality: str
     licence: str
     subset: str                      # "train", "validation" or "test"
+    labels: tuple[int, ...] | None = None   # mask labels of the lesion (None: any nonzero)
+    source: str = ""                 # the recipe source's image pattern (cross-validation folds)
+    crop: bool = False               # a tight crop around its lesion (extra lung-nodule VOIs)
 
 
 def cases(subset: str | None = None, recipe: dict[str, Any] = RECIPE) -> list[Case]:
@@ -112,8 +162,50 @@ def cases(subset: str | None = None, recipe: dict[str, Any] = RECIPE) -> list[Ca
             for name, patients in sets.items():
                 for patient in patients:
                     mask = source["mask"] and source["mask"].format(p=patient)
+                    labels = source.get("labels")
                     out.append(Case(source["image"].format(p=patient), mask, patient,
-                                    source["modality"], source["licence"], name))
+                                    source["modality"], source["licence"], name,
+                                    None if labels is None else tuple(int(v) for v in labels),
+                                    source["image"]))
+    return [c for c in out if subset is None or c.subset == subset]
+
+
+def extra_patient(source: str, case: str, extra: dict[str, Any] = EXTRA_LESIONS) -> str:
+    """Patient of an extra case: the recipe's mapping, else the case name up to "_R_" (the
+    LIDC nodule crops are named <patient>_R_<nodule>)."""
+    return extra["patients"].get(case, case.split("_R_")[0])
+
+
+def extra_root(extra: dict[str, Any] = EXTRA_LESIONS) -> Path:
+    """The extra lesion volumes' folder, absolute: $MEDSR_EXTRA_LESIONS, else the recipe's."""
+    return Path(os.environ.get("MEDSR_EXTRA_LESIONS") or extra["root"]).resolve()
+
+
+def extra_cases(subset: str | None = None, extra: dict[str, Any] = EXTRA_LESIONS,
+                root: Path | str | None = None) -> list[Case]:
+    """The extra lesion volumes present under `root` (default: the recipe's; none when it is
+    absent), as Cases with absolute paths: subset "test" for the recipe's test patients,
+    "validation" (calibration) for the others. ValueError for a reserved patient or a patient
+    in both subsets."""
+    folder = Path(root) if root is not None else extra_root(extra)
+    if not folder.is_dir():
+        return []
+    out, subset_of = [], {}
+    for source, spec in extra["sources"].items():
+        for case_dir in sorted(p for p in (folder / source).glob("*") if p.is_dir()):
+            image, mask = case_dir / "image.nii.gz", case_dir / "mask.nii.gz"
+            if not (image.is_file() and mask.is_file()):
+                continue
+            patient = extra_patient(source, case_dir.name, extra)
+            if patient in RESERVED_PATIENTS or case_dir.name in RESERVED_PATIENTS:
+                raise ValueError(f"{case_dir}: patient {patient} is reserved")
+            name = "test" if patient in extra["test"] else "validation"
+            if name == "test" and case_dir.name in extra["calibration_only"]:
+                raise ValueError(f"{case_dir}: an undocumented patient cannot be a test volume")
+            if subset_of.setdefault(patient, name) != name:
+                raise ValueError(f"patient {patient} is in both {subset_of[patient]} and {name}")
+            out.append(Case(str(image), str(mask), patient, spec["modality"], spec["licence"],
+                            name, None, f"{source}/{{p}}/image.nii.gz", bool(spec["crop"])))
     return [c for c in out if subset is None or c.subset == subset]
 
 
@@ -134,6 +226,28 @@ def composite_cases(subset: str, recipe: dict[str, Any] = RECIPE) -> list[Compos
     return out
 
 
+def lesion_mask(labels_kji: np.ndarray, labels: Sequence[int] | None = None) -> np.ndarray:
+    """The lesion (bool, same shape) of a label volume: voxels whose label is one of `labels`
+    (e.g. `BRATS_TUMOUR_CORE` on a contrast T1), or any nonzero voxel when `labels` is None.
+    Every reader of the recipe's lesion masks (training stacks, calibration, the coverage
+    benchmark) goes through this function. Labels are compared as integers (BraTS stores them
+    as float32)."""
+    labels_kji = np.asarray(labels_kji)
+    if labels is None:
+        return labels_kji != 0
+    wanted = [int(v) for v in labels]
+    if not wanted or any(v == 0 for v in wanted):
+        raise ValueError(f"lesion labels must be nonzero integers, got {labels!r}")
+    return np.isin(np.rint(labels_kji).astype(np.int64), wanted)
+
+
+def read_lesion_mask(root: Path, case: Case) -> np.ndarray:
+    """The case's lesion mask (K, J, I) bool (`lesion_mask` of its mask file and labels)."""
+    if case.mask is None:
+        raise ValueError(f"{case.image} has no lesion mask")
+    return lesion_mask(sitk.GetArrayFromImage(sitk.ReadImage(str(root / case.mask))), case.labels)
+
+
 def read_case(root: Path, case: Case) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """(voxels (K, J, I) float32, lesion mask (K, J, I) bool, spacing (x, y, z) mm)."""
     image = sitk.ReadImage(str(root / case.image))
@@ -143,7 +257,8 @@ def read_case(root: Path, case: Case) -> tuple[np.ndarray, np.ndarray, tuple[flo
     mask = sitk.ReadImage(str(root / case.mask))
     if image.GetSize() != mask.GetSize():
         raise ValueError(f"{case.mask} is not on {case.image}'s grid")
-    return voxels, sitk.GetArrayFromImage(mask) > 0, tuple(image.GetSpacing())
+    return voxels, lesion_mask(sitk.GetArrayFromImage(mask), case.labels), \
+        tuple(image.GetSpacing())
 
 
 def degrade_inplane(voxels_kji: np.ndarray, mask_kji: np.ndarray, factor: int,

@@ -1,4 +1,5 @@
-"""Coverage of the lesion localiser's ROIs (paper 003's protocol) and its calibration.
+"""Coverage of the lesion localiser's ROIs (the protocol of Ren et al., lesion-focused SR) and
+its calibration.
 
 The protocol (also `benchmarks/localiser_coverage.py`, on the held-out test patients): the
 high-resolution volume is degraded in-plane (x, y) by f (anti-aliased bicubic per axial slice),
@@ -16,6 +17,8 @@ within `MAX_MEAN_ROI_SHARE`, the one that leaves the fewest validation volumes e
 then has the highest sum of the acceptable and perfect lesion-slice shares at the worse input
 factor and the share of lesions an ROI touches (`ranking`, `choose_setting`); the candidate is chosen by the same ranking. The
 chosen weights (ensemble members beside them) and settings are exported with their card.
+The shipped setting is then chosen by cross-validation over sources and patients
+(`localiser_cross_validation`), which rewrites the card's calibration block.
 
     python -m MedSRLib.training.localiser_calibration --data-root ../shared/data \
         --run runs/localiser [--candidates A.safetensors A.safetensors+B.safetensors] \
@@ -39,13 +42,14 @@ from ..roi import localiser as loc
 from ..roi import focus as roi, boxes as roi_boxes
 from ..models import registry as zoo
 from ..transforms import degrade
-from .lesion_composites import Composite, read_composite
-from .localiser import RECIPE, Case, cases, composite_cases
+from .lesion_composites import Composite, side_by_side
+from .localiser import (RECIPE, Case, cases, composite_cases, extra_root, read_case,
+                        read_lesion_mask)
 
 AXIAL = 2  # slice axis of the protocol (x, y, z index)
-#: Calibration constraint: the mean ROI share of the validation volumes (the issue asks <= 25 %
-#: on the test patients; 20 % leaves room for patients that differ).
-MAX_MEAN_ROI_SHARE = 0.20
+#: Calibration constraint: the mean ROI share of the validation volumes (<= 25 % on the test
+#: patients is the goal; recall is preferred, so the calibration may use all of it).
+MAX_MEAN_ROI_SHARE = 0.25
 #: Lesion components smaller than this are annotation specks (BraTS labels hold 1-voxel ones):
 #: not counted as lesions when asking whether an ROI touches every lesion.
 MIN_LESION_MM3 = 20.0
@@ -150,13 +154,39 @@ def score_settings(probability_kji: np.ndarray, lr_image: sitk.Image, hr_mask_kj
     return results
 
 
+def composite_parts(composite: Composite) -> list[Case]:
+    """The recipe cases a composite is made of (their mask labels: `localiser.lesion_mask`)."""
+    by_image = {c.image: c for c in cases()}
+    missing = [image for image in composite.images if image not in by_image]
+    if missing:
+        raise ValueError(f"composite {composite.name}: {missing} not in the recipe")
+    return [by_image[image] for image in composite.images]
+
+
+def read_composite_lesions(root: Path, composite: Composite) -> tuple[sitk.Image, list[np.ndarray]]:
+    """`lesion_composites.read_composite` with each part's lesion read by the recipe's mask
+    convention (`localiser.lesion_mask` with that source's labels)."""
+    volumes, masks, spacings = [], [], []
+    for part in composite_parts(composite):
+        voxels, mask, spacing = read_case(root, part)
+        volumes.append(voxels)
+        masks.append(mask)
+        spacings.append(np.asarray(spacing))
+    if any(np.abs(s / spacings[0] - 1).max() > 0.01 for s in spacings):
+        raise ValueError(f"{composite.name}: voxel spacings differ "
+                         f"({[tuple(np.round(s, 3)) for s in spacings]})")
+    return side_by_side(volumes, masks, tuple(spacings[0]))
+
+
 def read_hr(root: Path, case: Case | Composite) -> tuple[str, sitk.Image, np.ndarray]:
-    """(name, HR image, lesion mask (K, J, I) bool) of a recipe case or a composite."""
+    """(name, HR image, lesion mask (K, J, I) bool) of a recipe case or a composite; the lesion
+    by the recipe's mask convention (`localiser.lesion_mask`: e.g. the tumour core on a BraTS
+    contrast T1)."""
     if isinstance(case, Composite):
-        image, masks = read_composite(root, case)
+        image, masks = read_composite_lesions(root, case)
         return case.name, image, np.any(masks, axis=0)
-    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(root / case.mask))) > 0
-    return case.image, sitk.ReadImage(str(root / case.image)), mask
+    name = case.image.removeprefix(str(extra_root()) + "/")
+    return name, sitk.ReadImage(str(root / case.image)), read_lesion_mask(root, case)
 
 
 def evaluation_cases(subset: str) -> list[Case | Composite]:
@@ -164,10 +194,26 @@ def evaluation_cases(subset: str) -> list[Case | Composite]:
     return [*(c for c in cases(subset) if c.mask), *composite_cases(subset)]
 
 
+#: The map `--roi auto` computes (`localiser.find_regions`: its runtime and slice sampling).
+FIND_MAP = "find"
+
+
+def map_options(runtime: str = FIND_MAP) -> dict[str, Any]:
+    """Keyword arguments of `Localiser.probability` for a map made the way `runtime` says:
+    FIND_MAP, what `--roi auto` computes (`localiser.FIND_RUNTIME` and `FIND_SLICE_GAP_MM`);
+    "torch", the reference (torch fp32, every slice); or an OpenVINO runtime of
+    `localiser.RUNTIMES` on every slice."""
+    if runtime == FIND_MAP:
+        return {"runtime": loc.FIND_RUNTIME, "slice_gap_mm": loc.FIND_SLICE_GAP_MM}
+    return {} if runtime == "torch" else {"runtime": runtime}
+
+
 def evaluate_cases(root: Path, selected: Sequence[Case | Composite], factors: Sequence[int],
                    settings: Sequence[tuple[float, float, float]], margin_mm: float,
-                   localiser: loc.Localiser) -> list[CaseResult]:
-    """Every case x factor x setting (the probability map is computed once per case/factor)."""
+                   localiser: loc.Localiser, runtime: str = FIND_MAP) -> list[CaseResult]:
+    """Every case x factor x setting (the probability map is computed once per case/factor, the
+    way `runtime` says: `map_options`)."""
+    runtime_kw = map_options(runtime)
     results = []
     for case in selected:
         name, image, mask = read_hr(root, case)
@@ -176,7 +222,8 @@ def evaluate_cases(root: Path, selected: Sequence[Case | Composite], factors: Se
             lr_image = low_resolution(image[:size[0], :size[1], :], factor)
             hr_mask = mask[:, :size[1], :size[0]]
             voxels = sitk.GetArrayViewFromImage(lr_image)
-            probability = localiser.probability(loc.units_of(voxels), lr_image.GetSpacing())
+            probability = localiser.probability(loc.units_of(voxels), lr_image.GetSpacing(),
+                                                **runtime_kw)
             rows = score_settings(probability, lr_image, hr_mask, factor, settings, margin_mm,
                                   name)
             results += rows
