@@ -51,6 +51,7 @@ def upscale(
     roi: "str | tuple | sitk.Image | None" = None,
     roi_model: str | None = None,
     roi_weights: str | None = None,
+    roi_self_ensemble: int | None = None,
     roi_margin_mm: float = lesion_roi.DEFAULT_MARGIN_MM,
     detector_weights: str | None = None,
     target_spacing: "float | Sequence[float] | None" = None,
@@ -88,9 +89,15 @@ def upscale(
             mask file. `roi_model` runs inside each ROI plus `roi_margin_mm`, `model` elsewhere,
             feathered together across the margin; the run's `roi.RoiReport` is in the output's
             metadata (`roi.RoiReport.from_image`).
-        roi_model: registry name of the model inside the ROI (default: lfsr, the LFSR
-            generator, when it ships and, if the modality is known, is trained on it; else the
-            run's own model); `roi_weights` its weights file instead of the shipped one.
+        roi_model: registry name of the model inside the ROI (default: the one measured best
+            inside validation lesions for the modality and scale within the time budget,
+            `roi.roi_models.ROI_DEFAULTS`, e.g. edsr_lite with a 2-member self-ensemble; else
+            the run's own model; "lfsr", the LFSR generator, is the perceptual choice);
+            `roi_weights` its weights file instead of the shipped one.
+        roi_self_ensemble: geometric self-ensemble members of the ROI model (1, 2, 4 or 8:
+            outputs on in-plane flips/rotations of the input, averaged); None: the default's
+            (1 for a named `roi_model`). When the ROI model is the run's own, the whole-volume
+            pass is one of the members.
         roi_margin_mm: margin around the ROI (whole voxels per axis, >= 1 when > 0).
         detector_weights: lesion-finder weights instead of the shipped ones (roi="auto"; their
             card says which finder: lesion_segmenter or lesion_detector).
@@ -115,6 +122,7 @@ def upscale(
     """
     if roi is None:
         for argument, value in (("roi_model", roi_model), ("roi_weights", roi_weights),
+                                ("roi_self_ensemble", roi_self_ensemble),
                                 ("detector_weights", detector_weights)):
             if value is not None:
                 raise InputError(f"{argument} is only used with roi (lesion-focused mode)")
@@ -160,10 +168,13 @@ def upscale(
     slices = image.GetSize()[plan.slice_axis_xyz] if image.GetDimension() == 3 else 1
     name = choose_model(model, image, modality, plan.network_scale, slices)
     model_for = model_loader(name, allow_untrained, weights, modality)
-    roi_name, roi_for = None, None
+    roi_name, roi_for, roi_members, roi_precision = None, None, 1, None
     if roi is not None:
-        roi_name = lesion_roi.choose_roi_model(roi_model, plan.network_scale, allow_untrained,
-                                               modality, fallback=name)
+        EngineOptions(self_ensemble=roi_self_ensemble or 1)  # checks the value
+        choice = lesion_roi.choose_roi(roi_model, plan.network_scale, allow_untrained, modality,
+                                       fallback=name, self_ensemble=roi_self_ensemble)
+        roi_name, roi_members = choice.model, choice.self_ensemble
+        roi_precision = choice.precision if precision == "auto" else None  # a user's wins
         roi_for = model_for if (roi_name, roi_weights) == (name, weights) else \
             model_loader(roi_name, allow_untrained, roi_weights, modality)
     # Load every pass's model before any voxel work, so model/scale errors come first.
@@ -171,7 +182,9 @@ def upscale(
         for load in filter(None, (model_for, roi_for)):
             load(slice_pass.plane_factors)
     region = None if roi is None else lesion_roi.plan_region(
-        image, roi, plan, roi_name, roi_for, roi_margin_mm, detector_weights)
+        image, roi, plan, roi_name, roi_for, roi_margin_mm, detector_weights,
+        roi_self_ensemble=roi_members, reuse_identity=roi_for is model_for,
+        roi_precision=roi_precision)
 
     voxels = sitk.GetArrayViewFromImage(image)
     mapping = intensity.fit_mapping(voxels)
@@ -182,7 +195,8 @@ def upscale(
 
     out_size = [n * f for n, f in zip(image.GetSize(), plan.factors_xyz)]
     output, result = io.new_volume(out_size, out_dtype)  # written in place: no second copy
-    if region is None or region.processed is None or roi_for is model_for:  # the same model
+    if region is None or region.processed is None or (
+            roi_for is model_for and roi_members == 1 and roi_precision is None):  # the same run
         super_resolve_volume(
             voxels, plan.factors_kji, plan.slice_axis_kji, model_for, to_unit=mapping.to_unit,
             from_unit=to_output, out_dtype=out_dtype, options=options,

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 
 from MedSRLib import api, cli
-from MedSRLib.roi import blend, focus as roi
+from MedSRLib.roi import blend, focus as roi, roi_models
 from MedSRLib.models import registry as zoo
 from MedSRLib.errors import InputError, WeightsError
 
@@ -344,40 +344,20 @@ def test_auto_roi_without_detector_weights_is_a_clear_input_error(tmp_path, monk
         roi.detect_lesion(image)
 
 
-def test_lfsr_runs_in_the_roi_only_on_a_modality_its_card_lists():
-    """The shipped LFSR is trained on MR lesions: a CT input (modality known) keeps the run's own
-    model inside the ROI, an MR or unknown-modality input gets LFSR; a named roi_model wins."""
-    path = zoo.shipped_weights(zoo.get_spec("lfsr"), 2)
-    if path is None:
-        pytest.skip("no LFSR ships")
-    assert [m.upper() for m in zoo.read_card(path)["modality"]] == ["MR"]
-    assert roi.choose_roi_model(None, 2, False, "CT", fallback="edsr_lite") == "edsr_lite"
-    assert roi.choose_roi_model(None, 2, False, "MR", fallback="edsr_lite") == "lfsr"
-    assert roi.choose_roi_model(None, 2, False, None, fallback="edsr_lite") == "lfsr"
-    assert roi.choose_roi_model("lfsr", 2, False, "CT", fallback="edsr_lite") == "lfsr"
-    image = make_volume()
-    box = (2, 2, 0, 10, 10, 2)
-    for modality, expected in (("CT", zoo.default_model("CT", 2)), ("MR", "lfsr")):
-        result = api.upscale(image, scale=2, roi=box, modality=modality)
-        report = roi.RoiReport.from_image(result)
-        assert (report.roi_model, report.model) == (expected, zoo.default_model(modality, 2))
-        plain = sitk.GetArrayFromImage(api.upscale(image, scale=2, modality=modality))
-        # CT: the ROI's model is the run's own, so the ROI is not run twice (same voxels)
-        assert np.array_equal(sitk.GetArrayFromImage(result), plain) == (modality == "CT")
-
-
-def test_roi_model_defaults_to_the_lfsr_generator_only_when_it_ships(tmp_path, monkeypatch):
+def test_without_shipped_roi_weights_the_run_keeps_its_own_model_inside_the_roi(tmp_path,
+                                                                              monkeypatch):
+    """The measured ROI default needs its weights: without them the run's own model stays in the
+    ROI (or, with no fallback, a clear error naming roi_model); untrained runs may use it."""
     image = make_volume()
     monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)          # nothing ships here
+    table_default = roi_models.default_roi_choice("CT", 2)
+    assert table_default is not None
+    assert roi.choose_roi_model(None, 2, False, "CT", fallback="bicubic") == "bicubic"
+    assert roi.choose_roi_model(None, 2, True, "CT") == table_default.model
     with pytest.raises(InputError, match="roi_model"):
-        api.upscale(image, model="bicubic", roi=(0, 0, 0, 4, 4, 2))
-    assert roi.choose_roi_model(None, 2, allow_untrained=True) == roi.DEFAULT_ROI_MODEL == "lfsr"
-    spec = zoo.get_spec("lfsr")
-    config = {**spec.default_config, "num_blocks": 1, "num_features": 8}
-    zoo.save_weights(zoo.build_network("lfsr", scale=2, **config), tmp_path / "lfsr_x2.safetensors",
-                     {"model": "lfsr", "scales": [2], "config": config})
-    assert roi.choose_roi_model(None, 2, allow_untrained=False) == "lfsr"
-    result = api.upscale(image, model="bicubic", roi=(0, 0, 0, 4, 4, 2))
+        roi.choose_roi_model(None, 2, False, "CT")
+    result = api.upscale(image, model="bicubic", roi=(0, 0, 0, 4, 4, 2), modality="CT")
+    assert roi.RoiReport.from_image(result).roi_model == "bicubic"
     assert result.GetSize() == tuple(2 * n if a < 2 else n for a, n in enumerate(image.GetSize()))
     with pytest.raises(InputError, match="only used with roi"):
         api.upscale(image, model="bicubic", roi_model="bicubic")
@@ -574,3 +554,19 @@ def test_cli_no_lesion_fallback_says_so_on_stderr(tmp_path, input_volume, capsys
     assert "no lesion found" in err and "ran everywhere" in err
     assert json.loads(report_path.read_text())["fallback"] is True
     assert sitk.ReadImage(str(out)).GetMetaData(roi.ROI_FALLBACK_KEY) == "1"
+
+
+def test_cli_roi_self_ensemble_reaches_the_roi_model_and_needs_roi(tmp_path, capsys):
+    source = tmp_path / "in.nrrd"
+    sitk.WriteImage(make_volume(), str(source))
+    out = tmp_path / "out.nrrd"
+    code, _, err = run_cli(["upscale", source, out, "--model", "srcnn", "--scale", "2",
+                        "--roi", "2,2,0,10,10,2", "--roi-model", "srcnn",
+                        "--roi-self-ensemble", "4"], capsys)
+    assert code == 0, err
+    written = sitk.ReadImage(str(out))
+    assert written.GetMetaData(roi.ROI_ENSEMBLE_KEY) == "4"
+    assert written.GetMetaData(roi.ROI_MODEL_KEY) == "srcnn"
+    code, _, err = run_cli(["upscale", source, tmp_path / "b.nrrd", "--roi-self-ensemble", "2"],
+                       capsys)
+    assert code == 2 and "--roi-self-ensemble needs --roi" in err

@@ -59,9 +59,17 @@ CONFIDENCE_ATTRIBUTE = "MedSR.confidence"
 
 #: ROI-model choice meaning "the same model as outside the ROI" (not a registry name).
 SAME_AS_MODEL = "(same)"
-#: Models preferred inside the ROI when their weights ship, after MedSRLib's own default
-#: (`MedSRLib.roi.focus.DEFAULT_ROI_MODEL`, paper 003's LFSR generator).
+#: ROI-model choice meaning "MedSRLib's default for the modality and scale": the model measured
+#: most accurate inside validation lesions within the time budget (`MedSRLib.roi.roi_models`).
+AUTO_ROI_MODEL = "(auto)"
+#: Models preferred inside the ROI when their weights ship and MedSRLib has no default table.
 PREFERRED_ROI_MODELS = ("srgan", "srresnet")
+#: Tooltip of the ROI model selector (the current choice's description follows it).
+ROI_MODEL_TOOLTIP = (
+    "Model inside the ROI (plus a margin, feathered); the model above runs elsewhere. "
+    "Automatic: the model measured most accurate (PSNR/SSIM) inside validation lesions for the "
+    "modality and scale, within 1.5x the plain run's time. LFSR generator (lfsr): a lesion-"
+    "focused GAN with sharper texture but lower PSNR inside lesions than the default.")
 
 #: Packages that belong to Slicer itself and must never be replaced by our requirements.
 SLICER_OWNED_PACKAGES = ("numpy", "SimpleITK", "vtk")
@@ -192,7 +200,10 @@ def roiReportFromImage(image):
         roiIndexXYZ=tuple(int(v) for v in index.split()) if index and index != "none" else None,
         roiIndexesXYZ=[tuple(int(v) for v in part.split()) for part in regions.split(";")]
         if regions and regions != "none" else [],
-        roiModel=value("medsr_roi_model"), model=value("medsr_model"),
+        roiModel=value("medsr_roi_model") + (
+            f", self-ensemble x{value('medsr_roi_self_ensemble')}"
+            if value("medsr_roi_self_ensemble") not in (None, "1") else ""),
+        model=value("medsr_model"),
         fallback=value("medsr_roi_fallback") == "1",
         score=float(score) if score and score != "none" else None)
 
@@ -352,7 +363,8 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for model in self.models:
             self.ui.modelComboBox.addItem(model["title"], model["name"])
         self._selectComboData(self.ui.modelComboBox, "bicubic")
-        # Inside the ROI: any SR model, or the outside one; default = a shipped LFSR generator.
+        # Inside the ROI: MedSRLib's measured default, the outside model, or any SR model.
+        self.ui.roiModelComboBox.addItem("Automatic (most accurate inside lesions)", AUTO_ROI_MODEL)
         self.ui.roiModelComboBox.addItem("Same as model", SAME_AS_MODEL)
         for model in self.models:
             self.ui.roiModelComboBox.addItem(model["title"], model["name"])
@@ -390,12 +402,15 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         scale = self._comboData(self.ui.scaleComboBox) or 2
         self.ui.modelDescriptionLabel.setText(describeModelCard(model, scale))
+        if self._comboData(self.ui.roiModelComboBox) == AUTO_ROI_MODEL:
+            self.ui.roiModelComboBox.setToolTip(
+                ROI_MODEL_TOOLTIP + " " + describeRoiDefault(self.effectiveModality(), int(scale)))
+            return
         roiName = self.roiModelName()
         roiModel = next((m for m in self.models if m["name"] == roiName), None)
         if roiModel is not None:
             self.ui.roiModelComboBox.setToolTip(
-                "Model inside the ROI (plus a margin, feathered); the model above runs elsewhere. "
-                + describeModelCard(roiModel, scale))
+                ROI_MODEL_TOOLTIP + " " + describeModelCard(roiModel, scale))
 
     def modalityChoice(self):
         """The Modality selector's choice: "auto", "CT", "MR" or "XR"."""
@@ -416,8 +431,11 @@ class MedSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modalityComboBox.setToolTip(f"{self.modalityToolTip} Auto now: {now}")
 
     def roiModelName(self):
-        """Registry name of the model chosen for inside the ROI ("Same as model" resolved)."""
+        """Registry name of the model chosen for inside the ROI ("Same as model" resolved);
+        None for "Automatic" (MedSRLib chooses)."""
         data = self._comboData(self.ui.roiModelComboBox)
+        if data == AUTO_ROI_MODEL:
+            return None
         if not data or data == SAME_AS_MODEL:
             return self._comboData(self.ui.modelComboBox) or None
         return data
@@ -638,21 +656,41 @@ def panelMessage(message):
 
 
 def preferredRoiModels():
-    """MedSRLib's default ROI model, then PREFERRED_ROI_MODELS (no duplicates)."""
+    """AUTO_ROI_MODEL when MedSRLib has its table of measured ROI defaults, then
+    PREFERRED_ROI_MODELS."""
     try:
-        from MedSRLib.roi import focus as roi
-        libraryDefault = (getattr(roi, "DEFAULT_ROI_MODEL", None),)
+        from MedSRLib.roi import roi_models  # noqa: F401
+        libraryDefault = (AUTO_ROI_MODEL,)
     except ImportError:
         libraryDefault = ()
-    return tuple(dict.fromkeys(n for n in libraryDefault + PREFERRED_ROI_MODELS if n))
+    return libraryDefault + PREFERRED_ROI_MODELS
+
+
+def describeRoiDefault(modality, scale):
+    """One sentence: what "Automatic" runs inside the ROI for `modality` and `scale`, with the
+    figures that chose it."""
+    try:
+        from MedSRLib.roi import roi_models
+    except ImportError:
+        return ""
+    choice = roi_models.default_roi_choice(modality, scale)
+    if choice is None:
+        return f"Automatic now: the model above (no measured default for x{scale})."
+    text = f"Automatic now: {choice.label}"
+    if choice.psnr_over_default_db is not None:
+        text += (f", {choice.psnr_over_default_db:+.2f} dB PSNR inside validation lesions over the "
+                 f"plain default, ROI work {choice.roi_work_over_plain:.2f}x the plain run")
+    return text + "."
 
 
 def defaultRoiModel(models, preferred=None, modality=None, scale=None):
-    """The ROI model offered first: the first of `preferred` (default `preferredRoiModels()`)
-    that ships weights (at `scale`, when given) trained on `modality` (when known: "CT", "MR",
-    "XR"), else "Same as model" (as MedSRLib.roi.focus.choose_roi_model: LFSR, trained on MR lesions,
-    fell below bicubic inside CT tumours)."""
+    """The ROI model offered first: the first of `preferred` (default `preferredRoiModels()`:
+    "Automatic", MedSRLib's measured default, when it has one) that is AUTO_ROI_MODEL or ships
+    weights (at `scale`, when given) trained on `modality` (when known: "CT", "MR", "XR"),
+    else "Same as model"."""
     for name in preferredRoiModels() if preferred is None else preferred:
+        if name == AUTO_ROI_MODEL:
+            return name
         model = next((m for m in models if m["name"] == name), None)
         weights = (model or {}).get("weights") or {}
         if scale is not None:

@@ -1,18 +1,21 @@
-"""Lesion-focused super-resolution (paper 003, LFSR): the region of interest and its use.
+"""Lesion-focused super-resolution (Zhu, Yang and Lio, "Lesion focused super-resolution"): the
+region of interest and its use.
 
 - The ROI is an index box on the INPUT grid, in SimpleITK (x, y, z) order, lower corner
   inclusive and upper corner exclusive (Python slice convention): voxels x0 <= x < x1, ...
   `RoiBox`, `parse_box`, `roi_from_mask`.
 - Detector evaluation helpers (no training needed): per-slice boxes of a mask
   (`slice_boxes_from_mask`), their 3-D aggregation with a margin (`aggregate_slice_boxes`), and
-  the paper's coverage metric (`lesion_coverage`: "perfect" = 100 %, "acceptable" >= 95 % of a
+  that paper's coverage metric (`lesion_coverage`: "perfect" = 100 %, "acceptable" >= 95 % of a
   slice's lesion voxels inside the ROI).
-- `detect_lesion` runs the registered `lesion_detector` (paper 003's box regressor) through
+- `detect_lesion` runs the registered `lesion_detector` (that paper's box regressor) through
   its shipped weights; `detect_lesions` runs the default lesion finder (`AUTO_FINDERS`: the
   2.5-D `lesion_segmenter`, `lesion_localiser.py`, whose probability map gives one ROI per
   connected component, `roi_boxes.py`) and returns every ROI with its confidence.
-- The steps `api.upscale(roi=...)` composes: `plan_region` (resolve the ROI or ROIs, before
-  any voxel work), `refine_region` (the lesion model on each ROI plus a margin, run on a crop
+- The steps `api.upscale(roi=...)` composes: `choose_roi` (the model inside the ROI: named, or
+  the measured default per modality and scale, `roi_models.py`), `plan_region` (resolve the ROI
+  or ROIs, before any voxel work), `refine_region` (the ROI model, with its self-ensemble when
+  it has one, on each ROI plus a margin, run on a crop
   with enough context that the crop's border does not show, blended into the whole-volume
   result with a feathered weight map, `blend.py`), `annotate` (the report, also in the
   output's metadata).
@@ -24,7 +27,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -32,12 +35,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import blend, localiser as lesion_localiser, boxes as roi_boxes
+from . import blend, localiser as lesion_localiser, boxes as roi_boxes, roi_models
 from ..transforms import intensity
 from ..io import volumes as io
 from ..models import registry as zoo
 from ..runtime.engine import (CancelToken, EngineOptions, ProgressCallback, context_slices_of,
-                              plan_passes, receptive_radius, super_resolve_volume)
+                              plan_passes, super_resolve_volume)
+from ..runtime.engine import _cached_radius as receptive_radius  # memoised per model object
 from ..planning.run_plan import ScalePlan, plan_scale, validate_image
 from ..errors import InputError, WeightsError
 from .boxes import RoiBox, margin_voxels
@@ -50,16 +54,18 @@ ROI_SCORE_KEY = "medsr_roi_score"
 ROI_FALLBACK_KEY = "medsr_roi_fallback"
 ROI_MODEL_KEY = "medsr_roi_model"
 ROI_REPORT_KEY = "medsr_roi_report"  # the whole RoiReport as one-line JSON
+ROI_ENSEMBLE_KEY = "medsr_roi_self_ensemble"  # self-ensemble members of the ROI model (1: none)
 
 #: Default margin around the ROI, in mm (converted per axis to whole input voxels, >= 1).
 DEFAULT_MARGIN_MM = 5.0
 #: Relative tolerance of the same-grid check between a mask and the input (float32 NIfTI
 #: headers round origins by ~1e-5 mm at 300 mm, which is 3e-8 relative).
 GRID_TOLERANCE = 1e-6
-#: Share of a slice's lesion voxels inside the ROI for an "acceptable" detection (paper 003).
+#: Share of a slice's lesion voxels inside the ROI for an "acceptable" detection (Zhu et al.).
 ACCEPTABLE_COVERAGE = 0.95
-#: The learned model that runs inside the ROI by default (paper 003's LFSR generator).
-DEFAULT_ROI_MODEL = "lfsr"
+#: The perceptual model inside the ROI, by name only (`roi_models.PERCEPTUAL_ROI_MODEL`, the
+#: LFSR generator); the default is per modality and scale (`roi_models.ROI_DEFAULTS`).
+PERCEPTUAL_ROI_MODEL = roi_models.PERCEPTUAL_ROI_MODEL
 DETECTOR_NAME = "lesion_detector"
 LOCALISER_NAME = "lesion_segmenter"
 #: Lesion finders `roi="auto"` may run, the default first (when its weights ship).
@@ -196,7 +202,7 @@ def aggregate_slice_boxes(boxes: Sequence[SliceBox], slice_axis_xyz: int,
 
 @dataclass(frozen=True)
 class LesionCoverage:
-    """Paper 003's detection protocol, per lesion slice: the share of its lesion voxels inside
+    """Zhu et al.'s detection protocol, per lesion slice: the share of its lesion voxels inside
     the ROI; "perfect" when all are, "acceptable" when >= 95 % are (perfect ones included)."""
 
     slice_fractions: tuple[float, ...]
@@ -376,6 +382,8 @@ class RoiReport:
     # index_xyz, bounds_lps_mm, processed_index_xyz and confidence (None when not known).
     regions: tuple[dict, ...] = field(default_factory=tuple)
     finder: str = ""                              # lesion finder of an "auto" run
+    roi_self_ensemble: int = 1                    # self-ensemble members of the ROI model
+    roi_precision: str = ""                       # the ROI model's precision ("": the run's)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -440,23 +448,29 @@ def resolve_roi_argument(roi: Any) -> tuple[str, Any]:
     raise InputError(f"roi must be 'auto', a box, a mask image or a mask file, got {type(roi).__name__}")
 
 
+def choose_roi(roi_model: str | None, scale: int, allow_untrained: bool,
+               modality: str | None = None, fallback: str | None = None,
+               self_ensemble: int | None = None) -> roi_models.RoiModelChoice:
+    """The model inside the ROI: `roi_model` when named (with `self_ensemble` members, default
+    1); else the measured default for `modality` and `scale` (`roi_models.default_roi_choice`)
+    when its weights ship (or untrained runs are allowed), `self_ensemble` overriding its
+    members; else `fallback` (the run's own model). InputError when none applies."""
+    if roi_model:
+        return roi_models.RoiModelChoice(roi_model, self_ensemble or 1)
+    choice = roi_models.default_roi_choice(modality, scale)
+    if choice is not None and (allow_untrained or zoo.shipped_weights(
+            zoo.get_spec(choice.model), scale, modality=modality) is not None):
+        return choice if self_ensemble is None else replace(choice, self_ensemble=self_ensemble)
+    if fallback:
+        return roi_models.RoiModelChoice(fallback, self_ensemble or 1)
+    raise InputError(f"no default model inside the ROI ships for x{scale}; name one with "
+                     "roi_model (--roi-model), or allow untrained weights")
+
+
 def choose_roi_model(roi_model: str | None, scale: int, allow_untrained: bool,
                      modality: str | None = None, fallback: str | None = None) -> str:
-    """`roi_model`, or the LFSR generator (lfsr) when its weights ship for `scale` (or untrained
-    runs are allowed). When the input's `modality` is known and the shipped LFSR card does not
-    list it, `fallback` (the run's own model) instead: LFSR trained on MR alone fell below
-    bicubic inside held-out CT tumours."""
-    if roi_model:
-        return roi_model
-    path = zoo.shipped_weights(zoo.get_spec(DEFAULT_ROI_MODEL), scale)
-    if path is not None and modality and fallback:
-        trained_on = zoo.read_card(path).get("modality") or []
-        if trained_on and modality.upper() not in [str(m).upper() for m in trained_on]:
-            return fallback
-    if path is not None or allow_untrained:
-        return DEFAULT_ROI_MODEL
-    raise InputError(f"no trained lesion-focused model ({DEFAULT_ROI_MODEL}) ships for x{scale}; "
-                     "name one with roi_model (--roi-model), or allow untrained weights")
+    """Registry name of the model inside the ROI (`choose_roi`'s model)."""
+    return choose_roi(roi_model, scale, allow_untrained, modality, fallback).model
 
 
 def _context_voxels_kji(model_for, factors_kji: Sequence[int], slice_axis_kji: int,
@@ -510,6 +524,9 @@ class RegionPlan:
     slice_scores: tuple[float, ...] = ()
     message: str = ""
     finder: str = ""
+    roi_self_ensemble: int = 1        # self-ensemble members of the ROI model
+    reuse_identity: bool = False      # the whole-volume pass is the ensemble's identity member
+    roi_precision: str | None = None  # the ROI model's precision (None: the run's)
 
     @property
     def lesion_box(self) -> RoiBox | None:
@@ -569,11 +586,15 @@ def _found_regions(image: sitk.Image, finder: str, slice_axis_xyz: int, margins_
 
 def plan_region(image: sitk.Image, roi: Any, plan: ScalePlan, roi_model: str, roi_for,
                 margin_mm: float = DEFAULT_MARGIN_MM,
-                detector_weights: str | os.PathLike | None = None) -> RegionPlan:
+                detector_weights: str | os.PathLike | None = None,
+                roi_self_ensemble: int = 1, reuse_identity: bool = False,
+                roi_precision: str | None = None) -> RegionPlan:
     """Step 1 of lesion-focused SR: resolve `roi` ("auto" runs the lesion finder, a box must
     lie inside the volume, a mask must be on the input's grid and not empty) into the boxes
     `refine_region` needs, one set per ROI. `roi_for` loads the ROI model (its receptive field
-    sizes the crops)."""
+    sizes the crops); it runs with `roi_self_ensemble` members, and with `reuse_identity` (the
+    ROI model is the run's own, same weights and options) the whole-volume result counts as the
+    identity member. `roi_precision`: the ROI model's precision (None: the run's)."""
     source, value = resolve_roi_argument(roi)
     size_xyz = tuple(image.GetSize())
     margins = margin_voxels(margin_mm, image.GetSpacing())
@@ -597,7 +618,9 @@ def plan_region(image: sitk.Image, roi: Any, plan: ScalePlan, roi_model: str, ro
             regions.append(PlannedRegion(lesion_box, processed,
                                          processed.grown(context_kji[::-1], size_xyz), confidence))
     return RegionPlan(source, roi_model, tuple(regions), margins, score, tuple(slice_scores),
-                      message, finder)
+                      message, finder, int(roi_self_ensemble),
+                      bool(reuse_identity) and roi_self_ensemble > 1 and roi_precision is None,
+                      roi_precision)
 
 
 def refine_region(result_units: np.ndarray, voxels: np.ndarray, region: RegionPlan,
@@ -606,7 +629,12 @@ def refine_region(result_units: np.ndarray, voxels: np.ndarray, region: RegionPl
                   cancel: CancelToken | None = None) -> None:
     """Step 2: for each ROI, run the ROI model on its crop of `voxels` (K, J, I, the input's
     units) and blend it into `result_units` (the whole-volume output in network units, modified
-    in place) with a feathered weight that is 1 on the ROI and falls to 0 across the margin."""
+    in place) with a feathered weight that is 1 on the ROI and falls to 0 across the margin.
+    With self-ensemble the ROI output is the mean of the members; with `reuse_identity` the
+    identity member is `result_units` itself and only the others run."""
+    options = replace(options, self_ensemble=region.roi_self_ensemble,
+                      ensemble_start=1 if region.reuse_identity else 0,
+                      precision=region.roi_precision or options.precision)
     for number, planned in enumerate(region.regions):
         share = (lambda f, text, n=number: progress((n + f) / len(region.regions), text)) \
             if progress is not None else None
@@ -636,7 +664,12 @@ def _refine_one(result_units: np.ndarray, voxels: np.ndarray, planned: PlannedRe
         ramps_lower.append(ramp if processed.lower_xyz[a] > 0 else 0)
         ramps_upper.append(ramp if processed.upper_xyz[a] < size_xyz[a] else 0)
     weights_map = blend.feather_weights(out_box.size_xyz[::-1], ramps_lower, ramps_upper)
-    blend.blend_into(result_units, crop[inner], weights_map, out_box.slices_kji)
+    refined = crop[inner]
+    if options.ensemble_start:  # the whole-volume pass is members 0..start-1 of the mean
+        computed = options.self_ensemble - options.ensemble_start
+        refined = (result_units[out_box.slices_kji] * options.ensemble_start
+                   + refined * computed) / options.self_ensemble
+    blend.blend_into(result_units, refined, weights_map, out_box.slices_kji)
 
 
 def annotate(output: sitk.Image, region: RegionPlan, plan: ScalePlan, model: str,
@@ -658,8 +691,10 @@ def annotate(output: sitk.Image, region: RegionPlan, plan: ScalePlan, model: str
         roi_model=region.roi_model, model=model, scale_factors_xyz=plan.factors_xyz,
         message=region.message.replace("the fast model", f"the fast model {model!r}"),
         slice_scores=tuple(round(s, 6) for s in region.slice_scores), regions=regions,
-        finder=region.finder)
+        finder=region.finder, roi_self_ensemble=region.roi_self_ensemble,
+        roi_precision=region.roi_precision or "")
     output.SetMetaData(ROI_MODEL_KEY, region.roi_model)
+    output.SetMetaData(ROI_ENSEMBLE_KEY, str(region.roi_self_ensemble))
     output.SetMetaData(ROI_INDEX_KEY, " ".join(str(v) for v in (*lesion_box.lower_xyz,
                                                                *lesion_box.upper_xyz))
                        if lesion_box else "none")

@@ -53,7 +53,10 @@ class EngineOptions:
     "int8"; see `resolve_precision` and `SliceUpscaler`),
     tile edge in input pixels (None = automatic, 0 = whole slices), slices per batch, CPU
     threads (None = torch's default), channels_last memory format (torch), backend ("auto",
-    "torch", "openvino"; see `resolve_backend`)."""
+    "torch", "openvino"; see `resolve_backend`), geometric self-ensemble members per slice
+    (1 = off; 2, 4 or 8: `ensemble_transforms`) and the first of them this run computes
+    (`ensemble_start` > 0: the earlier members' outputs exist elsewhere, e.g. the whole-volume
+    pass of the same model; the result is then the mean of members ensemble_start..n-1 only)."""
 
     device: str = "auto"
     precision: str = "auto"
@@ -62,6 +65,8 @@ class EngineOptions:
     threads: int | None = None
     channels_last: bool = True
     backend: str = "auto"
+    self_ensemble: int = 1
+    ensemble_start: int = 0
 
     def __post_init__(self) -> None:
         """InputError naming the option (API argument and CLI flag) for a value out of range."""
@@ -81,6 +86,12 @@ class EngineOptions:
                                       (self.tile != 0 and self.tile < MIN_TILE)):
             raise InputError(f"tile (--tile) must be 0 (whole slices) or at least {MIN_TILE} "
                              f"pixels, got {self.tile!r}")
+        if not _is_int(self.self_ensemble) or self.self_ensemble not in SELF_ENSEMBLE_SIZES:
+            raise InputError("self_ensemble must be one of "
+                             f"{', '.join(map(str, SELF_ENSEMBLE_SIZES))}, got {self.self_ensemble!r}")
+        if not _is_int(self.ensemble_start) or not 0 <= self.ensemble_start < self.self_ensemble:
+            raise InputError(f"ensemble_start must be an integer in [0, self_ensemble), got "
+                             f"{self.ensemble_start!r}")
 
 
 def _is_int(value: object) -> bool:
@@ -94,6 +105,32 @@ OV_WHOLE_SLICE_MAX_PIXELS = 1024 * 1024
 OV_TILE = 256
 #: Smallest tile edge (input pixels): smaller tiles are mostly halo and make no real progress.
 MIN_TILE = 16
+
+
+#: Geometric self-ensemble (Lim et al., "Enhanced deep residual networks for single image
+#: super-resolution", EDSR+): the in-plane dihedral transforms (transpose, flip rows, flip
+#: columns), applied in this order; n members take the first n. 2 adds the 180-degree rotation,
+#: 4 the two flips, 8 the transposed four.
+DIHEDRAL_TRANSFORMS = ((False, False, False), (False, True, True), (False, True, False),
+                       (False, False, True), (True, False, False), (True, True, True),
+                       (True, True, False), (True, False, True))
+SELF_ENSEMBLE_SIZES = (1, 2, 4, 8)
+
+
+def ensemble_transforms(members: int, factors: tuple[int, int]) -> tuple[tuple[bool, bool, bool], ...]:
+    """The (transpose, flip rows, flip columns) transforms of a `members`-strong self-ensemble.
+    Unequal in-plane factors allow no transpose (the network is loaded for (fy, fx), not
+    (fx, fy)): at most the 4 flips then."""
+    if members not in SELF_ENSEMBLE_SIZES:
+        raise InputError(f"self_ensemble must be one of {', '.join(map(str, SELF_ENSEMBLE_SIZES))}, "
+                         f"got {members!r}")
+    usable = DIHEDRAL_TRANSFORMS if factors[0] == factors[1] else DIHEDRAL_TRANSFORMS[:4]
+    return usable[:members]
+
+
+def _flip(x: torch.Tensor, rows: bool, cols: bool) -> torch.Tensor:
+    dims = [d for d, flag in ((-2, rows), (-1, cols)) if flag]
+    return torch.flip(x, dims) if dims else x
 
 
 #: Automatic tile edge (input pixels) on CPU: 128-256 px tiles beat whole 512^2 slices here.
@@ -284,6 +321,7 @@ class SliceUpscaler:
             tile = 0 if (self.device.type != "cpu" or self.backend == "openvino") else AUTO_TILE_CPU
         self.tile = tile
         self._halo: int | None = None  # measured when a slice first needs tiling
+        self.ensemble = ensemble_transforms(options.self_ensemble, factors)[options.ensemble_start:]
         self.model = self.model.to(self.device)
         if self.channels_last and self.backend == "torch":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -295,7 +333,27 @@ class SliceUpscaler:
         if self.int8:
             precision = f"int8 (float layers {precision})"
         tiling = f"{self.tile}-px tiles" if self.tile else "whole slices"
-        return f"{self.backend} {precision}, {tiling}"
+        ensemble = f", self-ensemble x{len(self.ensemble)}" if len(self.ensemble) > 1 else ""
+        return f"{self.backend} {precision}, {tiling}{ensemble}"
+
+    def _run_ensemble(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on `x` (N, C, h, w), or with self-ensemble the mean of its outputs on the
+        transformed inputs, each transformed back; one batch per input shape (the flips of one
+        orientation run together)."""
+        if self.ensemble == DIHEDRAL_TRANSFORMS[:1]:
+            return self._run(x)
+        n, total = x.shape[0], None
+        for transpose in (False, True):
+            members = [(rows, cols) for t, rows, cols in self.ensemble if t == transpose]
+            if not members:
+                continue
+            oriented = x.transpose(-1, -2) if transpose else x
+            y = self._run(torch.cat([_flip(oriented, rows, cols) for rows, cols in members]))
+            for m, (rows, cols) in enumerate(members):
+                part = _flip(y[m * n:(m + 1) * n], rows, cols)
+                part = part.transpose(-1, -2) if transpose else part
+                total = part.clone() if total is None else total.add_(part)
+        return total / len(self.ensemble)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         if self._runner is not None:
@@ -346,7 +404,7 @@ class SliceUpscaler:
                 self.tile = 0
         with torch.inference_mode():
             if not self.tile or (h <= self.tile and w <= self.tile):
-                return check_finite_output(self._run(batch)[:, 0].numpy(), self.model)
+                return check_finite_output(self._run_ensemble(batch)[:, 0].numpy(), self.model)
             out = torch.empty(n, 1, h * sy, w * sx)
             r, t = self._halo, self.tile
             for y0 in range(0, h, t):
@@ -355,7 +413,7 @@ class SliceUpscaler:
                 for x0 in range(0, w, t):
                     x1 = min(x0 + t, w)
                     px0, px1 = max(0, x0 - r), min(w, x1 + r)
-                    tile_out = self._run(batch[:, :, py0:py1, px0:px1])
+                    tile_out = self._run_ensemble(batch[:, :, py0:py1, px0:px1])
                     oy, ox = (y0 - py0) * sy, (x0 - px0) * sx
                     out[:, :, y0 * sy:y1 * sy, x0 * sx:x1 * sx] = \
                         tile_out[:, :, oy:oy + (y1 - y0) * sy, ox:ox + (x1 - x0) * sx]

@@ -52,11 +52,8 @@ def test_roi_model_list_offers_same_as_model_and_registry_models(widget, MedSR):
     combo = widget.ui.roiModelComboBox
     offered = [combo.itemData(i) for i in range(combo.count())]
     registry = [m["name"] for m in MedSRLib.list_models() if m["kind"] != "detector"]
-    assert offered == [MedSR.SAME_AS_MODEL] + registry
-    shipped = {m["name"] for m in MedSRLib.list_models() if m.get("weights")}
-    preferred = (medsr_roi.DEFAULT_ROI_MODEL, "srgan", "srresnet")
-    expected = next((n for n in preferred if n in shipped), MedSR.SAME_AS_MODEL)
-    assert widget._comboData(combo) == expected
+    assert offered == [MedSR.AUTO_ROI_MODEL, MedSR.SAME_AS_MODEL] + registry
+    assert widget._comboData(combo) == MedSR.AUTO_ROI_MODEL
     # "Same as model" resolves to the model chosen above; LFSR only with the checkbox on
     select(combo, MedSR.SAME_AS_MODEL)
     select(widget.ui.modelComboBox, "lanczos")
@@ -79,7 +76,7 @@ def test_default_roi_model_prefers_shipped_lfsr_generator(MedSR):
     models[0]["weights"] = {"x2": {}}
     assert MedSR.defaultRoiModel(models, preferred) == "lfsr"
     assert MedSR.defaultRoiModel([{"name": "srgan", "weights": {}}], preferred) == MedSR.SAME_AS_MODEL
-    assert MedSR.preferredRoiModels()[0] == medsr_roi.DEFAULT_ROI_MODEL  # the library's choice first
+    assert MedSR.preferredRoiModels()[0] == MedSR.AUTO_ROI_MODEL  # the library's choice first
 
 
 def test_default_roi_model_is_one_trained_on_the_inputs_modality(MedSR):
@@ -94,15 +91,16 @@ def test_default_roi_model_is_one_trained_on_the_inputs_modality(MedSR):
 
 
 def test_roi_model_follows_the_modality_until_the_user_picks_one(widget, MedSR):
-    shipped = {m["name"] for m in MedSRLib.list_models() if m.get("weights")}
-    if medsr_roi.DEFAULT_ROI_MODEL not in shipped:
-        pytest.skip("no LFSR ships")
+    """"Automatic" stays selected while the modality changes (its tooltip names what runs for
+    each); a model the user picks stays picked."""
     combo = widget.ui.roiModelComboBox
     select(widget.ui.scaleComboBox, 2)
-    select(widget.ui.modalityComboBox, "CT")      # LFSR is trained on MR lesions only
-    assert widget._comboData(combo) == MedSR.SAME_AS_MODEL
-    select(widget.ui.modalityComboBox, "MR")
-    assert widget._comboData(combo) == medsr_roi.DEFAULT_ROI_MODEL
+    tips = {}
+    for modality in ("CT", "MR"):
+        select(widget.ui.modalityComboBox, modality)
+        assert widget._comboData(combo) == MedSR.AUTO_ROI_MODEL
+        tips[modality] = combo.toolTip()
+    assert all("Automatic now:" in tip for tip in tips.values())
     select(combo, "srcnn")                         # the user's choice stays
     select(widget.ui.modalityComboBox, "CT")
     assert widget._comboData(combo) == "srcnn"
