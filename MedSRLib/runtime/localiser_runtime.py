@@ -26,7 +26,7 @@ from torch import nn
 
 from . import model_integrity, no_telemetry  # noqa: F401 - no_telemetry: before any openvino import
 from .openvino_runtime import (OpenVinoUnavailable, available, cache_folder, check_finite_weights,
-                               drop_unverified_blobs, model_fingerprint, record_new_blobs)
+                               compile_cached, model_fingerprint)
 
 PRECISIONS = ("f32", "bf16")
 #: Example input edge for tracing (the IR is reshaped per input shape).
@@ -150,21 +150,8 @@ class SegmenterRunner:
             shaped.reshape(list(shape))
             config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
                       "INFERENCE_NUM_THREADS": self._threads}
-            folder = cache_folder() / "compiled"
-            before = None
-            try:  # compiled blobs cached on disk: a new process skips most of the compiling
-                folder.mkdir(parents=True, exist_ok=True)
-                before = drop_unverified_blobs(folder)
-                config["CACHE_DIR"] = str(folder)
-            except OSError:
-                pass
-            try:
-                compiled = ov.Core().compile_model(shaped, "CPU", config)
-            except Exception as err:  # noqa: BLE001
-                raise OpenVinoUnavailable(f"OpenVINO could not compile the lesion segmenter for "
-                                          f"{shape} inputs ({type(err).__name__})") from None
-            if before is not None:
-                record_new_blobs(folder, before)
+            compiled = compile_cached(ov.Core(), shaped, config,
+                                      f"the lesion segmenter for {shape} inputs")
             with _LOCK:
                 self._compiled[key] = compiled
                 while len(self._compiled) > MAX_COMPILED_PER_NETWORK:

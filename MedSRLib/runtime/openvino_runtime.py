@@ -278,6 +278,32 @@ def record_new_blobs(folder: Path, before: set[Path]) -> None:
             pass
 
 
+def compile_cached(core, model, config: dict, what: str):
+    """`core.compile_model(model, "CPU", config)` with the compiled blob cached on disk (a new
+    process skips most of the compiling): under `compiled_cache_lock`, unverified blobs dropped
+    first and new ones recorded after. Without a usable cache folder, compiled without one.
+    OpenVinoUnavailable naming `what` when OpenVINO cannot compile it."""
+    folder = cache_folder() / "compiled"
+    with contextlib.ExitStack() as held:
+        before: set[Path] | None = None
+        config = dict(config)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            held.enter_context(compiled_cache_lock(folder))
+            before = drop_unverified_blobs(folder)
+            config["CACHE_DIR"] = str(folder)
+        except OSError:
+            pass
+        try:
+            compiled = core.compile_model(model, "CPU", config)
+        except Exception as err:  # noqa: BLE001
+            raise OpenVinoUnavailable(f"OpenVINO could not compile {what} "
+                                      f"({type(err).__name__})") from None
+        if before is not None:
+            record_new_blobs(folder, before)
+    return compiled
+
+
 def input_channels(model: nn.Module) -> int:
     """Input channels of a `zoo.SRModel`: 1, or k + 1 for a 2.5-D model (`context_slices` k)."""
     return 1 + int(getattr(model, "context_slices", 0) or 0)
@@ -328,25 +354,9 @@ class OpenVinoRunner:
         shaped.reshape([1, self._channels, h, w])
         config = {"INFERENCE_PRECISION_HINT": "bf16" if self.bf16 else "f32",
                   "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": self._threads}
-        compiled_cache = cache_folder() / "compiled"
         if hint == "THROUGHPUT":
             config["NUM_STREAMS"] = max(1, min(self._threads, 4))
-        with contextlib.ExitStack() as held:
-            blobs_before: set[Path] | None = None
-            try:  # OpenVINO keeps compiled blobs there: a new process skips most of the compiling
-                compiled_cache.mkdir(parents=True, exist_ok=True)
-                held.enter_context(compiled_cache_lock(compiled_cache))
-                blobs_before = drop_unverified_blobs(compiled_cache)
-                config["CACHE_DIR"] = str(compiled_cache)
-            except OSError:
-                pass
-            try:
-                compiled = self._core.compile_model(shaped, "CPU", config)
-            except Exception as err:  # noqa: BLE001
-                raise OpenVinoUnavailable(f"OpenVINO could not compile the model for {h}x{w} "
-                                          f"slices ({type(err).__name__})") from None
-            if blobs_before is not None:
-                record_new_blobs(compiled_cache, blobs_before)
+        compiled = compile_cached(self._core, shaped, config, f"the model for {h}x{w} slices")
         with _LOCK:
             self._compiled[key] = compiled
             while len(self._compiled) > MAX_COMPILED_PER_MODEL:
