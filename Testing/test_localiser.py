@@ -341,7 +341,9 @@ def test_auto_roi_on_a_held_out_x2_mr_holds_its_tumour(shared_data):
     boxes = [roi.RoiBox(*r["processed_index_xyz"]).scaled((2, 2, 1)) for r in report.regions]
     coverage = roi.lesion_coverage(hr_mask, roi_boxes.union_mask(boxes, hr_mask.shape))
     assert coverage.acceptable_share >= 0.95 and coverage.voxel_fraction >= 0.95
-    assert roi_boxes.union_mask(boxes, hr_mask.shape).mean() < 0.5   # a tight crop: 45 %
+    # not the whole volume: the recall-first calibration takes 60 % of this 5 cm crop
+    # (benchmarks/results/localiser/coverage.md; the whole crop would be 100 %)
+    assert roi_boxes.union_mask(boxes, hr_mask.shape).mean() < 0.7
 
 
 
