@@ -14,9 +14,7 @@ speed (`benchmarks/lesion_focus_time.py`).
 
 from __future__ import annotations
 
-import os
 import threading
-import warnings
 import weakref
 from collections import OrderedDict
 
@@ -24,13 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import model_integrity, no_telemetry  # noqa: F401 - no_telemetry: before any openvino import
+from . import no_telemetry  # noqa: F401 - before any openvino import
 from .openvino_runtime import (OpenVinoUnavailable, available, cache_folder, check_finite_weights,
-                               compile_cached, model_fingerprint)
+                               compile_cached, convert_cached, model_fingerprint)
 
 PRECISIONS = ("f32", "bf16")
-#: Example input edge for tracing (the IR is reshaped per input shape).
-TRACE_EDGE = 64
 #: Fingerprint "factors" of a segmenter IR (keeps its cache key apart from any SR model's).
 SEGMENTER_KEY = (0, 0)
 MAX_COMPILED_PER_NETWORK = 8
@@ -61,44 +57,13 @@ def converted_segmenter(network: nn.Module):
     OpenVinoUnavailable when OpenVINO is missing or cannot convert it."""
     if not available():
         raise OpenVinoUnavailable("OpenVINO is not installed (pip install openvino)")
-    import openvino as ov
-
     with _LOCK:
         if network in _CONVERTED:
             return _CONVERTED[network]
     check_finite_weights(network)
-    core = ov.Core()
-    path = cache_folder() / f"{model_fingerprint(network, SEGMENTER_KEY)}.xml"
-    files = (path, path.with_suffix(".bin"))
-    converted = None
-    if path.is_file() and model_integrity.matches_record(path, files):
-        try:
-            converted = core.read_model(str(path))
-        except Exception:  # noqa: BLE001 - a damaged entry is made again
-            converted = None
-    if converted is None:
-        if path.is_file() or path.with_suffix(".bin").is_file():
-            model_integrity.remove_entry(path, files)
-        channels = _in_channels(network)
-        example = torch.rand(1, channels, TRACE_EDGE, TRACE_EDGE,
-                             generator=torch.Generator().manual_seed(0))
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer warnings on the padding checks
-                converted = ov.convert_model(network.float().eval(), example_input=example,
-                                             input=[-1, channels, -1, -1])
-        except Exception as err:  # noqa: BLE001 - reported; the caller runs torch instead
-            raise OpenVinoUnavailable(f"OpenVINO could not convert the lesion segmenter "
-                                      f"({type(err).__name__})") from None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temp = path.with_name(f".{path.stem}.{os.getpid()}.xml")
-            ov.save_model(converted, str(temp), compress_to_fp16=False)
-            os.replace(temp.with_suffix(".bin"), path.with_suffix(".bin"))
-            os.replace(temp, path)
-            model_integrity.write_record(path, files)
-        except Exception:  # noqa: BLE001 - no writable cache: convert again next process
-            pass
+    converted = convert_cached(network, _in_channels(network),
+                               cache_folder() / f"{model_fingerprint(network, SEGMENTER_KEY)}.xml",
+                               "the lesion segmenter")
     with _LOCK:
         _CONVERTED[network] = converted
     return converted

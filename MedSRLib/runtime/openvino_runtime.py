@@ -143,49 +143,58 @@ _LOCK = threading.Lock()
 def _convert(model: nn.Module, factors: tuple[int, int], traced: nn.Module):
     """The OpenVINO model of `traced` (`model` or its residual body), from this process's
     memory, the disk cache, or a fresh conversion (then saved to the disk cache when writable)."""
-    import openvino as ov
-
     with _LOCK:
         per_model = _CONVERTED.setdefault(model, {})
         if factors in per_model:
             return per_model[factors]
-    core = ov.Core()
     fingerprint = model_fingerprint(model, factors) + ("r" if traced is not model else "")
-    path = cache_folder() / f"{fingerprint}.xml"
+    converted = convert_cached(traced, input_channels(model),
+                               cache_folder() / f"{fingerprint}.xml", "the model")
+    with _LOCK:
+        _CONVERTED.setdefault(model, {})[factors] = converted
+    return converted
+
+
+def convert_cached(network: nn.Module, channels: int, path: Path, what: str):
+    """The OpenVINO model (dynamic (N, `channels`, h, w) input) of `network`: read from the
+    cache entry `path` (.xml and .bin) when its SHA-256 record matches; else converted (traced
+    on a fixed random example) and saved there when the folder is writable, the record last. A
+    damaged or unverified entry is deleted with a notice first. OpenVinoUnavailable naming
+    `what` when OpenVINO cannot convert it."""
+    import openvino as ov
+
     files = (path, path.with_suffix(".bin"))
     converted = None
     if path.is_file() or path.with_suffix(".bin").is_file():
         if model_integrity.matches_record(path, files):
             try:
-                converted = core.read_model(str(path))
+                converted = ov.Core().read_model(str(path))
             except Exception:  # noqa: BLE001 - a damaged cache entry is re-made
                 converted = None
         if converted is None:
             _notice(f"cached OpenVINO model {path} was damaged or unverified (SHA-256 "
                     "mismatch); converting it again")
             model_integrity.remove_entry(path, files)
-    if converted is None:
-        channels = input_channels(model)
-        example = torch.rand(1, channels, TRACE_EDGE, TRACE_EDGE, generator=torch.Generator().manual_seed(0))
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer warnings: checked by the tests instead
-                converted = ov.convert_model(traced.float().eval(), example_input=example,
-                                             input=[-1, channels, -1, -1])
-        except Exception as err:  # noqa: BLE001 - reported, then torch runs the model
-            raise OpenVinoUnavailable(f"OpenVINO could not convert the model ({type(err).__name__}: "
-                                      f"{str(err).splitlines()[0] if str(err) else ''})") from None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temp = path.with_name(f".{path.stem}.{os.getpid()}.xml")
-            ov.save_model(converted, str(temp), compress_to_fp16=False)
-            os.replace(temp.with_suffix(".bin"), path.with_suffix(".bin"))
-            os.replace(temp, path)
-            model_integrity.write_record(path, files)  # last: an entry without it is re-made
-        except Exception:  # noqa: BLE001 - no cache folder: convert again next process
-            pass
-    with _LOCK:
-        _CONVERTED.setdefault(model, {})[factors] = converted
+    if converted is not None:
+        return converted
+    example = torch.rand(1, channels, TRACE_EDGE, TRACE_EDGE, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings: checked by the tests instead
+            converted = ov.convert_model(network.float().eval(), example_input=example,
+                                         input=[-1, channels, -1, -1])
+    except Exception as err:  # noqa: BLE001 - reported, then torch runs the model
+        raise OpenVinoUnavailable(f"OpenVINO could not convert {what} ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.stem}.{os.getpid()}.xml")
+        ov.save_model(converted, str(temp), compress_to_fp16=False)
+        os.replace(temp.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(temp, path)
+        model_integrity.write_record(path, files)  # last: an entry without it is re-made
+    except Exception:  # noqa: BLE001 - no cache folder: convert again next process
+        pass
     return converted
 
 
