@@ -48,6 +48,17 @@ SPEED_VOLUME = DATA / "ct" / "crlm-ct-1004-dicom"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
+def cpu_flags() -> str:
+    """The CPU_FLAGS this CPU has, space-separated ("unknown" without /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = set(next((line for line in text.splitlines() if line.startswith("flags")),
+                     "").split())
+    return " ".join(f for f in CPU_FLAGS if f in flags)
+
+
 def cpu_description() -> str:
     flags, model = set(), "unknown CPU"
     for line in Path("/proc/cpuinfo").read_text().splitlines():

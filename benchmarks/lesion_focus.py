@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,12 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from MedSRLib.evaluation import lesion_focus as protocol  # noqa: E402
-
-
-def cpu_flags() -> str:
-    out = subprocess.run(["grep", "-o", "-w", "-E", "avx2|avx512f|avx512_vnni|avx512_bf16|amx_bf16",
-                          "/proc/cpuinfo"], capture_output=True, text=True).stdout.split()
-    return " ".join(sorted(set(out)))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_runtime import cpu_flags  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

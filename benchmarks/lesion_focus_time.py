@@ -35,6 +35,8 @@ from MedSRLib.io import volumes as io  # noqa: E402
 from MedSRLib.roi import localiser as loc  # noqa: E402
 from MedSRLib.training import localiser_calibration as calib  # noqa: E402
 from MedSRLib.training.localiser import cases  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_runtime import cpu_flags  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "MedSRLib/data/ct_abdomen_sample.nrrd"
 CT_512 = "ct/crlm-ct-1004-dicom"
@@ -50,17 +52,6 @@ PATHS = {"reference (torch fp32)": ("torch", None),
          "openvino bf16, x and y slices >= 3 mm apart": ("openvino-bf16", (3.0, 3.0, 0.0))}
 REFERENCE = "reference (torch fp32)"
 VALIDATION_IMAGES = ("CT_image", "MR_T1_image", "T1c_", "Flair_")
-
-
-def cpu_flags() -> str:
-    """The SIMD flags of this CPU that matter for the runtimes (avx2, avx512*, amx*)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
-    return " ".join(sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_vnni",
-                                                     "avx512_bf16", "amx_bf16"}))
 
 
 def tiled(image: sitk.Image, slices: int) -> sitk.Image:

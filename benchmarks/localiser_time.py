@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from MedSRLib.io import volumes as io  # noqa: E402
 from MedSRLib.roi import localiser as loc
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_runtime import cpu_flags  # noqa: E402
 
 FIRST_SEGMENTER = Path(__file__).resolve().parent / "results/localiser/candidates/S200/lesion_segmenter.safetensors"
 #: Validation patients only (sarcoma STS_010, BraTS pat0005): nothing here touches a test patient.
@@ -39,15 +41,6 @@ def tall_ct(image: sitk.Image, slices: int) -> sitk.Image:
     tall = sitk.GetImageFromArray(np.concatenate([voxels, voxels[::-1]] * repeats)[:slices])
     tall.SetSpacing(tuple(image.GetSpacing()[:2]) + (1.0,))
     return tall
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
-    return " ".join(sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2"))))
 
 
 def compared_localisers(description: str, argv: list[str] | None

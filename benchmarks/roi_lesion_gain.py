@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,8 @@ from MedSRLib.planning.run_plan import model_loader, plan_scale  # noqa: E402
 from MedSRLib.roi import focus  # noqa: E402
 from MedSRLib.runtime.engine import EngineOptions, super_resolve_volume  # noqa: E402
 from MedSRLib.transforms import intensity  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_runtime import cpu_flags  # noqa: E402
 
 #: member label -> (model, precision, self_ensemble, ensemble_start)
 MEMBERS = {
@@ -73,12 +74,6 @@ CANDIDATES = {
     "mean(edsr_lite se2, edsr_lite_25d)": [("plain", 1), ("edsr_lite se2 +1", 1),
                                            ("edsr_lite_25d", 2)],
 }
-
-
-def cpu_flags() -> str:
-    out = subprocess.run(["grep", "-o", "-w", "-E", "avx2|avx512f|avx512_vnni|avx512_bf16|amx_bf16",
-                          "/proc/cpuinfo"], capture_output=True, text=True).stdout.split()
-    return " ".join(sorted(set(out)))
 
 
 def timed(call):
