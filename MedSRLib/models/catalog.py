@@ -125,7 +125,8 @@ ENTRIES.append(ModelSpec(
     default_config=dict(_EDSR_LITE_CONFIG),
     description="Paper 003's lesion-focused generator, trained adversarially on lesion-centred "
                 "crops from the edsr_lite weights (SRResNet without BN: the BN SRResNet did not "
-                "reach bicubic in our CPU budget); the default model inside upscale(roi=...)."))
+                "reach bicubic in our CPU budget); the perceptual choice inside upscale(roi=...), "
+                "below the default in PSNR there (roi_model='lfsr')."))
 
 ENTRIES.append(ModelSpec(
     name="mdrn", title="MDRN (multi-scale EDSR, 80x64)", builder=MultiScaleEDSR,
