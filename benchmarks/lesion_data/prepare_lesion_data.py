@@ -29,11 +29,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-# Patient IDs that no calibration, selection or test may touch (the benchmark's test patients).
-RESERVED_PATIENT_IDS = frozenset({
-    "STS_015", "STS_018", "STS_019", "STS_022", "STS_023", "STS_024",
-    "pat0001", "pat0002", "LUNG1-001", "LIDC-IDRI-0314", "CRLM-CT-1006", "VS-SEG-001",
-})
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# Patient IDs that no calibration, selection or test may touch: the project's one list.
+from MedSRLib.training.localiser import RESERVED_PATIENTS as RESERVED_PATIENT_IDS  # noqa: E402
 
 PYRADIOMICS_COMMIT = "8ed579383b44806651c463d5e691f3b2b57522ab"
 CT_SLICING_COMMIT = "07d32abf6d8b8f1c61a0dccb685affa29b1512af"
