@@ -191,12 +191,14 @@ def test_extra_volumes_split_by_patient_skip_when_absent_and_refuse_reserved(tmp
     write_extra_case(tmp_path, "lidc-voi", "LIDC-IDRI-0001_R_1")
     write_extra_case(tmp_path, "lidc-slab", "LIDC-IDRI-0001")
     write_extra_case(tmp_path, "lidc-voi", "LIDC-IDRI-0007_R_1")
+    write_extra_case(tmp_path, "lidc-voi", "LIDC-IDRI-0044_R_3")
     write_extra_case(tmp_path, "pyradiomics", "brain2")
     found = localiser.extra_cases(root=tmp_path)
     assert {(c.patient, c.subset, c.crop) for c in found} == {
         ("LIDC-IDRI-0001", "test", True), ("LIDC-IDRI-0001", "test", False),
-        ("LIDC-IDRI-0007", "validation", True), ("brain2", "validation", False)}
-    case = next(c for c in found if c.patient == "LIDC-IDRI-0007")
+        ("LIDC-IDRI-0007", "train", True), ("LIDC-IDRI-0044", "validation", True),
+        ("brain2", "validation", False)}
+    case = next(c for c in found if c.patient == "LIDC-IDRI-0044")
     _, mask, _ = localiser.read_case(tmp_path, case)            # absolute paths, any root
     assert mask.sum() == 8
     assert [c.image for c in localiser.extra_cases("validation", root=tmp_path)] == [
@@ -204,6 +206,26 @@ def test_extra_volumes_split_by_patient_skip_when_absent_and_refuse_reserved(tmp
     write_extra_case(tmp_path, "lidc-voi", "LIDC-IDRI-0314_R_1")
     with pytest.raises(ValueError, match="reserved"):
         localiser.extra_cases(root=tmp_path)
+
+
+def test_extra_training_volumes_train_and_never_a_test_or_undocumented_patient(tmp_path, monkeypatch):
+    write_extra_case(tmp_path, "lidc-voi", "LIDC-IDRI-0007_R_1")
+    write_extra_case(tmp_path, "lidc-voi", "LIDC-IDRI-0001_R_1")
+    write_extra_case(tmp_path, "lidc-voi", "LIDC-IDRI-0044_R_3")
+    monkeypatch.setenv("MEDSR_EXTRA_LESIONS", str(tmp_path))
+    trained = localiser.training_cases()
+    extra_trained = [c for c in trained if c.source.startswith("lidc-voi")]
+    assert [c.patient for c in extra_trained] == ["LIDC-IDRI-0007"]
+    assert {c.patient for c in trained} >= set(localiser.RECIPE["split"]["sarcoma"]["train"])
+    assert not {c.patient for c in trained} & {c.patient for c in localiser.cases("test")}
+    assert localiser.training_cases(extra=None) == localiser.cases("train")
+    both = {**localiser.EXTRA_LESIONS, "train": [*localiser.EXTRA_LESIONS["train"], "LIDC-IDRI-0001"]}
+    with pytest.raises(ValueError, match="LIDC-IDRI-0001 is in both test and train"):
+        localiser.extra_cases(extra=both, root=tmp_path)
+    undocumented = {**localiser.EXTRA_LESIONS, "train": ["brain2"], "patients": {}}
+    write_extra_case(tmp_path, "pyradiomics", "brain2")
+    with pytest.raises(ValueError, match="undocumented patient cannot be a train volume"):
+        localiser.extra_cases(extra=undocumented, root=tmp_path)
 
 
 def test_composite_lesions_follow_the_mask_convention_of_their_parts(shared_data):

@@ -170,6 +170,52 @@ def test_an_untrained_network_is_exactly_cubic_interpolation():
     np.testing.assert_allclose(apply.restore(units, 0, 18, 1.0, ThroughPlaneEDSR()), cubic, atol=1e-6)
 
 
+def test_refine_blocks_grow_a_network_from_its_smaller_self_and_load_from_their_card(tmp_path):
+    rng = np.random.default_rng(2)
+    small = ThroughPlaneEDSR(16, 2)
+    with torch.no_grad():
+        for tensor in small.parameters():
+            tensor.copy_(torch.from_numpy(rng.normal(0, 0.1, tensor.shape).astype(np.float32)))
+    small_path = tmp_path / "small.safetensors"
+    zoo.save_weights(small, small_path, {"model": model_io.MODEL_NAME, "architecture": "ThroughPlaneEDSR",
+                                         "config": {"num_features": 16, "num_blocks": 2}})
+    grown = ThroughPlaneEDSR(16, 2, refine_blocks=2)
+    grown.load_grown(str(small_path))
+    thick = torch.from_numpy(rng.random((2, 1, 9, 20)).astype(np.float32))
+    positions = torch.linspace(-0.4, 8.4, 27)
+    with torch.no_grad():
+        before = small(thick, positions, 3.0, 1.0)
+        np.testing.assert_allclose(grown(thick, positions, 3.0, 1.0), before, atol=1e-6)
+        for tensor in grown.refine.parameters():      # the blocks act once they are trained
+            tensor.add_(0.05)
+        assert float((grown(thick, positions, 3.0, 1.0) - before).abs().max()) > 1e-3
+    grown_path = tmp_path / "grown.safetensors"
+    zoo.save_weights(grown, grown_path, {"model": model_io.MODEL_NAME, "architecture": "ThroughPlaneEDSR",
+                                         "config": {"num_features": 16, "num_blocks": 2, "refine_blocks": 2}})
+    loaded = model_io.load(grown_path)
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(thick, positions, 3.0, 1.0), grown(thick, positions, 3.0, 1.0),
+                                   atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        ThroughPlaneEDSR(16, 3).load_grown(str(small_path))
+
+
+def test_the_benchmark_report_gives_each_modality_and_the_step_over_a_baseline():
+    from MedSRLib.evaluation import through_plane as bench
+    rows = []
+    for case, modality, role, base, new in (("ct.nii", "CT", "test", 2.0, 2.5), ("t1.nii", "MR", "test", 1.0, 1.75),
+                                           ("val.nii", "CT", "validation", 9.0, 9.0)):
+        for factor in (3.0, 5.0):
+            for method, gain in (("cubic-z", 0.0), (bench.BASELINE, base), ("MedSR through-plane", new)):
+                rows.append({"case": case, "role": role, "modality": modality, "factor": factor,
+                             "thickness_ratio": 1.0, "method": method, "psnr": 30.0 + gain, "ssim": 0.9})
+    gains = bench.mean_gains(rows)
+    assert gains[("MedSR through-plane", 3.0, "CT")] == pytest.approx(2.5)   # validation rows left out
+    assert gains[(bench.BASELINE, 5.0, "MR")] == pytest.approx(1.0)
+    text = bench.report(rows, "medsr benchmark --through-plane")
+    assert "| step of MedSR through-plane over the baseline | +0.50 | +0.75 | +0.50 | +0.75 |" in text
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b) ** 2)))
 

@@ -60,8 +60,13 @@ def as_image(volume: np.ndarray, spacing_xyz: Sequence[float]) -> sitk.Image:
     return image
 
 
+#: Method label of `--baseline-weights` (another through-plane network, e.g. a previous release).
+BASELINE = "baseline through-plane"
+
+
 def run_methods(thick: np.ndarray, spacing_xyz: Sequence[float], factor: float, ratio: float,
-                adapt_seconds: float, weights: str | None) -> dict[str, tuple[np.ndarray | None, float]]:
+                adapt_seconds: float, weights: str | None, baseline_weights: str | None = None
+                ) -> dict[str, tuple[np.ndarray | None, float]]:
     """{method: (output volume or None when not applicable, seconds)}."""
     from .. import api
     thick_spacing = (spacing_xyz[0], spacing_xyz[1], spacing_xyz[2] * factor)
@@ -77,13 +82,16 @@ def run_methods(thick: np.ndarray, spacing_xyz: Sequence[float], factor: float, 
         results["today (edsr_lite + averaging)"] = (sitk.GetArrayFromImage(out), time.perf_counter() - started)
     else:
         results["today (edsr_lite + averaging)"] = (None, 0.0)
-    for label, extra in (("MedSR through-plane", {}),
-                         ("MedSR adapted", {"adapt": True, "adapt_seconds": adapt_seconds})):
+    runs = [("MedSR through-plane", weights, {}),
+            ("MedSR adapted", weights, {"adapt": True, "adapt_seconds": adapt_seconds})]
+    if baseline_weights:
+        runs.insert(0, (BASELINE, baseline_weights, {}))
+    for label, weights_path, extra in runs:
         if label == "MedSR adapted" and adapt_seconds <= 0:
             continue
         started = time.perf_counter()
         out = api.upscale(image, scale=(1, 1, factor), output_float=True, slice_thickness=thickness,
-                          weights=weights, **extra)
+                          weights=weights_path, **extra)
         results[label] = (sitk.GetArrayFromImage(out), time.perf_counter() - started)
     return results
 
@@ -112,6 +120,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--adapt-seconds", type=float, default=90.0,
                         help="CPU budget of the adapted run (0 = skip it)")
     parser.add_argument("--weights", default=None, help="through-plane weights instead of the shipped")
+    parser.add_argument("--baseline-weights", default=None,
+                        help=f"another through-plane weights file, scored as '{BASELINE}' in the "
+                             "same run (e.g. a previous release's, from git history)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     parser.add_argument("--only", nargs="*", default=None, help="substrings of the cases to run")
     args = parser.parse_args(list(argv))
@@ -133,7 +144,8 @@ def main(argv: Sequence[str]) -> int:
         settings = list(SETTINGS) + ([GAP_SETTING] if case_index == 0 else [])
         for factor, ratio in settings:
             thick, truth = make_thick(units, factor, ratio)
-            outputs = run_methods(thick, spacing, factor, ratio, args.adapt_seconds, args.weights)
+            outputs = run_methods(thick, spacing, factor, ratio, args.adapt_seconds, args.weights,
+                                  args.baseline_weights)
             margin = int(np.ceil(factor))
             for method, (volume, seconds) in outputs.items():
                 if volume is None:
@@ -177,6 +189,7 @@ def report(rows: list[dict], command: str) -> str:
         role = next(r["role"] for r in rows if r["case"] == key[0])
         label = Path(key[0]).name + ("" if role == "test" else f" ({role})")
         lines.append(f"| {label} | x{key[1]:g} | {key[2]:g} | " + " | ".join(cells) + " |")
+    gains = mean_gains(rows)
     lines += ["", "Mean PSNR gain over cubic-z on the test volumes (box, contiguous), CT and MR averaged "
               "(each modality's mean, then their mean):", ""]
     for m in methods:
@@ -184,23 +197,39 @@ def report(rows: list[dict], command: str) -> str:
             continue
         parts = []
         for factor in (3.0, 5.0):
-            per_modality = []
-            for modality in ("CT", "MR"):
-                gains = []
-                for key in keys:
-                    if key[1] != factor or key[2] != 1.0:
-                        continue
-                    if next(r["role"] for r in rows if r["case"] == key[0]) != "test":
-                        continue
-                    by_method = {r["method"]: r for r in rows if (r["case"], r["factor"], r["thickness_ratio"]) == key}
-                    if by_method.get(m, {}).get("psnr") is None or by_method[m]["modality"] != modality:
-                        continue
-                    gains.append(by_method[m]["psnr"] - by_method["cubic-z"]["psnr"])
-                if gains:
-                    per_modality.append(float(np.mean(gains)))
+            per_modality = [gains[(m, factor, modality)] for modality in ("CT", "MR")
+                            if (m, factor, modality) in gains]
             parts.append(f"x{factor:g}: " + (f"{np.mean(per_modality):+.2f} dB" if per_modality else "n/a"))
         lines.append(f"- {m}: " + ", ".join(parts))
+    lines += ["", "Per modality (mean gain over cubic-z on the test volumes, dB):", "",
+              "| method | CT x3 | MR x3 | CT x5 | MR x5 |", "|---|---|---|---|---|"]
+    cells_of = {m: [gains.get((m, f, mod)) for f in (3.0, 5.0) for mod in ("CT", "MR")]
+                for m in methods if m != "cubic-z"}
+    for m, cells in cells_of.items():
+        lines.append(f"| {m} | " + " | ".join("n/a" if c is None else f"{c:+.2f}" for c in cells) + " |")
+    if BASELINE in cells_of:
+        for m, cells in cells_of.items():
+            if m == BASELINE:
+                continue
+            steps = [None if c is None or b is None else c - b for c, b in zip(cells, cells_of[BASELINE])]
+            lines.append(f"| step of {m} over the baseline | "
+                         + " | ".join("n/a" if c is None else f"{c:+.2f}" for c in steps) + " |")
     return "\n".join(lines) + "\n"
+
+
+def mean_gains(rows: list[dict]) -> dict[tuple[str, float, str], float]:
+    """{(method, factor, modality): mean PSNR gain over cubic-z} over the test volumes' box,
+    contiguous settings (x3 and x5)."""
+    cubic = {(r["case"], r["factor"]): r["psnr"] for r in rows
+             if r["method"] == "cubic-z" and r["thickness_ratio"] == 1.0}
+    collected: dict[tuple[str, float, str], list[float]] = {}
+    for r in rows:
+        if r["role"] != "test" or r["thickness_ratio"] != 1.0 or r["method"] == "cubic-z" \
+                or r["psnr"] is None or (r["case"], r["factor"]) not in cubic:
+            continue
+        key = (r["method"], float(r["factor"]), r["modality"])
+        collected.setdefault(key, []).append(r["psnr"] - cubic[(r["case"], r["factor"])])
+    return {k: float(np.mean(v)) for k, v in collected.items()}
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ def load(weights_path: str | Path | None = None) -> ThroughPlaneEDSR | ThroughPl
         raise WeightsError(f"{path}: unknown architecture {card.get('architecture')!r}; known: "
                            f"{', '.join(ARCHITECTURES)}")
     try:
-        net = architecture(int(config["num_features"]), int(config["num_blocks"]))
+        extra = {"refine_blocks": int(config["refine_blocks"])} if config.get("refine_blocks") else {}
+        net = architecture(int(config["num_features"]), int(config["num_blocks"]), **extra)
     except (KeyError, TypeError, ValueError):
         raise WeightsError(f"{path}: card config {config} lacks num_features/num_blocks") from None
     try:

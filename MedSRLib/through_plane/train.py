@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", choices=("thick", "cubic"), default="thick",
                         help="thick: ThroughPlaneEDSR (trunk on the thick grid); cubic: ThroughPlaneNet")
     parser.add_argument("--init-trunk", default=None, help="edsr_lite safetensors for the trunk (thick)")
+    parser.add_argument("--init-weights", default=None,
+                        help="through_plane_net safetensors to start from (thick; tensors of "
+                             "added refine blocks keep their identity start)")
+    parser.add_argument("--refine-blocks", type=int, default=0,
+                        help="residual blocks on the output grid (thick)")
     parser.add_argument("--export", default=None, help="weights path of the export (default OUT/through_plane_net.safetensors)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -108,9 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(planes)} training planes, {len(val_planes)} validation planes", flush=True)
 
     if args.arch == "thick":
-        net = ThroughPlaneEDSR(args.features, args.blocks)
+        net = ThroughPlaneEDSR(args.features, args.blocks, refine_blocks=args.refine_blocks)
         if args.init_trunk:
             net.load_edsr_trunk(args.init_trunk)
+        if args.init_weights:
+            net.load_grown(args.init_weights)
     else:
         net = ThroughPlaneNet(args.features, args.blocks)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
@@ -158,8 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     final = validate(net, val_planes)
     card = {
         "model": model_io.MODEL_NAME, "architecture": net.__class__.__name__,
-        "config": {"num_features": args.features, "num_blocks": args.blocks},
-        "init_trunk": args.init_trunk,
+        "config": {"num_features": args.features, "num_blocks": args.blocks,
+                   **({"refine_blocks": args.refine_blocks} if args.refine_blocks else {})},
+        "init_trunk": args.init_trunk, "init_weights": args.init_weights,
         "task": ("through-plane SR of thick planes (rows along the slice axis) to any factor 1.5-8: "
                  "trunk on the thick grid, features cubic-resampled, residual over cubic"),
         "factors": list(data.FACTOR_RANGE), "profiles": ["box", "box with gap", "gaussian"],
@@ -174,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         "recipe": "python -m MedSRLib.through_plane.train " + " ".join(sys.argv[1:] if argv is None else argv),
         "init_trunk_training_data": ("edsr_lite x4's own card: its training set includes the axial "
                                      "slices of ct/head-cta-avm (in-plane x4 bicubic), the CT test "
-                                     "volume of the through-plane benchmark" if args.init_trunk else None),
+                                     "volume of the through-plane benchmark"
+                                     if args.init_trunk or args.init_weights else None),
         "parameter_count": zoo.parameter_count(net),
     }
     export = Path(args.export) if args.export else out / f"{model_io.MODEL_NAME}.safetensors"

@@ -11,7 +11,8 @@ Steps (each one command; CPU, one torch thread):
     python -m MedSRLib.training.localiser_calibration --data-root ../shared/data \
         --run runs/localiser --export MedSRLib/models/weights/lesion_segmenter.safetensors
 
-`prepare` reads every lesion mask of the training and validation patients once (the lesion by
+`prepare` reads every lesion mask of the training and validation patients once (the recipe's
+and, when present, the extra public volumes' of `EXTRA_LESIONS`; the lesion by
 the recipe's mask convention, `lesion_mask`: the tumour core on a BraTS contrast T1, the whole
 tumour on FLAIR), degrades each
 volume in-plane by x1, x2 and x4 (anti-aliased bicubic, `degrade.bicubic_downsample`; the mask
@@ -111,8 +112,9 @@ LIDC_LICENCE = "CC BY 3.0 (TCIA LIDC-IDRI)"
 #: ../shared/data: the project's sibling folder).
 #: A new lesion type, lung nodules on CT: the LIDC-IDRI patients listed under "test" (the two
 #: whole-slice slabs' patients, their nodule crops included, and every second other patient by
-#: ID) are extra benchmark volumes; every other case calibrates. Cases whose patient the source
-#: does not document ("calibration_only") never serve as test volumes.
+#: ID) are extra benchmark volumes; those under "train" train the network (two of every three
+#: remaining patients by ID); every other case calibrates. Cases whose patient the source does
+#: not document ("calibration_only") never serve as test or training volumes.
 EXTRA_LESIONS: dict[str, Any] = {
     "root": "../extra_data/lesions",
     "sources": {
@@ -130,6 +132,10 @@ EXTRA_LESIONS: dict[str, Any] = {
              "LIDC-IDRI-0203", "LIDC-IDRI-0242", "LIDC-IDRI-0313", "LIDC-IDRI-0470",
              "LIDC-IDRI-0619", "LIDC-IDRI-0702", "LIDC-IDRI-0772", "LIDC-IDRI-0785",
              "LIDC-IDRI-0829", "LIDC-IDRI-0869", "LIDC-IDRI-0976", "LIDC-IDRI-1011"],
+    "train": ["LIDC-IDRI-0007", "LIDC-IDRI-0053", "LIDC-IDRI-0061", "LIDC-IDRI-0072",
+              "LIDC-IDRI-0089", "LIDC-IDRI-0141", "LIDC-IDRI-0190", "LIDC-IDRI-0194",
+              "LIDC-IDRI-0289", "LIDC-IDRI-0402", "LIDC-IDRI-0697", "LIDC-IDRI-0708",
+              "LIDC-IDRI-0811", "LIDC-IDRI-0865", "LIDC-IDRI-1007"],
 }
 
 
@@ -185,8 +191,9 @@ def extra_cases(subset: str | None = None, extra: dict[str, Any] = EXTRA_LESIONS
                 root: Path | str | None = None) -> list[Case]:
     """The extra lesion volumes present under `root` (default: the recipe's; none when it is
     absent), as Cases with absolute paths: subset "test" for the recipe's test patients,
-    "validation" (calibration) for the others. ValueError for a reserved patient or a patient
-    in both subsets."""
+    "train" for its training patients, "validation" (calibration) for the others. ValueError
+    for a reserved patient, a patient in two subsets or an undocumented one outside
+    calibration."""
     folder = Path(root) if root is not None else extra_root(extra)
     if not folder.is_dir():
         return []
@@ -199,9 +206,12 @@ def extra_cases(subset: str | None = None, extra: dict[str, Any] = EXTRA_LESIONS
             patient = extra_patient(source, case_dir.name, extra)
             if patient in RESERVED_PATIENTS or case_dir.name in RESERVED_PATIENTS:
                 raise ValueError(f"{case_dir}: patient {patient} is reserved")
-            name = "test" if patient in extra["test"] else "validation"
-            if name == "test" and case_dir.name in extra["calibration_only"]:
-                raise ValueError(f"{case_dir}: an undocumented patient cannot be a test volume")
+            listed = [subset for subset in ("test", "train") if patient in extra.get(subset, ())]
+            if len(listed) > 1:
+                raise ValueError(f"patient {patient} is in both {listed[0]} and {listed[1]}")
+            name = listed[0] if listed else "validation"
+            if name != "validation" and case_dir.name in extra["calibration_only"]:
+                raise ValueError(f"{case_dir}: an undocumented patient cannot be a {name} volume")
             if subset_of.setdefault(patient, name) != name:
                 raise ValueError(f"patient {patient} is in both {subset_of[patient]} and {name}")
             out.append(Case(str(image), str(mask), patient, spec["modality"], spec["licence"],
@@ -335,10 +345,13 @@ def stacks_of_case(voxels_kji: np.ndarray, mask_kji: np.ndarray, spacing_xyz: Se
     return np.stack(inputs), np.stack(targets)
 
 
-def training_cases(recipe: dict[str, Any] = RECIPE, refit: bool = False) -> list[Case]:
-    """The cases whose stacks train the network: the training patients', and with `refit` the
-    validation patients' too (never a test patient's)."""
-    return cases("train", recipe) + (cases("validation", recipe) if refit else [])
+def training_cases(recipe: dict[str, Any] = RECIPE, refit: bool = False,
+                   extra: dict[str, Any] | None = EXTRA_LESIONS) -> list[Case]:
+    """The cases whose stacks train the network: the training patients' (the recipe's and, when
+    present, the extra volumes'), and with `refit` the recipe's validation patients' too (never
+    a test patient's)."""
+    return cases("train", recipe) + (extra_cases("train", extra) if extra else []) + \
+        (cases("validation", recipe) if refit else [])
 
 
 def prepare(root: Path, cache: Path, recipe: dict[str, Any] = RECIPE, seed: int = 0,
@@ -352,7 +365,8 @@ def prepare(root: Path, cache: Path, recipe: dict[str, Any] = RECIPE, seed: int 
     for subset, counts, factors in (("train", recipe["train_slices"], recipe["factors"]),
                                     ("validation", recipe["validation_slices"], [2, 4])):
         inputs, targets, used = [], [], []
-        chosen = training_cases(recipe, refit) if subset == "train" else cases(subset, recipe)
+        chosen = training_cases(recipe, refit) if subset == "train" else \
+            cases(subset, recipe) + extra_cases(subset)
         for case in chosen:
             voxels, mask, spacing = read_case(root, case)
             for factor in factors:

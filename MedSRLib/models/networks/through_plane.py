@@ -59,9 +59,14 @@ class ThroughPlaneEDSR(nn.Module):
     `forward(thick, positions, factor, thickness_ratio)`: thick (N, 1, n, W) with rows along the
     slice axis, positions (m,) input-row coordinates of the m output rows (`profile.
     sample_positions`) -> (N, 1, m, W). The last conv starts at zero (exactly cubic).
+
+    `refine_blocks` residual blocks run on the output grid between the tail's two convs (they
+    see the resampled rows, which the thick-grid trunk cannot); each starts as the identity, so
+    a network grown from one without them starts with that network's output.
     """
 
-    def __init__(self, num_features: int = 48, num_blocks: int = 8, tail_features: int = 32):
+    def __init__(self, num_features: int = 48, num_blocks: int = 8, tail_features: int = 32,
+                 refine_blocks: int = 0):
         super().__init__()
         from .edsr import ResidualTrunk
         self.head = Convolution(2, 1, num_features, kernel_size=3, conv_only=True)
@@ -69,6 +74,11 @@ class ThroughPlaneEDSR(nn.Module):
         self.tail = nn.Sequential(
             Convolution(2, num_features + 3, tail_features, kernel_size=3, act="relu", norm=None),
             Convolution(2, tail_features, 1, kernel_size=3, conv_only=True))
+        self.refine = nn.Sequential(*[ResidualBlockNoBN(2, tail_features) for _ in range(refine_blocks)])
+        for block in self.refine:
+            closing = [m for m in block.modules() if isinstance(m, nn.Conv2d)][-1]
+            nn.init.zeros_(closing.weight)
+            nn.init.zeros_(closing.bias)
         last = [m for m in self.tail.modules() if isinstance(m, nn.Conv2d)][-1]
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
@@ -91,8 +101,9 @@ class ThroughPlaneEDSR(nn.Module):
         with torch.autocast(thick.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             features = self.trunk(self.head(thick))
             feat_up = torch.einsum("mr,ncrw->ncmw", matrix.to(features.dtype), features)
-            residual = self.tail(torch.cat([feat_up, phase.to(feat_up.dtype), factor_map.to(feat_up.dtype),
-                                            ratio_map.to(feat_up.dtype)], dim=1))
+            hidden = self.tail[0](torch.cat([feat_up, phase.to(feat_up.dtype), factor_map.to(feat_up.dtype),
+                                             ratio_map.to(feat_up.dtype)], dim=1))
+            residual = self.tail[1](self.refine(hidden))
         return upsampled + residual.float()
 
     def load_edsr_trunk(self, weights_path: str) -> None:
@@ -106,6 +117,19 @@ class ThroughPlaneEDSR(nn.Module):
         if missing:
             raise ValueError(f"{weights_path}: no tensors for {missing[:3]}")
         self.load_state_dict({**own, **picked})
+
+    def load_grown(self, weights_path: str) -> None:
+        """Every tensor of a through-plane safetensors file with fewer (or as many) refine
+        blocks; the others keep their initial values (identity blocks). ValueError when a
+        tensor outside the refine blocks is missing or has another shape."""
+        from safetensors.torch import load_file
+        state = load_file(weights_path)
+        own = self.state_dict()
+        wrong = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+        missing = [k for k in own if k not in state and not k.startswith("refine.")]
+        if wrong or missing:
+            raise ValueError(f"{weights_path}: does not fit this network ({(wrong + missing)[:3]})")
+        self.load_state_dict({**own, **state})
 
 
 def run_planes(net: nn.Module, thick: torch.Tensor, positions: torch.Tensor, factor: float,
