@@ -236,3 +236,21 @@ def test_composite_lesions_follow_the_mask_convention_of_their_parts(shared_data
     assert image.GetSize() == reference.GetSize()       # sarcoma masks: any nonzero, as before
     assert all(np.array_equal(a, b) for a, b in zip(parts, reference_parts))
     assert [c.patient for c in calib.composite_parts(composite)] == ["STS_008", "STS_010"]
+
+
+def test_an_extra_source_selects_once_the_network_trained_on_its_other_patients(tmp_path, monkeypatch):
+    class Flat:    # the map's values do not matter here, only which entries may select
+        def probability(self, units, spacing, **options):
+            return np.zeros(units.shape, np.float32)
+
+    write_extra_case(tmp_path, "lidc-voi", "LIDC-IDRI-0044_R_3")      # validation patient
+    write_extra_case(tmp_path, "pyradiomics", "brain2")               # calibration only
+    monkeypatch.setenv("MEDSR_EXTRA_LESIONS", str(tmp_path))
+    validation = localiser.extra_cases("validation")
+
+    def held_out() -> dict[str, bool]:
+        return {e.source: e.extra for e in cv.entries_of(tmp_path, validation, [1], Flat(), "d", None)}
+
+    assert held_out() == {"lidc-voi": True, "pyradiomics": True}      # no training patient yet
+    write_extra_case(tmp_path, "lidc-voi", "LIDC-IDRI-0007_R_1")      # a training patient
+    assert held_out() == {"lidc-voi": False, "pyradiomics": True}

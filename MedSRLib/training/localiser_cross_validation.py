@@ -17,9 +17,10 @@ stays within `MAX_MEAN_ROI_SHARE` at every input factor, the fewest volumes whos
 touches (or whose composite tumours share an ROI), then the best worst leave-one-source-out
 fold, then the best mean over folds, then the smaller smallest component (recall first). A
 fold's score is its worse input factor's acceptable + perfect lesion-slice shares plus the
-share of its lesions an ROI touches. The recipe's validation patients select; the extra
-sources (`localiser.EXTRA_LESIONS`, a lesion type the network never saw) are held-out folds
-only, and the training patients (whose maps are over-confident) are scored for information.
+share of its lesions an ROI touches. The validation patients select: the recipe's, and those of
+an extra source (`localiser.EXTRA_LESIONS`) whose other patients trained the network; an extra
+source it never trained on is a held-out fold only; the training patients (whose maps are
+over-confident) are scored for information.
 The nested estimate (`nested`) holds each fold (a source, or a patient) out in turn, selects on
 the volumes sharing no patient with it and scores the held-out fold: how the rule does on an
 unseen source or patient.
@@ -87,7 +88,8 @@ class Entry:
     spacing_xyz: tuple[float, float, float]
     component_cells: list[np.ndarray]
     part_cells: list[np.ndarray] = field(default_factory=list)   # a composite's parts' lesions
-    extra: bool = False              # an extra source (localiser.EXTRA_LESIONS), not the recipe's
+    extra: bool = False              # held out: an extra source (localiser.EXTRA_LESIONS) the
+    #                                  network never trained on; scored, never selecting
     _regions: dict[float, list[roi_boxes.LesionRegion]] = field(default_factory=dict, repr=False)
 
     def regions(self, threshold: float) -> list[roi_boxes.LesionRegion]:
@@ -325,7 +327,9 @@ def cached_probability(cache: Path | None, key: str, compute: Callable[[], np.nd
 
 def entries_of(root: Path, selected: Iterable[Case | Composite], factors: Sequence[int],
                localiser: loc.Localiser, digest: str, cache: Path | None) -> list[Entry]:
-    """Entry of every case x factor (input degraded as `localiser_calibration.evaluate_cases`)."""
+    """Entry of every case x factor (input degraded as `localiser_calibration.evaluate_cases`).
+    An extra source is held out (`Entry.extra`) unless the network trained on patients of it."""
+    trained_extra = {source_label(c) for c in extra_cases("train")}
     out = []
     for case in selected:
         name, image, mask = calib.read_hr(root, case)
@@ -336,7 +340,7 @@ def entries_of(root: Path, selected: Iterable[Case | Composite], factors: Sequen
             part_masks = calib.read_composite_lesions(root, case)[1]
         else:
             source, patients = source_label(case), (case.patient,)
-        extra = source.split(" ")[0] in EXTRA_LESIONS["sources"]
+        extra = source.split(" ")[0] in EXTRA_LESIONS["sources"] and source not in trained_extra
         for factor in factors:
             size = [n // factor * factor if a < 2 else n for a, n in enumerate(image.GetSize())]
             lr_image = calib.low_resolution(image[:size[0], :size[1], :], factor)
@@ -445,8 +449,9 @@ def main(argv: list[str] | None = None) -> int:
 def cross_validate(entries: Sequence[Entry], report: dict[str, Sequence[Entry]] | None = None,
                    settings: Sequence[Setting] | None = None) -> dict[str, Any]:
     """Score every setting on every entry; select among the isotropic-padding settings (the
-    finder's) by the worst leave-one-source-out fold of the recipe's sources (extra sources are
-    held-out folds only: scored, never selecting), and record the per-fold figures, the nested
+    finder's) by the worst leave-one-source-out fold of the selecting sources (an extra source
+    the network never trained on is a held-out fold: scored, never selecting), and record the
+    per-fold figures, the nested
     estimates (source and patient folds), each source's in-sample best (what per-source
     settings could at most gain) and the best setting with a separate z padding."""
     settings = list(settings or grid())
@@ -511,8 +516,8 @@ def cross_validate(entries: Sequence[Entry], report: dict[str, Sequence[Entry]] 
     return result
 
 
-OBJECTIVE = (f"cross-validation over the recipe's validation patients by source (leave one "
-             f"source out; the extra sources are held-out folds only): among the settings whose "
+OBJECTIVE = (f"cross-validation over the validation patients by source (leave one source out; "
+             f"an extra source the network never trained on is a held-out fold only): among the settings whose "
              f"mean ROI share of the recipe's single volumes is <= {MAX_MEAN_ROI_SHARE:.0%} at x2 "
              f"and at x4, the fewest volumes whose lesion no ROI touches or whose composite "
              f"tumours share an ROI, then the best worst source fold (its worse input factor's "
