@@ -204,7 +204,8 @@ def test_the_benchmark_report_gives_each_modality_and_the_step_over_a_baseline()
     from MedSRLib.evaluation import through_plane as bench
     rows = []
     for case, modality, role, base, new in (("ct.nii", "CT", "test", 2.0, 2.5), ("t1.nii", "MR", "test", 1.0, 1.75),
-                                           ("val.nii", "CT", "validation", 9.0, 9.0)):
+                                           ("val.nii", "CT", "validation", 9.0, 9.0),
+                                           ("/x/LIDC_R_1/image.nii.gz", "CT", bench.UNSEEN, 1.0, 1.25)):
         for factor in (3.0, 5.0):
             for method, gain in (("cubic-z", 0.0), (bench.BASELINE, base), ("MedSR through-plane", new)):
                 rows.append({"case": case, "role": role, "modality": modality, "factor": factor,
@@ -214,6 +215,24 @@ def test_the_benchmark_report_gives_each_modality_and_the_step_over_a_baseline()
     assert gains[(bench.BASELINE, 5.0, "MR")] == pytest.approx(1.0)
     text = bench.report(rows, "medsr benchmark --through-plane")
     assert "| step of MedSR through-plane over the baseline | +0.50 | +0.75 | +0.50 | +0.75 |" in text
+    unseen = text[text.index("Unseen CT"):]                             # apart from the test volumes
+    assert "| LIDC_R_1 (unseen CT) | x3 |" in text
+    assert "| step of MedSR through-plane over the baseline | +0.25 | +0.25 |" in unseen
+
+
+def test_unseen_ct_rows_are_thin_long_ct_crops_of_test_patients_only(tmp_path):
+    from MedSRLib.evaluation import through_plane as bench
+    assert bench.unseen_ct_cases(tmp_path / "absent") == []
+    for case, slices, spacing in (("LIDC-IDRI-0001_R_1", 50, 1.0), ("LIDC-IDRI-0003_R_2", 50, 2.5),
+                                  ("LIDC-IDRI-0023_R_1", 20, 1.0), ("LIDC-IDRI-0044_R_3", 50, 1.0)):
+        folder = tmp_path / "lidc-voi" / case
+        folder.mkdir(parents=True)
+        image = sitk.GetImageFromArray(np.zeros((slices, 8, 8), np.int16))
+        image.SetSpacing((0.7, 0.7, spacing))
+        sitk.WriteImage(image, str(folder / "image.nii.gz"))
+        sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt8), str(folder / "mask.nii.gz"))
+    # 0003: thick slices; 0023: too short; 0044: a calibration patient of the lesion finder
+    assert [Path(path).parent.name for _, path, _ in bench.unseen_ct_cases(tmp_path)] == ["LIDC-IDRI-0001_R_1"]
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:

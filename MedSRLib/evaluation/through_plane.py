@@ -60,6 +60,31 @@ def as_image(volume: np.ndarray, spacing_xyz: Sequence[float]) -> sitk.Image:
     return image
 
 
+#: Role of the extra CT test volumes: lung-nodule crops of LIDC-IDRI test patients (the lesion
+#: finder's, `training.localiser.EXTRA_LESIONS`), thin enough to be made thick; no model, not
+#: even the in-plane trunk the through-plane network starts from, has seen them.
+UNSEEN = "unseen CT"
+#: An extra volume qualifies with slices at most this thick (mm) and at least this many.
+UNSEEN_MAX_SPACING_MM, UNSEEN_MIN_SLICES = 1.25, 45
+
+
+def unseen_ct_cases(folder: Path | None = None) -> list[tuple[str, str, str]]:
+    """(modality, absolute path, UNSEEN) of the extra lesion volumes' CT test crops that are
+    thin (<= UNSEEN_MAX_SPACING_MM) and long (>= UNSEEN_MIN_SLICES slices) enough; empty when
+    their folder is absent."""
+    from ..training.localiser import extra_cases
+    out = []
+    for case in extra_cases("test", root=folder):
+        if case.modality != "CT":
+            continue
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(case.image)
+        reader.ReadImageInformation()
+        if reader.GetSpacing()[2] <= UNSEEN_MAX_SPACING_MM and reader.GetSize()[2] >= UNSEEN_MIN_SLICES:
+            out.append(("CT", case.image, UNSEEN))
+    return out
+
+
 #: Method label of `--baseline-weights` (another through-plane network, e.g. a previous release).
 BASELINE = "baseline through-plane"
 
@@ -125,6 +150,9 @@ def main(argv: Sequence[str]) -> int:
                              "same run (e.g. a previous release's, from git history)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     parser.add_argument("--only", nargs="*", default=None, help="substrings of the cases to run")
+    parser.add_argument("--unseen-ct", action="store_true",
+                        help="add the thin LIDC-IDRI test crops of the extra lesion volumes "
+                             "($MEDSR_EXTRA_LESIONS or ../extra_data/lesions) as unseen CT rows")
     args = parser.parse_args(list(argv))
     torch.set_num_threads(args.threads)
     root, out = Path(args.held_out), Path(args.out)
@@ -132,6 +160,7 @@ def main(argv: Sequence[str]) -> int:
     rows = []
     cases = [(modality, rel, "test") for modality, rel in data.TEST_SOURCES]
     cases += [(modality, rel, "validation") for modality, rel in data.VALIDATION_SOURCES if modality == "CT"]
+    cases += unseen_ct_cases() if args.unseen_ct else []
     for case_index, (modality, rel, role) in enumerate(cases):
         if args.only and not any(s in rel for s in args.only):
             continue
@@ -187,7 +216,8 @@ def report(rows: list[dict], command: str) -> str:
                 gain = "" if m == "cubic-z" or cubic is None else f" ({r['psnr'] - cubic:+.2f})"
                 cells.append(f"{r['psnr']:.2f}{gain} / {r['ssim']:.3f}")
         role = next(r["role"] for r in rows if r["case"] == key[0])
-        label = Path(key[0]).name + ("" if role == "test" else f" ({role})")
+        label = (Path(key[0]).name if role != UNSEEN else Path(key[0]).parent.name) + \
+            ("" if role == "test" else f" ({role})")
         lines.append(f"| {label} | x{key[1]:g} | {key[2]:g} | " + " | ".join(cells) + " |")
     gains = mean_gains(rows)
     lines += ["", "Mean PSNR gain over cubic-z on the test volumes (box, contiguous), CT and MR averaged "
@@ -214,17 +244,30 @@ def report(rows: list[dict], command: str) -> str:
             steps = [None if c is None or b is None else c - b for c, b in zip(cells, cells_of[BASELINE])]
             lines.append(f"| step of {m} over the baseline | "
                          + " | ".join("n/a" if c is None else f"{c:+.2f}" for c in steps) + " |")
+    unseen = mean_gains(rows, UNSEEN)
+    if unseen:
+        lines += ["", f"Unseen CT (the {UNSEEN} rows: LIDC-IDRI test crops that no model, not even "
+                  "the in-plane trunk, has seen), mean gain over cubic-z, dB:", "",
+                  "| method | CT x3 | CT x5 |", "|---|---|---|"]
+        for m in cells_of:
+            lines.append(f"| {m} | " + " | ".join(
+                f"{unseen[(m, f, 'CT')]:+.2f}" if (m, f, "CT") in unseen else "n/a" for f in (3.0, 5.0)) + " |")
+        for m in (m for m in cells_of if m != BASELINE and BASELINE in cells_of):
+            steps = [unseen[(m, f, "CT")] - unseen[(BASELINE, f, "CT")]
+                     if (m, f, "CT") in unseen and (BASELINE, f, "CT") in unseen else None for f in (3.0, 5.0)]
+            lines.append(f"| step of {m} over the baseline | "
+                         + " | ".join("n/a" if c is None else f"{c:+.2f}" for c in steps) + " |")
     return "\n".join(lines) + "\n"
 
 
-def mean_gains(rows: list[dict]) -> dict[tuple[str, float, str], float]:
-    """{(method, factor, modality): mean PSNR gain over cubic-z} over the test volumes' box,
-    contiguous settings (x3 and x5)."""
+def mean_gains(rows: list[dict], role: str = "test") -> dict[tuple[str, float, str], float]:
+    """{(method, factor, modality): mean PSNR gain over cubic-z} over the box, contiguous
+    settings (x3 and x5) of the volumes of `role`."""
     cubic = {(r["case"], r["factor"]): r["psnr"] for r in rows
              if r["method"] == "cubic-z" and r["thickness_ratio"] == 1.0}
     collected: dict[tuple[str, float, str], list[float]] = {}
     for r in rows:
-        if r["role"] != "test" or r["thickness_ratio"] != 1.0 or r["method"] == "cubic-z" \
+        if r["role"] != role or r["thickness_ratio"] != 1.0 or r["method"] == "cubic-z" \
                 or r["psnr"] is None or (r["case"], r["factor"]) not in cubic:
             continue
         key = (r["method"], float(r["factor"]), r["modality"])
