@@ -527,3 +527,48 @@ def test_auto_roi_on_two_held_out_tumours_gives_two_rois_and_improves_both(share
     for tumour in tumours:
         error = lambda estimate: float(((estimate[tumour] - truth[tumour]) ** 2).mean())  # noqa: E731
         assert error(output) < 0.9 * error(bicubic)     # > 0.45 dB better inside each tumour
+
+
+def test_replacing_a_member_marks_the_calibration_stale_and_lists_what_the_new_one_trained_on(tmp_path):
+    """A member trained on more data (extra public volumes: their cache records them) replaces
+    member 1; its card lists those volumes and their licence, and the ensemble's calibration is
+    marked stale until the cross-validation writes a new one."""
+    from MedSRLib.training import localiser_cross_validation as cv
+    tiny_segmenter(tmp_path, "a.safetensors", {"title": "A", "input_size": 64}, seed=4)
+    tiny_segmenter(tmp_path, "b.safetensors", {"title": "B", "input_spacing_mm": 2.0}, seed=5)
+    setting = (0.4, 500.0, 2.5)
+    table = {setting: {"acceptable": 0.9, "perfect": 0.8, "mean_roi_share": 0.15}}
+    out = tmp_path / "shipped" / "lesion_segmenter.safetensors"
+    calib.export([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], out, setting,
+                 table, 5.0, 1.0)
+    run = tmp_path / "run"
+    new_net = tiny_segmenter(run, "step_02000.safetensors", {}, seed=7)
+    images = ["sarcoma/STS_001/CT_image.nii.gz", "extra/lidc-voi/LIDC-IDRI-0007_R_1"]
+    (run / "train.json").write_text(json.dumps({
+        "in_channels": 3, "features": [4, 4, 8, 8, 16, 4], "cpu_seconds": 1.0, "refit": False,
+        "best_validation_dice": 0.5, "input_spacing_mm": 2.0, "crop": 96, "training_images": images}))
+    card = calib.replace_member(out, 1, run / "step_02000.safetensors", why="lung nodules")
+    assert card["ensemble"]["replaced"] == {"member": 1, "checkpoint": str(run / "step_02000.safetensors"),
+                                            "replaces": str(tmp_path / "b.safetensors"), "why": "lung nodules"}
+    assert "stale" in card["calibration"] and card["calibration"]["threshold"] == 0.4
+    assert any("LIDC-IDRI" in licence for licence in card["licence"])
+    member_card = zoo.read_card(out.parent / "lesion_segmenter_member_1.safetensors")
+    assert member_card["training_data"] == images and "refit_of" not in member_card
+    assert np.allclose(loc.load_ensemble(out).members[1][0](torch.ones(1, 3, 32, 32)).detach(),
+                       new_net(torch.ones(1, 3, 32, 32)).detach())
+    result = {"chosen": [0.3, 0.0, 0.0, 0.0], "objective": "o", "selection_sources": [], "folds": {},
+              "nested": {}, "pooled": {}, "pooled_composites": {}, "chosen_any_padding": [],
+              "any_padding_fold_scores": {}, "cpu_seconds": 1.0, "command": "c"}
+    rewritten = cv.write_calibration(out.with_suffix(".json"), result)
+    assert "stale" not in rewritten["calibration"] and rewritten["calibration"]["threshold"] == 0.3
+
+
+def test_a_cache_records_the_images_it_trained_on_extra_volumes_by_source_and_case(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSR_EXTRA_LESIONS", str(tmp_path / "extra"))
+    assert localiser.cached_training_images(tmp_path) is None
+    case = tmp_path / "extra" / "lidc-voi" / "LIDC-IDRI-0007_R_1" / "image.nii.gz"
+    (tmp_path / "cache.json").write_text(json.dumps({"subsets": {"train": [
+        "sarcoma/STS_001/CT_image.nii.gz x1: 10 stacks", "sarcoma/STS_001/CT_image.nii.gz x2: 9 stacks",
+        f"{case} x4: 3 stacks"]}}))
+    assert localiser.cached_training_images(tmp_path) == [
+        "extra/lidc-voi/LIDC-IDRI-0007_R_1", "sarcoma/STS_001/CT_image.nii.gz"]

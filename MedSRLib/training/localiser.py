@@ -456,6 +456,24 @@ def scheduled_lr(peak: float, step_fraction: float, time_fraction: float,
     return float(peak * (0.02 + 0.98 * cosine))
 
 
+def cached_training_images(cache: Path) -> list[str] | None:
+    """The images whose stacks a cache's training set holds (from its cache.json; None when the
+    cache does not record them): data-root paths as they are, extra volumes as
+    "extra/<source>/<case>" (relative to `extra_root()`, which holds their MANIFEST)."""
+    if not (cache / "cache.json").is_file():
+        return None
+    lines = json.loads((cache / "cache.json").read_text()).get("subsets", {}).get("train", [])
+    root = extra_root()
+    images = set()
+    for line in lines:
+        image = Path(line.rsplit(" x", 1)[0])
+        if image.is_absolute():
+            image = Path("extra") / (image.parent.relative_to(root) if image.is_relative_to(root)
+                                     else image.parent.name)
+        images.add(str(image))
+    return sorted(images)
+
+
 def save_state(network: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(path))
@@ -529,6 +547,7 @@ def train(cache: Path, run: Path, steps: int = 3000, batch_size: int = 16, lr: f
                "wall_seconds": round(time.time() - start, 1),
                "cpu_seconds": round(time.process_time() - cpu_start, 1),
                "train_stacks": int(len(inputs)), "validation_stacks": int(len(val_inputs)),
+               "training_images": cached_training_images(cache),
                **slicing_of_cache(cache),
                "threads": torch.get_num_threads()}
     (run / "train.json").write_text(json.dumps(summary, indent=2) + "\n")

