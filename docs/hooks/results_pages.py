@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 #: names the benchmark outputs use, and what the pages call them
 METHOD_LABELS = {
     "today (edsr_lite + averaging)": "in-plane edsr_lite on coronal + sagittal planes, averaged",
+    "baseline through-plane": "previous through-plane network (the baseline)",
     "MedSR through-plane": "MedSR through-plane",
     "MedSR adapted": "MedSR through-plane, adapted to the volume",
     "cubic-z": "cubic along z",
@@ -206,6 +207,14 @@ def _through_plane_rows(results: Path, subdir: str) -> list[dict]:
     return _load(results, f"{subdir}/results.json")["rows"]
 
 
+def _through_plane_case_name(case: str, role: str) -> str:
+    """A benchmark case as the tables name it: the file (the case folder for the extra crops,
+    whose files are all image.nii.gz) and its role unless it is a test volume."""
+    path = Path(case)
+    name = (path.parent.name if path.name == "image.nii.gz" else path.name).replace("_subtrMeanDivStd", "")
+    return name + ("" if role == "test" else f" ({role})")
+
+
 def through_plane_table(results: Path, subdir: str = "through_plane") -> str:
     rows = _through_plane_rows(results, subdir)
     methods = [m for m in METHOD_LABELS if any(r["method"] == m for r in rows)]
@@ -225,7 +234,7 @@ def through_plane_table(results: Path, subdir: str = "through_plane") -> str:
                 cells.append(f"{r['psnr']:.2f} / {r['ssim']:.3f}")
             else:
                 cells.append(f"{r['psnr']:.2f} ({r['psnr'] - base:+.2f}) / {r['ssim']:.3f}")
-        name = Path(case).name.replace("_subtrMeanDivStd", "") + (" (validation)" if role != "test" else "")
+        name = _through_plane_case_name(case, role)
         lines.append(f"| {name} | x{factor:g} | {ratio:g} | " + " | ".join(cells) + " |")
     command = _load(results, f"{subdir}/results.json")["command"]
     return "\n".join(lines) + f"\n\nPSNR dB (gain over cubic) / SSIM. Command: `{command}`"
@@ -235,10 +244,11 @@ def through_plane_chart(results: Path) -> bytes:
     """Bars: gain over cubic-z per test volume and factor (contiguous box slices)."""
     rows = [r for r in _through_plane_rows(results, "through_plane") if r["thickness_ratio"] == 1.0]
     base = {(r["case"], r["factor"]): r["psnr"] for r in rows if r["method"] == "cubic-z"}
-    methods = ["today (edsr_lite + averaging)", "MedSR through-plane"]
+    methods = [m for m in ("today (edsr_lite + averaging)", "baseline through-plane", "MedSR through-plane")
+               if any(r["method"] == m for r in rows)]
     keys = list(base)
-    fig, axis = plt.subplots(figsize=(8.5, 3.8))
-    width = 0.38
+    fig, axis = plt.subplots(figsize=(9.5, 3.8))
+    width = 0.8 / len(methods)
     for i, method in enumerate(methods):
         values = []
         for key in keys:
@@ -246,11 +256,11 @@ def through_plane_chart(results: Path) -> bytes:
             psnr = match[0]["psnr"] if match else None
             values.append(0.0 if psnr is None else psnr - base[key])
         axis.bar([j + i * width for j in range(len(keys))], values, width, label=METHOD_LABELS[method])
-    axis.set_xticks([j + width / 2 for j in range(len(keys))])
-    validation = {r["case"] for r in rows if r["role"] != "test"}
-    axis.set_xticklabels([f"{short_volume_name(Path(c).name.split('.')[0])}"
-                          f"{' (validation)' if c in validation else ''}\nx{f:g}" for c, f in keys],
-                         fontsize=7)
+    axis.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(keys))])
+    role = {r["case"]: r["role"] for r in rows}
+    axis.set_xticklabels([f"{short_volume_name(_through_plane_case_name(c, 'test').split('.')[0])}"
+                          f"{'' if role[c] == 'test' else ' (' + role[c] + ')'}\nx{f:g}" for c, f in keys],
+                         fontsize=6)
     axis.set_ylabel("PSNR gain over cubic-z, dB")
     axis.set_title("Thick slices to thin: gain per volume (x5 is beyond the in-plane path)", fontsize=10)
     axis.grid(axis="y", alpha=0.3)
