@@ -177,6 +177,11 @@ def main(argv: list[str] | None = None) -> None:
         "licence": sorted(set(data.LICENCES.values())),
         "steps": step, "best_step": best_step, "batch": args.batch, "patch": args.patch,
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
+        # the whole lineage: this run plus the run(s) behind --init-weights
+        "cpu_seconds_total": round(time.process_time() - cpu_started + (
+            (zoo.read_card(Path(args.init_weights)).get("cpu_seconds_total")
+             or zoo.read_card(Path(args.init_weights)).get("cpu_seconds") or 0.0)
+            if args.init_weights else 0.0), 1),
         "wall_seconds": round(time.time() - started, 1), "threads": args.threads,
         "metrics": {"validation": final},
         "recipe": "python -m MedSRLib.through_plane.train " + " ".join(sys.argv[1:] if argv is None else argv),
