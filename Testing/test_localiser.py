@@ -572,3 +572,29 @@ def test_a_cache_records_the_images_it_trained_on_extra_volumes_by_source_and_ca
         f"{case} x4: 3 stacks"]}}))
     assert localiser.cached_training_images(tmp_path) == [
         "extra/lidc-voi/LIDC-IDRI-0007_R_1", "sarcoma/STS_001/CT_image.nii.gz"]
+
+
+def test_whole_slice_training_stacks_and_their_card_match_the_first_networks_slicing(shared_data, tmp_path):
+    """`prepare --input-size 128` cuts whole slices resized to 128 x 128 (the ensemble's first
+    network's input, no crop); a run on such a cache gets a card whose slicing is that one."""
+    recipe = {**localiser.RECIPE, "input_spacing_mm": None, "input_size": 64}
+    slicing = localiser.input_slicing(recipe)
+    assert (slicing.spacing_mm, slicing.size) == (None, 64)
+    case = next(c for c in localiser.cases("train") if c.image.endswith("STS_002/MR_T1_image.nii.gz"))
+    voxels, mask, spacing = localiser.read_case(shared_data, case)
+    x, y = localiser.stacks_of_case(voxels, mask, spacing, recipe, {"lesion": 2, "background": 1},
+                                    np.random.default_rng(0))
+    assert x.shape[1:] == (3, 64, 64) and y.shape[1:] == (64, 64)
+    assert y.reshape(len(y), -1).any(axis=1).sum() >= 6       # two lesion slices per axis kept whole
+    (tmp_path / "cache.json").write_text(json.dumps({"recipe": recipe, "refit": False}))
+    assert localiser.slicing_of_cache(tmp_path) == {"input_spacing_mm": None, "input_size": 64,
+                                                    "crop": 64, "refit": False}
+    run = tmp_path / "run"
+    tiny_segmenter(run, "step_00010.safetensors", {}, seed=8)
+    (run / "train.json").write_text(json.dumps({
+        "in_channels": 3, "features": [4, 4, 8, 8, 16, 4], "cpu_seconds": 1.0, "refit": False,
+        "best_validation_dice": 0.5, **localiser.slicing_of_cache(tmp_path)}))
+    _, card = calib.base_card(run / "step_00010.safetensors")
+    assert card["input_size"] == 64 and "input_spacing_mm" not in card and "training_crop" not in card
+    assert loc.Slicing.of_card(card) == loc.Slicing(3, None, 64, None)
+    assert "whole slices" in card["augmentation"] and "resized to 64 x 64" in card["inference"]

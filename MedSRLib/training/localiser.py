@@ -315,14 +315,22 @@ def random_crop(stack: torch.Tensor, target: torch.Tensor, crop: int, rng: np.ra
     return stack[:, top:top + crop, left:left + crop], target[top:top + crop, left:left + crop]
 
 
+def input_slicing(recipe: dict[str, Any]) -> loc.Slicing:
+    """The recipe's network input: slices resampled to `input_spacing_mm` pixels, or, when that
+    is None, resized whole to `input_size` x `input_size` (the ensemble's first network)."""
+    spacing = recipe.get("input_spacing_mm")
+    return loc.Slicing(int(recipe["context"]), None if spacing is None else float(spacing),
+                       int(recipe.get("input_size") or loc.DEFAULT_INPUT_SIZE))
+
+
 def stacks_of_case(voxels_kji: np.ndarray, mask_kji: np.ndarray, spacing_xyz: Sequence[float],
                    recipe: dict[str, Any], counts: dict[str, int], rng: np.random.Generator
                    ) -> tuple[np.ndarray, np.ndarray]:
     """2.5-D network inputs (N, context, crop, crop) float16 and targets (N, crop, crop) uint8
     of one (degraded) volume of voxel spacing `spacing_xyz` mm, along all three axes: lesion
     slices and lesion-free slices, resampled as at inference, one random crop each."""
-    slicing = loc.Slicing(int(recipe["context"]), float(recipe["input_spacing_mm"]))
-    crop = int(recipe["crop"])
+    slicing = input_slicing(recipe)
+    crop = int(recipe["crop"]) if slicing.spacing_mm is not None else slicing.size
     units = loc.units_of(voxels_kji)
     inputs, targets = [], []
     for axis in (0, 1, 2):
@@ -395,7 +403,11 @@ def slicing_of_cache(cache: Path) -> dict[str, Any]:
     if (cache / "cache.json").exists():
         cached = json.loads((cache / "cache.json").read_text())
         recipe, refit = {**RECIPE, **cached.get("recipe", {})}, bool(cached.get("refit", False))
-    return {"input_spacing_mm": float(recipe["input_spacing_mm"]), "crop": int(recipe["crop"]),
+    slicing = input_slicing(recipe)
+    if slicing.spacing_mm is None:
+        return {"input_spacing_mm": None, "input_size": slicing.size, "crop": slicing.size,
+                "refit": refit}
+    return {"input_spacing_mm": slicing.spacing_mm, "crop": int(recipe["crop"]),
             "refit": refit}
 
 
@@ -563,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, required=True)
     p.add_argument("--input-spacing-mm", type=float, default=RECIPE["input_spacing_mm"])
     p.add_argument("--crop", type=int, default=RECIPE["crop"], help="multiple of 16")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="resize whole slices to N x N pixels instead of resampling them to "
+                        "--input-spacing-mm (the ensemble's first network; no crop)")
     p.add_argument("--refit", action="store_true",
                    help="train on the training and validation patients (the final fit)")
     t = sub.add_parser("train")
@@ -578,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare(args.data_root.resolve(), args.cache,
-                {**RECIPE, "input_spacing_mm": args.input_spacing_mm, "crop": args.crop},
+                {**RECIPE, "input_spacing_mm": None if args.input_size else args.input_spacing_mm,
+                 "crop": args.input_size or args.crop, "input_size": args.input_size},
                 refit=args.refit)
     else:
         torch.set_num_threads(args.threads)

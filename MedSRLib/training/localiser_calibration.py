@@ -314,12 +314,22 @@ def base_card(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     if train_summary.get("training_images"):  # what its cache held (extra volumes included)
         sets["train"] = list(train_summary["training_images"])
     extra_trained = [image for image in sets["train"] if image.startswith("extra/")]
-    spacing = float(train_summary.get("input_spacing_mm", RECIPE["input_spacing_mm"]))
+    spacing = train_summary.get("input_spacing_mm", RECIPE["input_spacing_mm"])
     crop = int(train_summary.get("crop", RECIPE["crop"]))
+    size = int(train_summary.get("input_size") or loc.DEFAULT_INPUT_SIZE)
+    if spacing is None:   # whole slices resized to size x size (no crop, no window)
+        geometry: dict[str, Any] = {"input_size": size}
+        title = f"Lesion segmenter (2.5-D BasicUNet localiser, slices resized to {size} px)"
+        seen = f"resized to {size} x {size} pixels"
+    else:
+        spacing = float(spacing)
+        geometry = {"input_spacing_mm": spacing, "training_crop": crop}
+        title = f"Lesion segmenter (2.5-D BasicUNet localiser, {spacing:g} mm pixels)"
+        seen = f"resampled to {spacing:g} mm pixels and zero-padded to multiples of 16"
     return network, {
         "model": loc.LOCALISER_NAME,
-        "title": f"Lesion segmenter (2.5-D BasicUNet localiser, {spacing:g} mm pixels)",
-        "config": config, "scales": [1], "input_spacing_mm": spacing, "training_crop": crop,
+        "title": title,
+        "config": config, "scales": [1], **geometry,
         "modality": ["CT", "MR", "PT"],
         "licence": ["BraTS 2013, CC BY-NC-SA 3.0: non-commercial use only",
                     "CC BY 3.0 (IBSI / TCIA Soft-tissue-Sarcoma)",
@@ -330,13 +340,13 @@ def base_card(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         "licence_note": "trained on BraTS: these weights are for non-commercial use only",
         "normalisation": "MedSRLib.transforms.intensity.fit_mapping per volume: 0.5th/99.5th percentiles "
                          "-> 0/1, no clipping (same as inference)",
-        "inference": f"3 adjacent slices along each of the 3 axes, resampled to "
-                     f"{spacing:g} mm pixels and zero-padded to multiples of "
-                     f"16; softmax lesion probability resized back and averaged over the axes "
+        "inference": f"3 adjacent slices along each of the 3 axes, {seen}; softmax lesion "
+                     f"probability resized back and averaged over the axes "
                      f"(MedSRLib.roi.localiser.probability_map)",
         "loss": "monai.losses.DiceCELoss(to_onehot_y, softmax, batch=True)",
-        "augmentation": f"in-plane x1/x2/x4 anti-aliased bicubic degradation and a random "
-                        f"{crop}-px crop per slice (cached); MONAI flips, rot90, zoom "
+        "augmentation": f"in-plane x1/x2/x4 anti-aliased bicubic degradation and "
+                        f"{'a random ' + str(crop) + '-px crop per slice' if spacing is not None else 'whole slices'}"
+                        f" (cached); MONAI flips, rot90, zoom "
                         f"+-15 %, rotation, intensity scale/shift, gamma contrast, Gaussian "
                         f"noise, Gaussian blur",
         "recipe": "MedSRLib/training/localiser.py (RECIPE)",
