@@ -548,14 +548,27 @@ def test_replacing_a_member_marks_the_calibration_stale_and_lists_what_the_new_o
         "in_channels": 3, "features": [4, 4, 8, 8, 16, 4], "cpu_seconds": 1.0, "refit": False,
         "best_validation_dice": 0.5, "input_spacing_mm": 2.0, "crop": 96, "training_images": images}))
     card = calib.replace_member(out, 1, run / "step_02000.safetensors", why="lung nodules")
-    assert card["ensemble"]["replaced"] == {"member": 1, "checkpoint": str(run / "step_02000.safetensors"),
-                                            "replaces": str(tmp_path / "b.safetensors"), "why": "lung nodules"}
+    assert card["ensemble"]["replaced"] == [{"member": 1, "checkpoint": str(run / "step_02000.safetensors"),
+                                             "replaces": str(tmp_path / "b.safetensors"), "why": "lung nodules"}]
     assert "stale" in card["calibration"] and card["calibration"]["threshold"] == 0.4
     assert any("LIDC-IDRI" in licence for licence in card["licence"])
     member_card = zoo.read_card(out.parent / "lesion_segmenter_member_1.safetensors")
     assert member_card["training_data"] == images and "refit_of" not in member_card
     assert np.allclose(loc.load_ensemble(out).members[1][0](torch.ones(1, 3, 32, 32)).detach(),
                        new_net(torch.ones(1, 3, 32, 32)).detach())
+    first = tiny_segmenter(run, "step_00600.safetensors", {}, seed=9)   # the first network too
+    card = calib.replace_member(out, 0, run / "step_00600.safetensors", why="core masks")
+    assert [r["member"] for r in card["ensemble"]["replaced"]] == [1, 0]
+    assert card["source_checkpoints"] == [str(run / "step_00600.safetensors"),
+                                          str(run / "step_02000.safetensors")]
+    assert card["training_data"] == images and card["ensemble"]["members"] == ["lesion_segmenter_member_1.safetensors"]
+    ensemble = loc.load_ensemble(out)
+    assert np.allclose(ensemble.members[0][0](torch.ones(1, 3, 32, 32)).detach(),
+                       first(torch.ones(1, 3, 32, 32)).detach())
+    assert np.allclose(ensemble.members[1][0](torch.ones(1, 3, 32, 32)).detach(),
+                       new_net(torch.ones(1, 3, 32, 32)).detach())
+    with pytest.raises(ValueError, match="1 ensemble member"):
+        calib.replace_member(out, 2, run / "step_00600.safetensors", why="none")
     result = {"chosen": [0.3, 0.0, 0.0, 0.0], "objective": "o", "selection_sources": [], "folds": {},
               "nested": {}, "pooled": {}, "pooled_composites": {}, "chosen_any_padding": [],
               "any_padding_fold_scores": {}, "cpu_seconds": 1.0, "command": "c"}

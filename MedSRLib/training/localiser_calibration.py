@@ -437,17 +437,25 @@ def export(checkpoints: Sequence[Path], weights_path: Path, setting: tuple[float
     return card
 
 
+#: Card fields that describe one network (not the ensemble): replaced with the network.
+NETWORK_FIELDS = ("title", "config", "scales", "input_size", "input_spacing_mm", "training_crop",
+                  "normalisation", "inference", "loss", "augmentation", "recipe", "training_data",
+                  "validation_data", "test_data", "patients", "training", "checkpoint",
+                  "cpu_seconds", "metrics", "parameter_count")
+
+
 def replace_member(weights_path: Path, index: int, checkpoint: Path, why: str,
                    refit: bool = False) -> dict[str, Any]:
-    """Replace ensemble member `index` (1, 2, ...) of `weights_path` by `checkpoint` and record
-    `why` in the card's ensemble block. `refit`: the checkpoint is the replaced member's recipe
-    and step trained again on the training and validation patients (`localiser prepare
-    --refit`), and the ensemble's calibration, chosen with the replaced member, is kept (no
-    patient is left to choose it again); otherwise the card's calibration is marked stale, for
-    `localiser_cross_validation --card` to choose again."""
+    """Replace ensemble member `index` of `weights_path` by `checkpoint` (0: the first network,
+    the weights file itself, whose network fields of the card change; 1, 2, ...: the member
+    files beside it) and record `why` in the card's ensemble block. `refit`: the checkpoint is
+    the replaced member's recipe and step trained again on the training and validation
+    patients (`localiser prepare --refit`), and the ensemble's calibration, chosen with the
+    replaced member, is kept (no patient is left to choose it again); otherwise the card's
+    calibration is marked stale, for `localiser_cross_validation --card` to choose again."""
     network, card = loc.load_localiser(weights_path)
     members = list((card.get("ensemble") or {}).get("members", []))
-    if not 1 <= index <= len(members):
+    if not 0 <= index <= len(members):
         raise ValueError(f"{weights_path} has {len(members)} ensemble member(s), not {index}")
     member, member_card = base_card(checkpoint)
     if refit and not member_card["training"].get("refit"):
@@ -455,24 +463,32 @@ def replace_member(weights_path: Path, index: int, checkpoint: Path, why: str,
                          f"--refit): it is not a refit")
     replaced = card["source_checkpoints"][index]
     member_card = with_patient_sets({"modality": card.get("modality"), **member_card})
-    calibration = (f"the calibration in {weights_path.with_suffix('.json').name} (chosen with "
-                   f"{replaced} on the validation patients)" if refit else
-                   f"the calibration in {weights_path.with_suffix('.json').name}")
-    refit_note = (f", refit: {replaced}'s recipe and step on the training + validation patients"
-                  if refit else "")
-    member_card["status"] = (f"ensemble member {index} of {weights_path.name}{refit_note}; "
-                             f"{calibration} applies to the mean")
-    member_card["source_checkpoint"] = str(checkpoint)
-    if refit:
-        member_card["refit_of"] = replaced
-    zoo.save_weights(member, weights_path.parent / members[index - 1], member_card)
     card = {k: v for k, v in card.items() if k not in ("weights_file", "storage_dtype")}
+    if index == 0:
+        network = member
+        card = {k: v for k, v in card.items() if k not in NETWORK_FIELDS}
+        card.update({k: v for k, v in member_card.items() if k in NETWORK_FIELDS})
+    else:
+        calibration = (f"the calibration in {weights_path.with_suffix('.json').name} (chosen "
+                       f"with {replaced} on the validation patients)" if refit else
+                       f"the calibration in {weights_path.with_suffix('.json').name}")
+        refit_note = (f", refit: {replaced}'s recipe and step on the training + validation "
+                      f"patients" if refit else "")
+        member_card["status"] = (f"ensemble member {index} of {weights_path.name}{refit_note}; "
+                                 f"{calibration} applies to the mean")
+        member_card["source_checkpoint"] = str(checkpoint)
+        if refit:
+            member_card["refit_of"] = replaced
+        zoo.save_weights(member, weights_path.parent / members[index - 1], member_card)
     card["source_checkpoints"] = [*card["source_checkpoints"][:index], str(checkpoint),
                                   *card["source_checkpoints"][index + 1:]]
     card["licence"] = sorted({*card.get("licence", []), *member_card.get("licence", [])})
-    card["ensemble"] = {**card["ensemble"], "refit" if refit else "replaced": {
-        "member": index, "checkpoint": str(checkpoint), "replaces": replaced, "why": why}}
-    if not refit:
+    record = {"member": index, "checkpoint": str(checkpoint), "replaces": replaced, "why": why}
+    if refit:
+        card["ensemble"] = {**card["ensemble"], "refit": record}
+    else:
+        earlier = [r for r in card["ensemble"].get("replaced", []) if r["member"] != index]
+        card["ensemble"] = {**card["ensemble"], "replaced": [*earlier, record]}
         card["calibration"] = {**card.get("calibration", {}), "stale": (
             f"chosen with {replaced} as member {index}: run localiser_cross_validation --card")}
     zoo.save_weights(network, weights_path, card)
