@@ -186,7 +186,7 @@ def main(argv: Sequence[str]) -> int:
                              "method": method, **s, "seconds": round(seconds, 1)})
                 print(f"{rel} x{factor:g} t{ratio:g} {method}: {s['psnr']:.2f} dB SSIM {s['ssim']:.4f} "
                       f"({seconds:.1f} s)", file=sys.stderr, flush=True)
-            name = Path(rel).name.split(".")[0]
+            name = (Path(rel).parent.name if Path(rel).name == "image.nii.gz" else Path(rel).name).split(".")[0]
             if ratio == 1.0:
                 figure(out / f"sagittal_{modality}_{name}_x{factor:g}.png", thick, factor,
                        {m: v for m, (v, _) in outputs.items() if v is not None}, truth)
@@ -239,7 +239,7 @@ def report(rows: list[dict], command: str) -> str:
         lines.append(f"| {m} | " + " | ".join("n/a" if c is None else f"{c:+.2f}" for c in cells) + " |")
     if BASELINE in cells_of:
         for m, cells in cells_of.items():
-            if m == BASELINE:
+            if not m.startswith("MedSR"):
                 continue
             steps = [None if c is None or b is None else c - b for c, b in zip(cells, cells_of[BASELINE])]
             lines.append(f"| step of {m} over the baseline | "
@@ -252,7 +252,7 @@ def report(rows: list[dict], command: str) -> str:
         for m in cells_of:
             lines.append(f"| {m} | " + " | ".join(
                 f"{unseen[(m, f, 'CT')]:+.2f}" if (m, f, "CT") in unseen else "n/a" for f in (3.0, 5.0)) + " |")
-        for m in (m for m in cells_of if m != BASELINE and BASELINE in cells_of):
+        for m in (m for m in cells_of if m.startswith("MedSR") and BASELINE in cells_of):
             steps = [unseen[(m, f, "CT")] - unseen[(BASELINE, f, "CT")]
                      if (m, f, "CT") in unseen and (BASELINE, f, "CT") in unseen else None for f in (3.0, 5.0)]
             lines.append(f"| step of {m} over the baseline | "
