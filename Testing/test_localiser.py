@@ -463,10 +463,9 @@ def test_a_refit_trains_on_training_and_validation_patients_never_test_ones():
     assert "brats_2013_pat0005_1" in {c.patient for c in refit}
 
 
-def test_a_refit_replaces_one_member_and_keeps_the_calibration(tmp_path):
-    """The final fit (`prepare --refit`): member 1 is replaced by a run trained on the training
-    and validation patients; its card says so, the ensemble's calibration stays, and a run
-    without the validation patients is refused."""
+def two_network_ensemble(tmp_path):
+    """A tiny exported ensemble (a 64-px first network, a 2 mm member) calibrated at threshold
+    0.4; returns its weights path."""
     tiny_segmenter(tmp_path, "a.safetensors", {"title": "A", "input_size": 64}, seed=4)
     tiny_segmenter(tmp_path, "b.safetensors", {"title": "B", "input_spacing_mm": 2.0}, seed=5)
     setting = (0.4, 500.0, 2.5)
@@ -474,6 +473,14 @@ def test_a_refit_replaces_one_member_and_keeps_the_calibration(tmp_path):
     out = tmp_path / "shipped" / "lesion_segmenter.safetensors"
     calib.export([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], out, setting,
                  table, 5.0, 1.0)
+    return out
+
+
+def test_a_refit_replaces_one_member_and_keeps_the_calibration(tmp_path):
+    """The final fit (`prepare --refit`): member 1 is replaced by a run trained on the training
+    and validation patients; its card says so, the ensemble's calibration stays, and a run
+    without the validation patients is refused."""
+    out = two_network_ensemble(tmp_path)
     run = tmp_path / "refit_run"
     refit_net = tiny_segmenter(run, "step_02400.safetensors", {}, seed=6)
     summary = {"in_channels": 3, "features": [4, 4, 8, 8, 16, 4], "cpu_seconds": 1.0,
@@ -534,13 +541,7 @@ def test_replacing_a_member_marks_the_calibration_stale_and_lists_what_the_new_o
     member 1; its card lists those volumes and their licence, and the ensemble's calibration is
     marked stale until the cross-validation writes a new one."""
     from MedSRLib.training import localiser_cross_validation as cv
-    tiny_segmenter(tmp_path, "a.safetensors", {"title": "A", "input_size": 64}, seed=4)
-    tiny_segmenter(tmp_path, "b.safetensors", {"title": "B", "input_spacing_mm": 2.0}, seed=5)
-    setting = (0.4, 500.0, 2.5)
-    table = {setting: {"acceptable": 0.9, "perfect": 0.8, "mean_roi_share": 0.15}}
-    out = tmp_path / "shipped" / "lesion_segmenter.safetensors"
-    calib.export([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], out, setting,
-                 table, 5.0, 1.0)
+    out = two_network_ensemble(tmp_path)
     run = tmp_path / "run"
     new_net = tiny_segmenter(run, "step_02000.safetensors", {}, seed=7)
     images = ["sarcoma/STS_001/CT_image.nii.gz", "extra/lidc-voi/LIDC-IDRI-0007_R_1"]
