@@ -1,6 +1,6 @@
 """Headless harness for the MedSR Slicer module (see README.md in this folder).
 
-Test modules import their fixtures from here (`from harness import MedSR, qapp, scene`)
+Test modules import their fixtures from here (`from harness import MedSR, qapp, scene, widget`)
 instead of a conftest.py, so that the library tests' `from conftest import ...` keeps
 resolving to Testing/conftest.py when the whole Testing/ tree is collected.
 
@@ -55,3 +55,14 @@ def MedSR():
     import MedSR as module
 
     return module
+
+
+@pytest.fixture
+def widget(scene, MedSR, qapp):
+    """The module panel, set up and shown on a fresh scene; cleaned up and closed after."""
+    widget = MedSR.MedSRWidget()
+    widget.setup()
+    widget.parent.show()
+    yield widget
+    widget.cleanup()
+    widget.parent.close()

@@ -7,7 +7,7 @@ double for the network only): the nodes, the RAS <-> index conversions, the run 
 network's ROIs are tested in Testing/test_localiser.py.
 """
 
-from harness import MedSR, qapp, scene  # noqa: F401  (fixtures; installs the fakes)
+from harness import MedSR, qapp, scene, widget  # noqa: F401  (fixtures; installs the fakes)
 
 import numpy as np
 import pytest
@@ -23,16 +23,6 @@ FOUND = [((2, 2, 1), (8, 7, 3), 0.93), ((15, 11, 2), (21, 17, 5), 0.61)]
 @pytest.fixture
 def two_lesions(monkeypatch):
     monkeypatch.setattr(medsr_roi, "detect_lesions", lambda image: list(FOUND))
-
-
-@pytest.fixture
-def widget(scene, MedSR, qapp):
-    widget = MedSR.MedSRWidget()
-    widget.setup()
-    widget.parent.show()
-    yield widget
-    widget.cleanup()
-    widget.parent.close()
 
 
 def test_detect_makes_one_named_roi_per_lesion_and_apply_uses_those_kept(scene, MedSR, two_lesions):

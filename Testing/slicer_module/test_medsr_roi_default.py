@@ -1,23 +1,13 @@
 """The panel's ROI model: "Automatic" (MedSRLib's measured default per modality and scale) first,
 LFSR still offered by name (PySide6 offscreen, fake qMRML/CTK widgets)."""
 
-from harness import MedSR, qapp, scene  # noqa: F401  (fixtures; installs the fakes)
+from harness import MedSR, qapp, scene, widget  # noqa: F401  (fixtures; installs the fakes)
 
 import pytest
 import SimpleITK as sitk
 
 import MedSRLib
 from MedSRLib.roi import roi_models
-
-
-@pytest.fixture
-def widget(scene, MedSR, qapp):
-    widget = MedSR.MedSRWidget()
-    widget.setup()
-    widget.parent.show()
-    yield widget
-    widget.cleanup()
-    widget.parent.close()
 
 
 def select(combo, data):

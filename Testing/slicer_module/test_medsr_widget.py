@@ -1,6 +1,6 @@
 """MedSRWidget with the module's real MedSR.ui (PySide6 offscreen, fake qMRML/CTK widgets)."""
 
-from harness import MedSR, qapp, scene  # noqa: F401  (fixtures; installs the fakes)
+from harness import MedSR, qapp, scene, widget  # noqa: F401  (fixtures; installs the fakes)
 
 import time
 
@@ -11,16 +11,6 @@ import MedSRLib
 from MedSRLib.roi import focus as medsr_roi
 from scene_state import scene_state
 from fakes.fake_dicom_database import FakeDICOMDatabase
-
-
-@pytest.fixture
-def widget(scene, MedSR, qapp):
-    widget = MedSR.MedSRWidget()
-    widget.setup()
-    widget.parent.show()
-    yield widget
-    widget.cleanup()
-    widget.parent.close()
 
 
 def wait_until_idle(widget, qapp, timeout_s=120):
