@@ -98,6 +98,16 @@ def check_same_grid(image: sitk.Image, mask: sitk.Image, name: str) -> None:
             raise ValueError(f"{name}: mask {what} {b} != image {what} {a}")
 
 
+def write_pair(folder: Path, image: sitk.Image, mask: sitk.Image) -> tuple[str, str]:
+    """Write `folder`/image.nii.gz and mask.nii.gz (compressed); return the image's size and
+    spacing as the MANIFEST writes them ("512x512x16", "0.703x0.703x2.5")."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(folder / "image.nii.gz"), useCompression=True)
+    sitk.WriteImage(mask, str(folder / "mask.nii.gz"), useCompression=True)
+    return ("x".join(str(s) for s in image.GetSize()),
+            "x".join(f"{s:.3g}" for s in image.GetSpacing()))
+
+
 def write_case(case: Case, git_dir: Path, out: Path, workdir: Path) -> str:
     """Write one case's image and uint8 mask; return its manifest table row."""
     if case.patient_id in RESERVED_PATIENT_IDS:
@@ -111,12 +121,7 @@ def write_case(case: Case, git_dir: Path, out: Path, workdir: Path) -> str:
     lesion_voxels = int((labels > 0).sum())
     if lesion_voxels == 0:
         raise ValueError(f"{case.case}: empty lesion mask")
-    target = out / case.source / case.case
-    target.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(target / "image.nii.gz"), useCompression=True)
-    sitk.WriteImage(binary, str(target / "mask.nii.gz"), useCompression=True)
-    size = "x".join(str(s) for s in image.GetSize())
-    spacing = "x".join(f"{s:.3g}" for s in image.GetSpacing())
+    size, spacing = write_pair(out / case.source / case.case, image, binary)
     return (f"| {case.source}/{case.case} | {case.repo} `{case.image_path}` @ {case.commit[:10]} | "
             f"{case.patient_id} ({case.collection}) | {case.modality} | {case.lesion} | {size}, "
             f"{spacing} mm, {lesion_voxels} lesion vx | {case.licence} | {case.role} |")
@@ -222,12 +227,7 @@ def lidc_slab_row(patient: str, c2c_dir: Path, c2c_commit: str, slicing_dir: Pat
         raise ValueError(f"{patient}: no nodule on the slab")
     mask = sitk.GetImageFromArray(union)
     mask.CopyInformation(image)
-    target = out / "lidc-slab" / patient
-    target.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(target / "image.nii.gz"), useCompression=True)
-    sitk.WriteImage(mask, str(target / "mask.nii.gz"), useCompression=True)
-    size = "x".join(str(s) for s in image.GetSize())
-    spacing = "x".join(f"{s:.3g}" for s in image.GetSpacing())
+    size, spacing = write_pair(out / "lidc-slab" / patient, image, mask)
     return (f"| lidc-slab/{patient} | drivendataorg/concept-to-clinic `{base}/{patient}/` @ {c2c_commit[:10]} "
             f"+ PabloLION/ct-slicing `data/CT/nodule_mask/{patient}_R_*` @ {slicing_commit[:10]} | "
             f"{patient} (TCIA LIDC-IDRI) | CT chest, whole 512x512 slices | lung nodule(s), "
