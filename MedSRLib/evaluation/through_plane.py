@@ -85,6 +85,12 @@ def unseen_ct_cases(folder: Path | None = None) -> list[tuple[str, str, str]]:
     return out
 
 
+def case_name(path: str) -> str:
+    """A case as the report and its figures name it: the file name, or the case folder's for
+    the extra crops, whose files are all image.nii.gz."""
+    return Path(path).parent.name if Path(path).name == "image.nii.gz" else Path(path).name
+
+
 #: Method label of `--baseline-weights` (another through-plane network, e.g. a previous release).
 BASELINE = "baseline through-plane"
 
@@ -186,7 +192,7 @@ def main(argv: Sequence[str]) -> int:
                              "method": method, **s, "seconds": round(seconds, 1)})
                 print(f"{rel} x{factor:g} t{ratio:g} {method}: {s['psnr']:.2f} dB SSIM {s['ssim']:.4f} "
                       f"({seconds:.1f} s)", file=sys.stderr, flush=True)
-            name = (Path(rel).parent.name if Path(rel).name == "image.nii.gz" else Path(rel).name).split(".")[0]
+            name = case_name(rel).split(".")[0]
             if ratio == 1.0:
                 figure(out / f"sagittal_{modality}_{name}_x{factor:g}.png", thick, factor,
                        {m: v for m, (v, _) in outputs.items() if v is not None}, truth)
@@ -216,8 +222,7 @@ def report(rows: list[dict], command: str) -> str:
                 gain = "" if m == "cubic-z" or cubic is None else f" ({r['psnr'] - cubic:+.2f})"
                 cells.append(f"{r['psnr']:.2f}{gain} / {r['ssim']:.3f}")
         role = next(r["role"] for r in rows if r["case"] == key[0])
-        label = (Path(key[0]).name if role != UNSEEN else Path(key[0]).parent.name) + \
-            ("" if role == "test" else f" ({role})")
+        label = case_name(key[0]) + ("" if role == "test" else f" ({role})")
         lines.append(f"| {label} | x{key[1]:g} | {key[2]:g} | " + " | ".join(cells) + " |")
     gains = mean_gains(rows)
     lines += ["", "Mean PSNR gain over cubic-z on the test volumes (box, contiguous), CT and MR averaged "

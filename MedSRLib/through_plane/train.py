@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(net.state_dict(), out / "checkpoints" / "best.pt")
     net.load_state_dict(torch.load(out / "checkpoints" / "best.pt", weights_only=True))
     final = validate(net, val_planes)
+    init_card = zoo.read_card(Path(args.init_weights)) if args.init_weights else {}
+    init_cpu_seconds = float(init_card.get("cpu_seconds_total") or init_card.get("cpu_seconds") or 0.0)
     card = {
         "model": model_io.MODEL_NAME, "architecture": net.__class__.__name__,
         "config": {"num_features": args.features, "num_blocks": args.blocks,
@@ -178,10 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         "steps": step, "best_step": best_step, "batch": args.batch, "patch": args.patch,
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
         # the whole lineage: this run plus the run(s) behind --init-weights
-        "cpu_seconds_total": round(time.process_time() - cpu_started + (
-            (zoo.read_card(Path(args.init_weights)).get("cpu_seconds_total")
-             or zoo.read_card(Path(args.init_weights)).get("cpu_seconds") or 0.0)
-            if args.init_weights else 0.0), 1),
+        "cpu_seconds_total": round(time.process_time() - cpu_started + init_cpu_seconds, 1),
         "wall_seconds": round(time.time() - started, 1), "threads": args.threads,
         "metrics": {"validation": final},
         "recipe": "python -m MedSRLib.through_plane.train " + " ".join(sys.argv[1:] if argv is None else argv),
