@@ -883,7 +883,7 @@ def _guarded(run) -> int:
             print("medsr: cancelled; nothing was written", file=sys.stderr)
         return EXIT_CANCELLED
     except BrokenPipeError:  # the reader went away (`medsr models | head`): nothing to report
-        sys.stdout = open(os.devnull, "w")  # the interpreter's final flush must not fail again
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # the interpreter's final flush must not fail again
         return 0
     except Exception as err:  # noqa: BLE001 - last-resort report for the CLI
         if _is_out_of_memory(err):

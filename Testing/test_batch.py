@@ -41,7 +41,7 @@ def medsr(*args: str, hide_ray: bool = False, timeout: float = 240) -> subproces
 
 
 def records(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / MANIFEST_NAME).read_text().splitlines()
+    return [json.loads(line) for line in (out_dir / MANIFEST_NAME).read_text(encoding="utf-8").splitlines()
             if line.strip()]
 
 
@@ -176,7 +176,7 @@ def test_table_sets_output_model_and_scale_per_row(tmp_path):
     table = tmp_path / "cases.csv"
     table.write_text("input,output,model,scale\n"
                      "in/v0.nrrd,renamed/first.nii.gz,lanczos,1x1x2\n"
-                     "in/v1.nrrd,,,\n")
+                     "in/v1.nrrd,,,\n", encoding="utf-8")
     summary = run_in_process([table], tmp_path / "out")
     assert (summary.ok, summary.failed) == (2, 0)
     first = sitk.ReadImage(str(tmp_path / "out" / "renamed" / "first.nii.gz"))
@@ -191,10 +191,10 @@ def test_table_sets_output_model_and_scale_per_row(tmp_path):
 
 def test_table_errors_name_the_line(tmp_path):
     table = tmp_path / "cases.tsv"
-    table.write_text("input\tscale\nmissing.nrrd\t2\n")
+    table.write_text("input\tscale\nmissing.nrrd\t2\n", encoding="utf-8")
     with pytest.raises(InputError, match="line 2.*missing.nrrd"):
         run_in_process([table], tmp_path / "out")
-    table.write_text("path\n")
+    table.write_text("path\n", encoding="utf-8")
     with pytest.raises(InputError, match="first row must name the columns"):
         run_in_process([table], tmp_path / "out")
 
@@ -206,8 +206,8 @@ def test_folder_search_mirrors_the_tree_and_skips_the_output_folder(tmp_path, sh
     sitk.WriteImage(make_volume(), str(root / "a" / "b" / "x.nii.gz"))
     sitk.WriteImage(make_volume(), str(root / "a" / "x.nrrd"))
     sitk.WriteImage(make_volume(), str(root / "a" / "x.mha"))  # collides with x.nrrd -> x.nrrd
-    (root / "a" / "notes.txt").write_text("not an image")
-    (root / ".hidden.nrrd").write_text("skipped")
+    (root / "a" / "notes.txt").write_text("not an image", encoding="utf-8")
+    (root / ".hidden.nrrd").write_text("skipped", encoding="utf-8")
     for series in (CT_DICOM, "mr/pelvis-t2-dicom"):  # two series in one folder
         for name in sorted(os.listdir(shared_data / series))[:3]:
             shutil.copy(shared_data / series / name, root / "mixed" / f"{series[:2]}-{name}")
@@ -232,7 +232,7 @@ def test_rerun_skips_done_cases_and_replaces_changed_outputs_only_with_overwrite
     (out / "v0.nrrd").write_bytes((out / "v0.nrrd").read_bytes()[:-10])
     lines = records(out)
     (out / MANIFEST_NAME).write_text("".join(json.dumps(r) + "\n" for r in lines
-                                             if r["output"] != "v1.nrrd"))
+                                             if r["output"] != "v1.nrrd"), encoding="utf-8")
     changed = (out / "v0.nrrd").read_bytes()
     with pytest.raises(InputError, match=r"v0\.nrrd, .*v1\.nrrd: output exists and was not "
                                          "written by medsr batch.*--overwrite"):
@@ -258,7 +258,7 @@ def test_torn_last_manifest_line_is_ignored_and_the_next_starts_fresh(tmp_path):
     summary = run_in_process([source], out)
     assert (summary.ok, summary.skipped) == (1, 1)
     assert any("1 unreadable line" in note for note in summary.notes)
-    text = (out / MANIFEST_NAME).read_text()
+    text = (out / MANIFEST_NAME).read_text(encoding="utf-8")
     assert text.endswith("\n") and len(text.splitlines()) == 5
     latest, unreadable = manifest.read_records(out / MANIFEST_NAME)
     assert unreadable == 1 and latest["v1.nrrd"]["status"] == "ok"
@@ -267,7 +267,7 @@ def test_torn_last_manifest_line_is_ignored_and_the_next_starts_fresh(tmp_path):
 def test_failed_case_is_retried_when_its_input_changes_or_when_asked(tmp_path):
     source = small_cohort(tmp_path / "in", 1)
     bad = source / "bad.nrrd"
-    bad.write_text("NRRD0004\ntype: what\n\n")
+    bad.write_text("NRRD0004\ntype: what\n\n", encoding="utf-8")
     out = tmp_path / "out"
     first = run_in_process([source], out)
     assert (first.ok, first.failed) == (1, 1) and not first.all_ok
@@ -358,7 +358,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_continues(tmp_path, runner):
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
-        if (out / MANIFEST_NAME).is_file() and (out / MANIFEST_NAME).read_text().count("\n") >= 1:
+        if (out / MANIFEST_NAME).is_file() and (out / MANIFEST_NAME).read_text(encoding="utf-8").count("\n") >= 1:
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)

@@ -54,7 +54,7 @@ def run_in_process(inputs, out, **options):
 
 
 def lines_of(manifest: Path) -> list[dict]:
-    return [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def write(image: sitk.Image, path: Path) -> Path:
@@ -125,12 +125,12 @@ def test_table_outputs_that_collide_are_refused_naming_both_cases(tmp_path):
     a = write(make_volume(seed=1), tmp_path / "a.nii.gz")
     b = write(make_volume(seed=2), tmp_path / "b.nii.gz")
     table = tmp_path / "cases.csv"
-    table.write_text("input,output\na.nii.gz,same.nrrd\nb.nii.gz,same.nrrd\n")
+    table.write_text("input,output\na.nii.gz,same.nrrd\nb.nii.gz,same.nrrd\n", encoding="utf-8")
     with pytest.raises(InputError, match=f"{a}.* and .*{b}.*would both be written to"):
         run_in_process([table], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # the same input named directly and by a table with other options: one output, refused
-    table.write_text("input,output,model\na.nii.gz,,lanczos\n")
+    table.write_text("input,output,model\na.nii.gz,,lanczos\n", encoding="utf-8")
     with pytest.raises(InputError, match="would both be written to"):
         run_in_process([table, a], tmp_path / "out")
 
@@ -140,14 +140,14 @@ def test_a_table_output_naming_another_cases_input_is_refused(tmp_path):
     b = write(make_volume(seed=2), tmp_path / "b.nii.gz")
     before = b.read_bytes()
     table = tmp_path / "cases.csv"
-    table.write_text(f"input,output\na.nii.gz,{b}\nb.nii.gz,\n")
+    table.write_text(f"input,output\na.nii.gz,{b}\nb.nii.gz,\n", encoding="utf-8")
     with pytest.raises(InputError, match=f"{b}: the output of .*a.nii.gz would overwrite the "
                                          f"input of {b}"):
         run_in_process([table], tmp_path / "out")
     assert b.read_bytes() == before and not (tmp_path / "out").exists()
     # the same file under another name (a hard link) is the input too
     os.link(b, tmp_path / "b-link.nii.gz")
-    table.write_text("input,output\na.nii.gz,../b-link.nii.gz\nb.nii.gz,\n")
+    table.write_text("input,output\na.nii.gz,../b-link.nii.gz\nb.nii.gz,\n", encoding="utf-8")
     with pytest.raises(InputError, match="would overwrite the input"):
         run_in_process([table], tmp_path / "out")
     assert b.read_bytes() == before
@@ -181,11 +181,11 @@ def test_a_manifest_that_is_a_symbolic_link_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     target = tmp_path / "precious.txt"
-    target.write_text("do not append here\n")
+    target.write_text("do not append here\n", encoding="utf-8")
     (out / MANIFEST_NAME).symlink_to(target)
     with pytest.raises(InputError, match="manifest is a symbolic link"):
         run_in_process([source.parent], out)
-    assert target.read_text() == "do not append here\n"
+    assert target.read_text(encoding="utf-8") == "do not append here\n"
     assert not (out / "v.nrrd").exists()
     (out / MANIFEST_NAME).unlink()
     (out / MANIFEST_NAME).symlink_to(tmp_path / "dangling.jsonl")  # would create its target
@@ -228,7 +228,7 @@ def test_a_full_disk_under_the_manifest_fails_each_case_and_the_batch_continues(
     results = tmp_path / "results"
     table = tmp_path / "cases.csv"
     table.write_text("input,output\n" + "".join(f"in/v{i}.nrrd,{results}/v{i}.nrrd\n"
-                                               for i in range(3)))
+                                               for i in range(3)), encoding="utf-8")
     with tmpfs(tmp_path / "out", "64k") as out:
         (out / MANIFEST_NAME).touch()
         fill(out)

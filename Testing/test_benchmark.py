@@ -49,8 +49,8 @@ def test_writes_markdown_csv_json_and_a_figure_per_scale(run):
 
 
 def test_markdown_has_a_table_per_scale_with_a_row_per_image_and_a_mean_row(run):
-    text = (run / "results.md").read_text()
-    images = json.loads((run / "results.json").read_text())["images"]
+    text = (run / "results.md").read_text(encoding="utf-8")
+    images = json.loads((run / "results.json").read_text(encoding="utf-8"))["images"]
     assert len(images) == 2
     sections = re.split(r"^## ", text, flags=re.M)[1:]
     assert [s.split("\n", 1)[0] for s in sections] == (
@@ -81,7 +81,7 @@ def test_bicubic_psnr_equals_an_independent_recomputation(run):
 
 
 def test_nearest_scores_below_bicubic_on_real_ct(run):
-    scales = json.loads((run / "results.json").read_text())["scales"]
+    scales = json.loads((run / "results.json").read_text(encoding="utf-8"))["scales"]
     for scale in SCALES:
         mean = scales[f"x{scale}"]["mean"]
         assert mean["nearest"]["psnr_whole"] < mean["bicubic"]["psnr_whole"] - 0.5
@@ -93,7 +93,7 @@ def test_nearest_scores_below_bicubic_on_real_ct(run):
 
 
 def test_figure_has_a_panel_for_hr_and_every_method(run):
-    scales = json.loads((run / "results.json").read_text())["scales"]
+    scales = json.loads((run / "results.json").read_text(encoding="utf-8"))["scales"]
     for scale in SCALES:
         info = scales[f"x{scale}"]["figure"]
         assert info["panels"] == ["HR"] + METHODS
@@ -118,10 +118,10 @@ def test_models_without_weights_or_scale_are_skipped_with_a_note(tmp_path):
     assert benchmark.main([str(SAMPLE), "--modality", "CT", "--scales", "3", "--models", "srcnn",
                            "hybrid", "--slices-per-volume", "1", "--max-size", "33",
                            "--weights-dir", str(empty), "--device", "cpu", "--out", str(out)]) == 0
-    text = (out / "results.md").read_text()
+    text = (out / "results.md").read_text(encoding="utf-8")
     assert "- srcnn: skipped (model 'srcnn' has no trained weights for x3" in text
     assert "- hybrid: skipped (model 'hybrid' does not support scale x3" in text
-    assert json.loads((out / "results.json").read_text())["scales"]["x3"]["methods"] == ["bicubic"]
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["scales"]["x3"]["methods"] == ["bicubic"]
 
 
 def test_choose_slices_skips_empty_slices_and_the_ends():
@@ -173,7 +173,7 @@ def test_weights_dir_models_are_scored_named_and_checked_for_leaks(tmp_path):
     assert benchmark.main([str(SAMPLE), "--modality", "CT", "--scales", "2", "--models", "srcnn",
                            "--weights-dir", str(weights), "--slices-per-volume", "1",
                            "--max-size", "32", "--device", "cpu", "--out", str(out)]) == 0
-    result = json.loads((out / "results.json").read_text())["scales"]["x2"]
+    result = json.loads((out / "results.json").read_text(encoding="utf-8"))["scales"]["x2"]
     assert result["methods"] == ["bicubic", "srcnn"]
     assert any(n.startswith("srcnn: weights srcnn_x2.safetensors (recipe test") for n in result["notes"])
     assert f"WARNING: srcnn was trained on {SAMPLE}: not a held-out result" in result["notes"]

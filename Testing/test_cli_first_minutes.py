@@ -138,7 +138,7 @@ def test_a_rejected_scale_points_to_the_through_plane_form(capsys, input_volume,
 def test_a_folder_without_dicom_gives_medsr_message_without_itk_warning(tmp_path):
     folder = tmp_path / "not_dicom"
     folder.mkdir()
-    (folder / "notes.txt").write_text("no images here")
+    (folder / "notes.txt").write_text("no images here", encoding="utf-8")
     result = subprocess.run([sys.executable, "-m", "MedSRLib.cli", "info", str(folder)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
@@ -226,9 +226,9 @@ def test_models_table_defaults_follow_the_registry_rule():
 def test_models_table_honours_a_cards_default_for(tmp_path):
     """A card that limits the modalities it is the default for moves the table's default the
     way it moves the registry's (one rule for both)."""
-    shipped = json.loads((zoo.WEIGHTS_DIR / "edsr_lite_x2.json").read_text())
+    shipped = json.loads((zoo.WEIGHTS_DIR / "edsr_lite_x2.json").read_text(encoding="utf-8"))
     (tmp_path / "edsr_lite_x2.safetensors").write_bytes(b"")
-    (tmp_path / "edsr_lite_x2.json").write_text(json.dumps({**shipped, "default_for": ["MR"]}))
+    (tmp_path / "edsr_lite_x2.json").write_text(json.dumps({**shipped, "default_for": ["MR"]}), encoding="utf-8")
     defaults = model_table.default_models(model_table.read_cards(tmp_path))
     assert defaults[("MR", 2)] == "edsr_lite"
     assert defaults[("CT", 2)] == "bicubic"
@@ -239,7 +239,7 @@ def test_packaged_speed_table_is_the_committed_frontier_measurement():
     committed = REPO_ROOT / "benchmarks" / "results" / "frontier" / "frontier.json"
     if not committed.is_file():
         pytest.skip("benchmarks/results is not in this checkout")
-    assert json.loads(model_table.SPEED_PATH.read_text()) == json.loads(committed.read_text())
+    assert json.loads(model_table.SPEED_PATH.read_text(encoding="utf-8")) == json.loads(committed.read_text(encoding="utf-8"))
 
 
 def test_models_lists_without_importing_torch():
@@ -274,7 +274,7 @@ def test_suite_without_real_data_says_once_how_many_skip_and_where_it_comes_from
     shutil.copy(Path(__file__).with_name("conftest.py"), suite / "conftest.py")
     (suite / "test_needs_data.py").write_text(
         "def test_one(shared_data):\n    pass\n\n\ndef test_two(shared_data):\n    pass\n\n\n"
-        "def test_without_data():\n    pass\n")
+        "def test_without_data():\n    pass\n", encoding="utf-8")
     env = {**os.environ, "MEDSR_SHARED_DATA": str(tmp_path / "absent")}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "."],
                             capture_output=True, text=True, timeout=600, cwd=suite, env=env)

@@ -22,7 +22,7 @@ def demo_run(tmp_path_factory):
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         code = cli.main(["demo", "-o", str(out)])
-    capture.write_text(buffer.getvalue())
+    capture.write_text(buffer.getvalue(), encoding="utf-8")
     return out, code, buffer.getvalue()
 
 

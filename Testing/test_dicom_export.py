@@ -308,12 +308,12 @@ def test_existing_output_folder_needs_overwrite_and_only_holds_dicom(crops, tmp_
     source = crops["ct/crlm-ct-1004-dicom"]
     folder = tmp_path / "series"
     folder.mkdir()
-    (folder / "notes.txt").write_text("keep me")
+    (folder / "notes.txt").write_text("keep me", encoding="utf-8")
     assert run_cli(source, folder) == 2
     assert "not empty" in capsys.readouterr().err
     assert run_cli(source, folder, "--overwrite") == 2  # never deletes non-DICOM files
     assert "not a DICOM file" in capsys.readouterr().err
-    assert (folder / "notes.txt").read_text() == "keep me"
+    assert (folder / "notes.txt").read_text(encoding="utf-8") == "keep me"
     assert run_cli(source, source / "inside") == 2
     assert "inside" in capsys.readouterr().err
     assert run_cli(source, tmp_path / "sr.nii.gz", "--format", "dicom") == 2

@@ -148,7 +148,7 @@ def test_file_order_that_is_not_slice_order_is_refused(ct_copy):
 def test_hidden_and_non_dicom_files_are_ignored(ct_copy):
     data = (ct_copy / DAMAGED).read_bytes()
     (ct_copy / ".partial.dcm").write_bytes(data[: len(data) // 2])
-    (ct_copy / "notes.txt").write_text("not DICOM")
+    (ct_copy / "notes.txt").write_text("not DICOM", encoding="utf-8")
     files, uid = gdcm_series(ct_copy)
     check_series_files(ct_copy, files, uid)
 

@@ -51,7 +51,7 @@ def _bundled_sample() -> Path:
 
 def python_blocks(page: Path) -> list[tuple[int, str]]:
     """(line number, dedented code) of every ```python block of a Markdown page."""
-    text = page.read_text()
+    text = page.read_text(encoding="utf-8")
     blocks = []
     for match in FENCE.finditer(text):
         indent = len(match.group("indent"))
@@ -97,11 +97,11 @@ def test_site_builds_in_strict_mode_with_every_page(built_site):
 def test_model_page_has_a_section_for_every_shipped_card(built_site):
     cards = sorted(_package_root().rglob("weights/*.json"))
     assert cards, "no model cards in the installed package"
-    html = (built_site / "models" / "index.html").read_text()
+    html = (built_site / "models" / "index.html").read_text(encoding="utf-8")
     for card in cards:
         anchor = "card-" + card.stem.replace("_", "-").replace(".", "-").lower()
         assert f'id="{anchor}"' in html, f"no section for the card {card.name}"
-        model = json.loads(card.read_text()).get("model")
+        model = json.loads(card.read_text(encoding="utf-8")).get("model")
         assert model and f"<code>{model}</code>" in html
 
 
@@ -109,13 +109,13 @@ def test_results_page_is_generated_from_the_benchmark_outputs(built_site):
     from PIL import Image
 
     results = REPOSITORY / "benchmarks" / "results"
-    html = (built_site / "results" / "index.html").read_text()
-    frontier = json.loads((results / "frontier" / "frontier.json").read_text())
+    html = (built_site / "results" / "index.html").read_text(encoding="utf-8")
+    frontier = json.loads((results / "frontier" / "frontier.json").read_text(encoding="utf-8"))
     for row in frontier["rows"]:
         if row["frontier"]:
             assert f"{row['gain_db']:+.2f} dB / {row['ms']:.0f} ms" in html, row
     for benchmark in ("ct", "mr", "xr"):
-        command = json.loads((results / benchmark / "results.json").read_text())["command"]
+        command = json.loads((results / benchmark / "results.json").read_text(encoding="utf-8"))["command"]
         assert command in html, f"the {benchmark} table does not come from {benchmark}/results.json"
     for chart in ("frontier.png", "per_volume_ct.png", "per_volume_mr.png", "through_plane_gain.png"):
         path = built_site / "generated" / chart
@@ -127,7 +127,7 @@ def test_results_page_is_generated_from_the_benchmark_outputs(built_site):
 def test_pages_use_no_internal_shorthand():
     found = [f"{page.relative_to(REPOSITORY)}:{number}: {match.group(0)!r}"
              for page in _pages()
-             for number, line in enumerate(page.read_text().splitlines(), start=1)
+             for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), start=1)
              for match in SHORTHAND.finditer(line)]
     assert not found, "internal shorthand:\n" + "\n".join(found)
 
@@ -138,14 +138,14 @@ def test_built_site_uses_no_internal_shorthand(built_site):
 
     found = []
     for page in sorted(built_site.rglob("*.html")):
-        text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.read_text())))
+        text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.read_text(encoding="utf-8"))))
         found += [f"{page.relative_to(built_site)}: ...{text[max(0, m.start() - 60):m.end() + 30]}..."
                   for m in SHORTHAND.finditer(text)]
     assert not found, "internal shorthand in the built site:\n" + "\n".join(found)
 
 
 def test_readme_fits_two_screens_and_shows_the_essentials():
-    text = (REPOSITORY / "README.md").read_text()
+    text = (REPOSITORY / "README.md").read_text(encoding="utf-8")
     lines = text.splitlines()
     assert len(lines) <= 200, f"README.md has {len(lines)} lines"
     first_screen = "\n".join(lines[:60])

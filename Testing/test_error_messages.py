@@ -26,7 +26,7 @@ def run_cli(args, capsys):
 
 def write_config(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = folder / name
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     return path
 
 

@@ -485,13 +485,13 @@ def test_signal_inside_an_import_leaves_at_once_without_abort(tmp_path):
     # deterministically, while a module is being imported and a temporary output exists.
     (tmp_path / "slow_module.py").write_text(
         "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n"
-        "raise SystemExit('the import went on after the signal')\n")
+        "raise SystemExit('the import went on after the signal')\n", encoding="utf-8")
     temp = tmp_path / ".out.nrrd.medsr-1-x.part.nrrd"
     script = (
         "import sys, pathlib\n"
         f"sys.path.insert(0, {str(tmp_path)!r})\n"
         "from MedSRLib import cli\nfrom MedSRLib.io import safe_write\n"
-        f"temp = pathlib.Path({str(temp)!r}); temp.write_text('partial')\n"
+        f"temp = pathlib.Path({str(temp)!r}); temp.write_text('partial', encoding="utf-8")\n"
         "safe_write.PENDING.add(temp)\n"
         "cli._install_signal_handlers()\n"
         "import slow_module\n")

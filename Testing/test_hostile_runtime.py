@@ -81,10 +81,10 @@ def _openvino_srcnn(image: sitk.Image) -> np.ndarray:
 
 def test_shipped_int8_files_match_the_hashes_in_their_cards():
     cards = [p for p in sorted(zoo.WEIGHTS_DIR.glob("*.json"))
-             if (json.loads(p.read_text()).get("int8") or {})]
+             if (json.loads(p.read_text(encoding="utf-8")).get("int8") or {})]
     assert cards, "no shipped int8 model"
     for card_path in cards:
-        for scale, entry in json.loads(card_path.read_text())["int8"].items():
+        for scale, entry in json.loads(card_path.read_text(encoding="utf-8"))["int8"].items():
             xml_path = card_path.with_name(entry["file"])
             assert entry["xml_sha256"] == model_integrity.file_sha256(xml_path), xml_path
             assert entry["bin_sha256"] == model_integrity.file_sha256(xml_path.with_suffix(".bin")), xml_path
@@ -186,15 +186,15 @@ def test_a_damaged_int8_ir_beside_the_weights_is_refused(user_int8_weights, ct_v
 @needs_openvino
 def test_an_int8_entry_without_hashes_is_not_used(user_int8_weights, capsys):
     card_path = user_int8_weights.with_suffix(".json")
-    card = json.loads(card_path.read_text())
+    card = json.loads(card_path.read_text(encoding="utf-8"))
     for key in ("xml_sha256", "bin_sha256"):
         del card["int8"]["x2"][key]
-    card_path.write_text(json.dumps(card))
+    card_path.write_text(json.dumps(card), encoding="utf-8")
     model = zoo.load_model("edsr_lite", 2, weights_path=user_int8_weights)
     assert int8_models.find(user_int8_weights, model.card, 2) is None
     assert "cannot be verified and is not used" in capsys.readouterr().err
     assert int8_models.record_card_hashes(card_path) == ["edsr_lite_x2.int8-x2.xml"]
-    assert int8_models.find(user_int8_weights, json.loads(card_path.read_text()), 2) is not None
+    assert int8_models.find(user_int8_weights, json.loads(card_path.read_text(encoding="utf-8")), 2) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_an_infinite_network_output_is_refused(ct_volume, own_cache):
 def _cgroup_file(root: Path, relative: str, name: str, value: str) -> None:
     folder = root / relative
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text(value + "\n")
+    (folder / name).write_text(value + "\n", encoding="utf-8")
 
 
 def test_cgroup_v1_and_v2_memory_limits_are_both_read(tmp_path):

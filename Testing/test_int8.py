@@ -103,9 +103,9 @@ def test_auto_takes_int8_only_within_the_accuracy_contract(tmp_path):
     assert int8_models.held_out_cost(entry, rest) <= int8_models.MAX_COST_DB
     assert engine.choose_int8(model, (2, 2), "auto", float_dtype) == int8_models.ir_path(copied, 2)
     assert engine.choose_int8(model, (2, 2), "fp32", None) is None
-    card = json.loads(copied.with_suffix(".json").read_text())
+    card = json.loads(copied.with_suffix(".json").read_text(encoding="utf-8"))
     card["int8"]["x2"]["held_out"]["cost_db"][rest] = 0.2  # a model that breaks the contract
-    copied.with_suffix(".json").write_text(json.dumps(card))
+    copied.with_suffix(".json").write_text(json.dumps(card), encoding="utf-8")
     costly = zoo.load_model("edsr_lite", (2, 2), weights_path=copied)
     assert engine.choose_int8(costly, (2, 2), "auto", float_dtype) is None
     assert SliceUpscaler(costly, (2, 2), EngineOptions()).int8 is False

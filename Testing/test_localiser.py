@@ -119,7 +119,7 @@ def test_cli_takes_several_boxes_and_a_named_finder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 0, err
     assert "2 ROIs ((2, 3, 1), (8, 9, 3)), ((14, 11, 2), (22, 18, 5))" in err
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
     assert [r["index_xyz"] for r in report["regions"]] == [[[2, 3, 1], [8, 9, 3]],
                                                           [[14, 11, 2], [22, 18, 5]]]
     assert sitk.ReadImage(str(out)).GetMetaData(roi.ROI_ALL_INDEX_KEY) == "2 3 1 8 9 3; 14 11 2 22 18 5"
@@ -257,7 +257,7 @@ def test_a_short_training_run_writes_best_weights_and_its_summary(shared_data, t
     summary = localiser.train(tmp_path, tmp_path / "run", steps=4, batch_size=2, val_every=2,
                               features=features)
     assert summary["steps"] == 4 and 0.0 <= summary["best_validation_dice"] <= 1.0
-    assert json.loads((tmp_path / "run" / "train.json").read_text()) == summary
+    assert json.loads((tmp_path / "run" / "train.json").read_text(encoding="utf-8")) == summary
     for name in ("best", "last"):
         network = zoo.build_network("lesion_segmenter", features=list(features))
         network.load_state_dict(load_file(str(tmp_path / "run" / f"{name}.safetensors")))
@@ -485,10 +485,10 @@ def test_a_refit_replaces_one_member_and_keeps_the_calibration(tmp_path):
     refit_net = tiny_segmenter(run, "step_02400.safetensors", {}, seed=6)
     summary = {"in_channels": 3, "features": [4, 4, 8, 8, 16, 4], "cpu_seconds": 1.0,
                "best_validation_dice": 0.5, "input_spacing_mm": 2.0, "crop": 96}
-    (run / "train.json").write_text(json.dumps({**summary, "refit": False}))
+    (run / "train.json").write_text(json.dumps({**summary, "refit": False}), encoding="utf-8")
     with pytest.raises(ValueError, match="not a refit"):
         calib.refit_member(out, 1, run / "step_02400.safetensors")
-    (run / "train.json").write_text(json.dumps({**summary, "refit": True}))
+    (run / "train.json").write_text(json.dumps({**summary, "refit": True}), encoding="utf-8")
     with pytest.raises(ValueError, match="1 ensemble member"):
         calib.refit_member(out, 2, run / "step_02400.safetensors")
     card = calib.refit_member(out, 1, run / "step_02400.safetensors")
@@ -547,7 +547,7 @@ def test_replacing_a_member_marks_the_calibration_stale_and_lists_what_the_new_o
     images = ["sarcoma/STS_001/CT_image.nii.gz", "extra/lidc-voi/LIDC-IDRI-0007_R_1"]
     (run / "train.json").write_text(json.dumps({
         "in_channels": 3, "features": [4, 4, 8, 8, 16, 4], "cpu_seconds": 1.0, "refit": False,
-        "best_validation_dice": 0.5, "input_spacing_mm": 2.0, "crop": 96, "training_images": images}))
+        "best_validation_dice": 0.5, "input_spacing_mm": 2.0, "crop": 96, "training_images": images}), encoding="utf-8")
     card = calib.replace_member(out, 1, run / "step_02000.safetensors", why="lung nodules")
     assert card["ensemble"]["replaced"] == [{"member": 1, "checkpoint": str(run / "step_02000.safetensors"),
                                              "replaces": str(tmp_path / "b.safetensors"), "why": "lung nodules"}]
@@ -583,7 +583,7 @@ def test_a_cache_records_the_images_it_trained_on_extra_volumes_by_source_and_ca
     case = tmp_path / "extra" / "lidc-voi" / "LIDC-IDRI-0007_R_1" / "image.nii.gz"
     (tmp_path / "cache.json").write_text(json.dumps({"subsets": {"train": [
         "sarcoma/STS_001/CT_image.nii.gz x1: 10 stacks", "sarcoma/STS_001/CT_image.nii.gz x2: 9 stacks",
-        f"{case} x4: 3 stacks"]}}))
+        f"{case} x4: 3 stacks"]}}), encoding="utf-8")
     assert localiser.cached_training_images(tmp_path) == [
         "extra/lidc-voi/LIDC-IDRI-0007_R_1", "sarcoma/STS_001/CT_image.nii.gz"]
 
@@ -600,14 +600,14 @@ def test_whole_slice_training_stacks_and_their_card_match_the_first_networks_sli
                                     np.random.default_rng(0))
     assert x.shape[1:] == (3, 64, 64) and y.shape[1:] == (64, 64)
     assert y.reshape(len(y), -1).any(axis=1).sum() >= 6       # two lesion slices per axis kept whole
-    (tmp_path / "cache.json").write_text(json.dumps({"recipe": recipe, "refit": False}))
+    (tmp_path / "cache.json").write_text(json.dumps({"recipe": recipe, "refit": False}), encoding="utf-8")
     assert localiser.slicing_of_cache(tmp_path) == {"input_spacing_mm": None, "input_size": 64,
                                                     "crop": 64, "refit": False}
     run = tmp_path / "run"
     tiny_segmenter(run, "step_00010.safetensors", {}, seed=8)
     (run / "train.json").write_text(json.dumps({
         "in_channels": 3, "features": [4, 4, 8, 8, 16, 4], "cpu_seconds": 1.0, "refit": False,
-        "best_validation_dice": 0.5, **localiser.slicing_of_cache(tmp_path)}))
+        "best_validation_dice": 0.5, **localiser.slicing_of_cache(tmp_path)}), encoding="utf-8")
     _, card = calib.base_card(run / "step_00010.safetensors")
     assert card["input_size"] == 64 and "input_spacing_mm" not in card and "training_crop" not in card
     assert loc.Slicing.of_card(card) == loc.Slicing(3, None, 64, None)

@@ -148,12 +148,12 @@ def test_nested_estimate_selects_without_the_held_out_fold():
 def test_calibration_block_records_the_setting_folds_and_cpu_seconds(tmp_path):
     card_path = tmp_path / "card.json"
     card_path.write_text(json.dumps({"model": "lesion_segmenter", "calibration": {"threshold": 0.9},
-                                     "calibration_grid": {}}))
+                                     "calibration_grid": {}}), encoding="utf-8")
     entry, _, _ = synthetic_entry()
     result = cv.cross_validate([entry], settings=[(0.5, 0.0, 0.0, 0.0), (0.3, 0.0, 2.5, 2.5)])
     result.update({"cpu_seconds": 1.5, "command": "python -m ..."})
     card = cv.write_calibration(card_path, result)
-    saved = json.loads(card_path.read_text())
+    saved = json.loads(card_path.read_text(encoding="utf-8"))
     assert saved == card and "calibration_grid" not in saved
     block = saved["calibration"]
     assert [block["threshold"], block["min_component_mm3"], block["padding_mm"]] == \

@@ -118,7 +118,7 @@ def orthanc(tmp_path_factory):
         "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": True, "SaveJobs": False,
         "StorageCompression": False, "HttpVerbose": False,
     }
-    (root / "orthanc.json").write_text(json.dumps(config))
+    (root / "orthanc.json").write_text(json.dumps(config), encoding="utf-8")
     log = open(root / "orthanc.log", "w")
     process = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log,
                                stderr=subprocess.STDOUT, cwd=root)
@@ -133,7 +133,7 @@ def orthanc(tmp_path_factory):
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            pytest.fail("Orthanc did not start: " + (root / "orthanc.log").read_text()[-2000:])
+            pytest.fail("Orthanc did not start: " + (root / "orthanc.log").read_text(encoding="utf-8")[-2000:])
         time.sleep(0.3)
     yield server
     process.terminate()
@@ -327,7 +327,7 @@ def test_netrc_credentials_read_the_series(orthanc, uploaded, tmp_path, monkeypa
     for name in (dicomweb.ENV_USER, dicomweb.ENV_PASSWORD, dicomweb.ENV_TOKEN):
         monkeypatch.delenv(name, raising=False)
     netrc_file = tmp_path / "netrc"
-    netrc_file.write_text(f"machine 127.0.0.1 login {USER} password {PASSWORD}\n")
+    netrc_file.write_text(f"machine 127.0.0.1 login {USER} password {PASSWORD}\n", encoding="utf-8")
     netrc_file.chmod(0o600)
     monkeypatch.setenv("NETRC", str(netrc_file))
     image = io.read_volume(uploaded["MR"]["url"])
@@ -376,7 +376,7 @@ def test_listener_forwards_a_series_from_a_trusted_ae_and_refuses_others(orthanc
             assoc = _associate(port, SENDER_AET)
             if assoc.is_established:
                 break
-            assert process.poll() is None, log_path.read_text()
+            assert process.poll() is None, log_path.read_text(encoding="utf-8")
             assert time.monotonic() < deadline, "the listener did not start"
             time.sleep(0.5)
         for path in sorted(entry["folder"].iterdir()):
@@ -397,14 +397,14 @@ def test_listener_forwards_a_series_from_a_trusted_ae_and_refuses_others(orthanc
             found = next((uid for uid in series
                           if len(orthanc.series(uid)["Instances"]) == SLICES), None)
             time.sleep(1)
-        assert found is not None, "the listener forwarded nothing: " + log_path.read_text()
+        assert found is not None, "the listener forwarded nothing: " + log_path.read_text(encoding="utf-8")
         derived.append(found)
         _assert_derived_series_in_orthanc(orthanc, entry, found)
         description = orthanc.series(found)["MainDicomTags"]["SeriesDescription"]
         assert "MedSR x2,2,1 bicubic" in description
-        while "not forwarded:" not in log_path.read_text() and time.monotonic() < deadline:
+        while "not forwarded:" not in log_path.read_text(encoding="utf-8") and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert orthanc.series_of_study(broken["study"]) == [broken["series"]], log_path.read_text()
+        assert orthanc.series_of_study(broken["study"]) == [broken["series"]], log_path.read_text(encoding="utf-8")
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -412,7 +412,7 @@ def test_listener_forwards_a_series_from_a_trusted_ae_and_refuses_others(orthanc
         except subprocess.TimeoutExpired:
             process.kill()
             raise
-    log = log_path.read_text()
+    log = log_path.read_text(encoding="utf-8")
     assert code == 0, log
     assert f"series {broken['series']} from {SENDER_AET} ({SLICES - 1} instances): not forwarded" in log
     assert "refused an association from STRANGER" in log

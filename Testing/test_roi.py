@@ -491,7 +491,7 @@ def test_cli_box_roi_writes_output_and_json_report(tmp_path, input_volume, capsy
                             "2,3,1,10,12,4", "--roi-model", "lanczos", "--roi-margin", "2",
                             "--roi-json", report_path, "--quiet"], capsys)
     assert code == 0, err
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
     assert report["roi_index_xyz"] == [[2, 3, 1], [10, 12, 4]] and report["fallback"] is False
     assert report["roi_model"] == "lanczos" and report["model"] == "nearest"
     written = sitk.ReadImage(str(out))
@@ -552,7 +552,7 @@ def test_cli_no_lesion_fallback_says_so_on_stderr(tmp_path, input_volume, capsys
                             "--roi-model", "lanczos", "--roi-json", report_path, "--quiet"], capsys)
     assert code == 0, err
     assert "no lesion found" in err and "ran everywhere" in err
-    assert json.loads(report_path.read_text())["fallback"] is True
+    assert json.loads(report_path.read_text(encoding="utf-8"))["fallback"] is True
     assert sitk.ReadImage(str(out)).GetMetaData(roi.ROI_FALLBACK_KEY) == "1"
 
 

@@ -82,7 +82,7 @@ def test_recipe_loss_decreases_on_a_fixed_batch(ci_runs, name):
 @pytest.mark.parametrize("name", list(CI_RECIPES))
 def test_export_is_safetensors_with_a_complete_model_card(ci_runs, name):
     export = Path(ci_runs[name]["export"])
-    card = json.loads(export.with_suffix(".json").read_text())
+    card = json.loads(export.with_suffix(".json").read_text(encoding="utf-8"))
     for key in ("model", "scales", "config", "modality", "training_data", "licence", "steps",
                 "metrics", "normalisation", "parameter_count", "cpu_seconds"):
         assert key in card, f"{name}: card lacks {key}"
@@ -132,7 +132,7 @@ def test_metrics_log_holds_one_run_history(tmp_path):
     from MedSRLib.training.trainer import _Logger
 
     def steps_in_file():
-        return [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     first = _Logger(tmp_path, True, "run")
     for step in (1, 2, 3, 4):
         first.write({"step": step, "loss": 1.0})
@@ -152,7 +152,7 @@ def test_torchrun_two_ranks_end_identical_and_only_rank0_writes(tmp_path):
                "--steps", "4", "--no-progress", "--set", "train.log_every=1", "--set", "train.val_every=2"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == [1, 2, 3, 4]  # one writer: each step logged once
     final = records[-1]["final"]
@@ -292,8 +292,8 @@ def test_recipe_extends_another_and_a_new_optimizer_type_replaces_the_old(tmp_pa
     assert child["data"]["sources"] == base["data"]["sources"]       # inherited
     assert child["data"]["patch_size"] == 48 and child["name"] == "vdsr_cpu_x2"
     assert load_config("vdsr_cpu_x4")["init_from"].endswith("vdsr_x2.safetensors")
-    (tmp_path / "a.yaml").write_text("extends: " + str(tmp_path / "b.yaml") + "\nmodel: srcnn\n")
-    (tmp_path / "b.yaml").write_text("extends: " + str(tmp_path / "a.yaml") + "\nmodel: srcnn\n")
+    (tmp_path / "a.yaml").write_text("extends: " + str(tmp_path / "b.yaml") + "\nmodel: srcnn\n", encoding="utf-8")
+    (tmp_path / "b.yaml").write_text("extends: " + str(tmp_path / "a.yaml") + "\nmodel: srcnn\n", encoding="utf-8")
     with pytest.raises(ValueError, match="loops back"):
         load_config(tmp_path / "a.yaml")
 

@@ -62,7 +62,7 @@ def test_tensors_that_do_not_fit_the_architecture_are_refused(tmp_path):
     first = next(iter(state))
     state[first] = torch.zeros(3, 3)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    path.with_suffix(".json").write_text(json.dumps(_card()))
+    path.with_suffix(".json").write_text(json.dumps(_card()), encoding="utf-8")
     with pytest.raises(WeightsError, match="do not match architecture 'srcnn'"):
         zoo.load_model("srcnn", 2, weights_path=path)
 
@@ -70,7 +70,7 @@ def test_tensors_that_do_not_fit_the_architecture_are_refused(tmp_path):
 def test_pickle_file_posing_as_weights_is_refused_without_unpickling(tmp_path):
     path = tmp_path / "w.safetensors"
     torch.save(zoo.build_network("srcnn").state_dict(), path)  # a pickle, not safetensors
-    path.with_suffix(".json").write_text(json.dumps(_card()))
+    path.with_suffix(".json").write_text(json.dumps(_card()), encoding="utf-8")
     with pytest.raises(WeightsError, match="not a readable safetensors file"):
         zoo.load_model("srcnn", 2, weights_path=path)
 
@@ -226,7 +226,7 @@ def test_every_shipped_sr_model_beats_bicubic_in_the_committed_held_out_benchmar
     for modality in ("CT", "MR", "XR"):
         path = results_dir / modality.lower() / "results.json"
         if path.is_file():
-            benchmarked[modality] = json.loads(path.read_text())["scales"]
+            benchmarked[modality] = json.loads(path.read_text(encoding="utf-8"))["scales"]
     checked = 0
     for path in sorted(zoo.WEIGHTS_DIR.glob("*.safetensors")):
         card = zoo.read_card(path)

@@ -59,7 +59,7 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
 def cpu_flags() -> list[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
+    for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
         if line.startswith("flags"):
             present = set(line.split(":", 1)[1].split())
             return [flag for flag in CPU_FLAGS if flag in present]
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"the first finished case (runtime {cost['ray_runtime_start_s']} s, then the "
                   f"workers load), {cost['seconds_saved_per_case']} s saved per case: {pays}")
         if args.json:
-            args.json.write_text(json.dumps(summary, indent=2) + "\n")
+            args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -146,9 +146,9 @@ def write_costs(costs: dict[int, dict[str, float]], cards: dict[int, tuple[Path,
                  "backend": "openvino", "openvino": openvino.__version__,
                  "command": "python benchmarks/bench_context_slices.py " + " ".join(argv)}
         card_path = Path(path).with_suffix(".json")
-        card = json.loads(card_path.read_text())
+        card = json.loads(card_path.read_text(encoding="utf-8"))
         card.setdefault("bf16", {})[f"x{scale}"] = entry
-        card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         print(f"wrote the bf16 entry x{scale} of {card_path}", flush=True)
 
 
@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         write_costs(costs, cards, args.slices_per_volume, args.modalities, argv or sys.argv[1:])
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.md").write_text("\n".join(report))
-        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (args.out / "results.md").write_text("\n".join(report), encoding="utf-8")
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

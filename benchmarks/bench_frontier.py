@@ -92,7 +92,7 @@ def main() -> None:
                              "(after a benchmark re-run or a new default), then rewrite both files")
     args = parser.parse_args()
     if args.relabel:
-        saved = json.loads((args.out / "frontier.json").read_text())
+        saved = json.loads((args.out / "frontier.json").read_text(encoding="utf-8"))
         gains = {m: held_out_gains(m) for m in ("CT", "MR", "XR") if (RESULTS / m.lower()).is_dir()}
         for row in saved["rows"]:
             row["default"] = zoo.default_model(row["modality"], row["scale"]) == row["model"]
@@ -175,12 +175,12 @@ def write_frontier(out: Path, cpu: str, plain_ms: float, rounds: int, rows: list
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "frontier.md").write_text(text)
+    (out / "frontier.md").write_text(text, encoding="utf-8")
     measured = json.dumps({"cpu": cpu, "plain_ms": plain_ms, "rounds": rounds, "rows": rows},
                           indent=2) + "\n"
-    (out / "frontier.json").write_text(measured)
+    (out / "frontier.json").write_text(measured, encoding="utf-8")
     if out.resolve() == DEFAULT_OUT.resolve():  # `medsr models` reads the packaged copy
-        PACKAGED_COPY.write_text(measured)
+        PACKAGED_COPY.write_text(measured, encoding="utf-8")
         print(f"also written: {PACKAGED_COPY}")
 
 

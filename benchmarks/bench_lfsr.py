@@ -222,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "table1.md").write_text(text)
+        (args.out / "table1.md").write_text(text, encoding="utf-8")
         (args.out / "table1.json").write_text(json.dumps(
             {"scores": {k: {m: [list(s) for s in v] for m, v in d.items()} for k, d in per_condition.items()},
-             "notes": notes, "timings": timings}, indent=2) + "\n")
+             "notes": notes, "timings": timings}, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

@@ -87,10 +87,10 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speed.md").write_text(text)
+    (args.out / "speed.md").write_text(text, encoding="utf-8")
     (args.out / "speed.json").write_text(json.dumps(
         {"cpu": cpu, "rounds": args.rounds, "threads": args.threads, "ms": ms,
-         "runs_as": {key: description for key, (_, description) in runners.items()}}, indent=2) + "\n")
+         "runs_as": {key: description for key, (_, description) in runners.items()}}, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_b
 def cpu_flags() -> str:
     """The CPU_FLAGS this CPU has, space-separated ("unknown" without /proc/cpuinfo)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         return "unknown"
     flags = set(next((line for line in text.splitlines() if line.startswith("flags")),
@@ -61,7 +61,7 @@ def cpu_flags() -> str:
 
 def cpu_description() -> str:
     flags, model = set(), "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
+    for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
         if line.startswith("flags") and not flags:
             flags = set(line.split(":", 1)[1].split())
         if line.startswith("model name") and model == "unknown CPU":
@@ -212,7 +212,7 @@ def end_to_end(slices: int, unit_source: np.ndarray, hu_source: np.ndarray) -> d
         seconds = time.perf_counter() - start
         if result.returncode != 0:
             raise RuntimeError(f"medsr {' '.join(arguments)} exited {result.returncode}")
-        peak_mb = int(peak_file.read_text().split()[1]) / 1024  # "VmHWM: N kB"
+        peak_mb = int(peak_file.read_text(encoding="utf-8").split()[1]) / 1024  # "VmHWM: N kB"
         command = [sys.executable, "-m", "MedSRLib.cli", *arguments]
     return {"slices": slices, "seconds": seconds, "peak_rss_mb": peak_mb, "input_mb": input_mb,
             "output_mb": output_mb, "budget_mb": input_mb + output_mb + 1024,
@@ -285,7 +285,7 @@ def main() -> None:
               f"peak RSS {row['peak_rss_mb']:.0f} MB vs budget input {row['input_mb']:.0f} + output "
               f"{row['output_mb']:.0f} + 1024 = {row['budget_mb']:.0f} MB")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

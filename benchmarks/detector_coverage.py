@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "coverage.md").write_text(text)
-        (args.out / "coverage.json").write_text(json.dumps(rows, indent=2, default=lambda v: v.item()) + "\n")
+        (args.out / "coverage.md").write_text(text, encoding="utf-8")
+        (args.out / "coverage.json").write_text(json.dumps(rows, indent=2, default=lambda v: v.item()) + "\n", encoding="utf-8")
     return 0
 
 

@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--float16", action="store_true")
     parser.add_argument("--weights-dir", type=Path, default=zoo.WEIGHTS_DIR)
     args = parser.parse_args()
-    card = json.loads((args.run / "mdrn.json").read_text())
+    card = json.loads((args.run / "mdrn.json").read_text(encoding="utf-8"))
     if card.get("model") != "mdrn":
         raise SystemExit(f"{args.run / 'mdrn.json'}: not an mdrn card")
     test_files = sorted({entry for m in ("CT", "MR") for entry in benchmark.HELD_OUT[m]})
@@ -62,7 +62,7 @@ def main() -> None:
                   "identities; the expanded network computes the same output (Testing/test_mdrn.py)",
     }
     if args.start_validation:
-        start = json.loads(args.start_validation.read_text())
+        start = json.loads(args.start_validation.read_text(encoding="utf-8"))
         card["start"]["validation_psnr"] = {k: round(v["model"]["psnr"], 4) for k, v in start.items()}
     card["validation_psnr"] = {k: round(v["model"]["psnr"], 4) for k, v in card["metrics"].items()}
     card["paper_form"] = PAPER_FORM
@@ -75,10 +75,10 @@ def main() -> None:
     card = {**card, "weights_file": target.name, "storage_dtype": str(dtype).replace("torch.", "")}
     old_card = target.with_suffix(".json")
     if old_card.is_file():  # keep measurements made on the shipped file (bf16 cost) only if same weights
-        previous = json.loads(old_card.read_text())
+        previous = json.loads(old_card.read_text(encoding="utf-8"))
         if previous.get("exported_weights") == card["exported_weights"] and "bf16" in previous:
             card["bf16"] = previous["bf16"]
-    old_card.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    old_card.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, {card['storage_dtype']}) and {old_card.name}")
 
 

@@ -28,7 +28,7 @@ def mean_psnr(weights_dir: Path, model: str, modality: str, scales: list[int], d
         benchmark.main(["--held-out", str(data_root), "--modality", modality, "--models", model,
                         "--scales", *map(str, scales), "--weights-dir", str(weights_dir),
                         "--out", out, *extra])
-        results = json.loads((Path(out) / "results.json").read_text())["scales"]
+        results = json.loads((Path(out) / "results.json").read_text(encoding="utf-8"))["scales"]
     return {s: float(np.mean([row[model]["psnr_whole"] for row in results[f"x{s}"]["per_image"].values()]))
             for s in scales}
 
@@ -50,7 +50,7 @@ def main() -> None:
             state = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
             half_path = Path(half_dir) / path.name
             save_file(state, str(half_path))
-            half_path.with_suffix(".json").write_text(json.dumps({**card, "storage_dtype": "float16"}, indent=2, sort_keys=True) + "\n")
+            half_path.with_suffix(".json").write_text(json.dumps({**card, "storage_dtype": "float16"}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             full = mean_psnr(Path(full_dir), card["model"], modality, card["scales"], args.data_root, extra)
             half = mean_psnr(Path(half_dir), card["model"], modality, card["scales"], args.data_root, extra)
             worst = max(abs(full[s] - half[s]) for s in full)
@@ -62,7 +62,7 @@ def main() -> None:
                         "storage_note": f"float16 copy of the float32 export; held-out mean PSNR "
                                         f"differs by {worst:.4f} dB (benchmarks/half_storage.py)"}
                 shutil.copy(half_path, path)
-                path.with_suffix(".json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+                path.with_suffix(".json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
                 print(f"  wrote {path} as float16 ({path.stat().st_size / 1e6:.1f} MB)")
 
 

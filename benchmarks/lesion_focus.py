@@ -53,21 +53,21 @@ def main(argv: list[str] | None = None) -> int:
             row = protocol.benchmark_case(volume, factor, hr, mask, args.rounds)
             rows.append(row)
             args.out.parent.mkdir(parents=True, exist_ok=True)  # each case saved as it ends
-            args.out.with_suffix(".partial.json").write_text(json.dumps(rows, indent=1) + "\n")
+            args.out.with_suffix(".partial.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
             print(protocol.markdown_table([row])[2], flush=True)
     command = "OMP_NUM_THREADS=1 python benchmarks/lesion_focus.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     flags = cpu_flags()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"command": command, "cpu_flags": flags, "torch_threads": 1, "rows": rows}, indent=1) + "\n")
+        {"command": command, "cpu_flags": flags, "torch_threads": 1, "rows": rows}, indent=1) + "\n", encoding="utf-8")
     roi_model = sorted({f"{r['roi_model']} (self-ensemble x{r['roi_self_ensemble']})" for r in rows})
     lines = ["# Lesion-focused SR on the test lesion patients", "", f"Command: `{command}`", "",
              f"CPU flags: {flags}; 1 torch thread. ROI model: {', '.join(roi_model)}.", "",
              "Gains are PSNR (SSIM) over bicubic inside the lesion mask; time is the wall time of "
              "roi=\"auto\" over the plain default run (medians, interleaved, same process).", "",
              *protocol.markdown_table(rows)]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     print("\n".join(lines))
     return 0

@@ -105,7 +105,7 @@ def run_time(args: argparse.Namespace) -> int:
         rows.append({"volume": label, "size_xyz": list(image.GetSize()), "seconds": seconds})
     if args.out:
         args.out.write_text(json.dumps({"cpu_flags": cpu_flags(), "threads": args.threads,
-                                        "rows": rows}, indent=1) + "\n")
+                                        "rows": rows}, indent=1) + "\n", encoding="utf-8")
     return 0
 
 
@@ -178,7 +178,7 @@ def run_maps(args: argparse.Namespace) -> int:
     if args.out:
         args.out.write_text(json.dumps({"cpu_flags": cpu_flags(), "setting": setting,
                                         "margin_mm": margin_mm, "summary": summary,
-                                        "rows": rows}, indent=1) + "\n")
+                                        "rows": rows}, indent=1) + "\n", encoding="utf-8")
     return 0
 
 

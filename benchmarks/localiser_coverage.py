@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "coverage.md").write_text(text)
+        (args.out / "coverage.md").write_text(text, encoding="utf-8")
         single = [r for r in results if " + " not in r.volume]
         summary = {f"x{f}": calib.pooled([r for r in single if r.factor == f]) for f in args.factors}
         summary.update({f"x{f}_without_pet": calib.pooled(
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                              "labels 1, 3, 4; FLAIR: whole tumour; sarcoma and extra: mask > 0)",
              "volumes": [asdict(r) for r in results],
              "extra_volumes": [asdict(r) for r in extra_results]}, indent=2,
-            default=lambda v: v.item() if hasattr(v, "item") else str(v)) + "\n")
+            default=lambda v: v.item() if hasattr(v, "item") else str(v)) + "\n", encoding="utf-8")
     return 0
 
 

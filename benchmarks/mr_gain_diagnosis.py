@@ -587,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.experiment}.json"
-    path.write_text(json.dumps(result, indent=1, default=float))
+    path.write_text(json.dumps(result, indent=1, default=float), encoding="utf-8")
     print(json.dumps(result, indent=1, default=float)[:6000])
     print(f"written {path}")
     return 0

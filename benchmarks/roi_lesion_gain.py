@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only rewrite the .md from the .json of an earlier run")
     args = parser.parse_args(argv)
     if args.from_json:
-        saved = json.loads(args.out.with_suffix(".json").read_text())
+        saved = json.loads(args.out.with_suffix(".json").read_text(encoding="utf-8"))
         write_markdown(args.out, saved["command"], saved["cpu_flags"], saved["rows"])
         return 0
     torch.set_num_threads(1)
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             row = run_case(volume, factor, hr, mask, members, args.rounds)
             rows.append(row)
             args.out.parent.mkdir(parents=True, exist_ok=True)  # each case saved as it ends
-            args.out.with_suffix(".partial.json").write_text(json.dumps(rows, indent=1) + "\n")
+            args.out.with_suffix(".partial.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
             print(volume.name, f"x{factor}", json.dumps({k: round(v["psnr_gain_db"], 3)
                                                          for k, v in row["candidates"].items()}),
                   json.dumps({k: round(v, 2) for k, v in row["members_over_plain"].items()}),
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "OMP_NUM_THREADS=1 python benchmarks/roi_lesion_gain.py " + " ".join(argv or sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"command": command, "cpu_flags": cpu_flags(), "rows": rows}, indent=1) + "\n")
+        {"command": command, "cpu_flags": cpu_flags(), "rows": rows}, indent=1) + "\n", encoding="utf-8")
     write_markdown(args.out, command, cpu_flags(), rows)
     args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     return 0
@@ -262,7 +262,7 @@ def write_markdown(out: Path, command: str, flags: str, rows: list[dict]) -> Non
              "each candidate's ROI work per processed voxel to a 22 % ROI share (the finder's "
              "mean on the test patients). Members \"+k\" re-use the plain run as the identity "
              "member.", *summarise(rows)]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 

@@ -812,7 +812,7 @@ class MedSRLogic(ScriptedLoadableModuleLogic):
             except metadata.PackageNotFoundError:
                 pass
         path = Path(tempfile.mkdtemp(prefix="MedSR-")) / "constraints.txt"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return path
 
     def availableModels(self):

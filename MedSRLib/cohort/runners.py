@@ -55,7 +55,7 @@ class CaseResult:
 
 def _reset_peak_memory() -> None:
     try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
-        with open("/proc/self/clear_refs", "w") as handle:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
             handle.write("5")
     except OSError:
         pass
@@ -63,7 +63,7 @@ def _reset_peak_memory() -> None:
 
 def _peak_memory_mb() -> float | None:
     try:
-        with open("/proc/self/status") as handle:
+        with open("/proc/self/status", encoding="utf-8", errors="replace") as handle:
             for line in handle:
                 if line.startswith("VmHWM:"):
                     return round(int(line.split()[1]) / 1024.0, 1)

@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
              "openvino": ov.__version__, "cpu_seconds": round(time.process_time() - start, 1),
              "command": "python -m MedSRLib.evaluation.bf16_cost " + " ".join(argv or sys.argv[1:])}
     card_path = weights.with_suffix(".json")
-    on_disk = json.loads(card_path.read_text())
+    on_disk = json.loads(card_path.read_text(encoding="utf-8"))
     on_disk.setdefault("bf16", {})[f"x{args.scale}"] = entry
-    card_path.write_text(json.dumps(on_disk, indent=2, sort_keys=True) + "\n")
+    card_path.write_text(json.dumps(on_disk, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(json.dumps(entry, indent=2))
     return 0
 

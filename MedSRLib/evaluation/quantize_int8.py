@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m MedSRLib.evaluation.quantize_int8 " + " ".join(argv or sys.argv[1:]),
     }
     card_path = weights.with_suffix(".json")
-    on_disk = json.loads(card_path.read_text())
+    on_disk = json.loads(card_path.read_text(encoding="utf-8"))
     on_disk.setdefault("int8", {})[f"x{args.scale}"] = entry
-    card_path.write_text(json.dumps(on_disk, indent=2, sort_keys=True) + "\n")
+    card_path.write_text(json.dumps(on_disk, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(json.dumps({k: entry[k] for k in ("file", "held_out", "cpu_seconds")}, indent=2))
     return 0
 

@@ -218,12 +218,12 @@ def write_all(out_dir: Path, results: Sequence[ScaleResult], run_info: dict[str,
         result.figure_info = write_figure(result, result.figure_path)
         written.append(result.figure_path)
     md = out_dir / "results.md"
-    md.write_text(markdown_text(results, run_info))
+    md.write_text(markdown_text(results, run_info), encoding="utf-8")
     table = out_dir / "results.csv"
-    with table.open("w", newline="") as handle:
+    with table.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(("image", "scale", "method", "metric", "region", "value"))
         writer.writerows(csv_rows(results))
     payload = out_dir / "results.json"
-    payload.write_text(json.dumps(json_payload(results, run_info), indent=2) + "\n")
+    payload.write_text(json.dumps(json_payload(results, run_info), indent=2) + "\n", encoding="utf-8")
     return written + [md, table, payload]

@@ -153,7 +153,7 @@ def read_card(weights_path: Path) -> dict[str, Any]:
     if not card_path.is_file():
         raise WeightsError(f"{weights_path}: model card {card_path.name} is missing")
     try:
-        return json.loads(card_path.read_text())
+        return json.loads(card_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise WeightsError(f"{card_path}: model card is not valid JSON ({err})") from None
 
@@ -170,7 +170,7 @@ def save_weights(module: nn.Module, weights_path: Path, card: dict[str, Any],
     save_file(state, str(weights_path))
     card = {**card, "weights_file": weights_path.name,
             "storage_dtype": str(dtype or next(iter(state.values())).dtype).replace("torch.", "")}
-    weights_path.with_suffix(".json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    weights_path.with_suffix(".json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def config_from_card(spec: ModelSpec, weights_path: Path) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def read_cards(weights_dir: Path = WEIGHTS_DIR) -> list[ShippedWeights]:
         card_path = path.with_suffix(".json")
         if not card_path.is_file():
             continue
-        card = json.loads(card_path.read_text())
+        card = json.loads(card_path.read_text(encoding="utf-8"))
         metrics = card.get("metrics") or {}
         gains = {}
         for scale in card.get("scales") or []:
@@ -95,7 +95,7 @@ def measured_ms(speed_path: Path = SPEED_PATH) -> tuple[dict[tuple[str, int, str
     measured on); empty when the measurement is not packaged."""
     if not speed_path.is_file():
         return {}, ""
-    data = json.loads(speed_path.read_text())
+    data = json.loads(speed_path.read_text(encoding="utf-8"))
     times = {}
     for row in data.get("rows", []):
         times.setdefault((row["model"], int(row["scale"]), row.get("weights_for")), row["ms"])

@@ -97,14 +97,14 @@ def record_card_hashes(card_path: Path) -> list[str]:
     """Write `xml_sha256`/`bin_sha256` of each int8 IR a card lists (files beside the card)
     into that card; returns the IR file names recorded."""
     card_path = Path(card_path)
-    card = json.loads(card_path.read_text())
+    card = json.loads(card_path.read_text(encoding="utf-8"))
     recorded = []
     for entry in (card.get("int8") or {}).values():
         xml_path = card_path.with_name(entry["file"])
         entry.update(ir_hashes(xml_path))
         recorded.append(xml_path.name)
     if recorded:
-        card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return recorded
 
 

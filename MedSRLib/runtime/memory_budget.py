@@ -27,7 +27,7 @@ last_estimate: tuple[int, int | None, str] | None = None
 
 def _read_int(path: Path) -> int | None:
     try:
-        text = path.read_text().strip()
+        text = path.read_text(encoding="utf-8").strip()
     except OSError:
         return None
     if text == "max":
@@ -55,7 +55,7 @@ def cgroup_headroom(root: Path | None = None,
     root = CGROUP_ROOT if root is None else Path(root)
     if membership is None:
         try:
-            membership = Path("/proc/self/cgroup").read_text()
+            membership = Path("/proc/self/cgroup").read_text(encoding="utf-8")
         except OSError:
             membership = "0::/\n"
     found: list[tuple[int, str]] = []
@@ -95,7 +95,7 @@ def address_space_headroom() -> tuple[int, str] | None:
         return None
     mapped = 0
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("VmSize:"):
                 mapped = int(line.split()[1]) * 1024
                 break
@@ -109,7 +109,7 @@ def memory_headroom() -> tuple[int, str] | None:
     smallest of MemAvailable, the cgroup limits and RLIMIT_AS; None when none is known."""
     candidates: list[tuple[int, str]] = []
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("MemAvailable:"):
                 candidates.append((int(line.split()[1]) * 1024, "memory available on this machine"))
                 break

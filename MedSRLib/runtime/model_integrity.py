@@ -60,7 +60,7 @@ def write_record(anchor: Path, files: Iterable[Path]) -> None:
     hashes = {Path(f).name: file_sha256(f) for f in files}
     target = record_path(anchor)
     temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")
+    temp.write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(temp, target)
 
 
@@ -68,7 +68,7 @@ def matches_record(anchor: Path, files: Iterable[Path]) -> bool:
     """True when the record beside `anchor` exists and lists exactly these files with their
     current hashes; False for a missing, unreadable or mismatching record, or a missing file."""
     try:
-        recorded = json.loads(record_path(anchor).read_text())
+        recorded = json.loads(record_path(anchor).read_text(encoding="utf-8"))
         files = [Path(f) for f in files]
         return (isinstance(recorded, dict) and set(recorded) == {f.name for f in files}
                 and all(recorded[f.name] == file_sha256(f) for f in files))

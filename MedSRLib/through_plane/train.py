@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     root, out = Path(args.data_root), Path(args.out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    log = open(out / "metrics.jsonl", "a")
+    log = open(out / "metrics.jsonl", "a", encoding="utf-8")
     started, cpu_started = time.time(), time.process_time()
 
     planes, weights, used = [], [], []

@@ -135,7 +135,7 @@ def load_source(weights_path: Path) -> tuple[MultiScaleEDSR, dict[str, Any]]:
     card_path = weights_path.with_suffix(".json")
     if not card_path.is_file():
         raise ValueError(f"{weights_path}: model card {card_path.name} is missing")
-    card = json.loads(card_path.read_text())
+    card = json.loads(card_path.read_text(encoding="utf-8"))
     config = card.get("config") or {}
     missing = [key for key in ARCHITECTURE_KEYS if key not in config]
     if missing:

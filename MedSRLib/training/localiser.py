@@ -391,7 +391,7 @@ def prepare(root: Path, cache: Path, recipe: dict[str, Any] = RECIPE, seed: int 
         np.savez(cache / f"{subset}.npz", inputs=np.concatenate(inputs),
                  targets=np.concatenate(targets))
         summary["subsets"][subset] = used
-    (cache / "cache.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (cache / "cache.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
 
@@ -401,7 +401,7 @@ def slicing_of_cache(cache: Path) -> dict[str, Any]:
     patients (`refit`)."""
     recipe, refit = RECIPE, False
     if (cache / "cache.json").exists():
-        cached = json.loads((cache / "cache.json").read_text())
+        cached = json.loads((cache / "cache.json").read_text(encoding="utf-8"))
         recipe, refit = {**RECIPE, **cached.get("recipe", {})}, bool(cached.get("refit", False))
     slicing = input_slicing(recipe)
     if slicing.spacing_mm is None:
@@ -474,7 +474,7 @@ def cached_training_images(cache: Path) -> list[str] | None:
     "extra/<source>/<case>" (relative to `extra_root()`, which holds their MANIFEST)."""
     if not (cache / "cache.json").is_file():
         return None
-    lines = json.loads((cache / "cache.json").read_text()).get("subsets", {}).get("train", [])
+    lines = json.loads((cache / "cache.json").read_text(encoding="utf-8")).get("subsets", {}).get("train", [])
     root = extra_root()
     images = set()
     for line in lines:
@@ -517,7 +517,7 @@ def train(cache: Path, run: Path, steps: int = 3000, batch_size: int = 16, lr: f
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     transform = augmentation(seed, affine)
     rng = np.random.default_rng(seed)
-    log = open(run / "train.log", "a")
+    log = open(run / "train.log", "a", encoding="utf-8")
     start, cpu_start = time.time(), time.process_time()
     best = {"dice": -1.0, "step": 0}
     step = 0
@@ -562,7 +562,7 @@ def train(cache: Path, run: Path, steps: int = 3000, batch_size: int = 16, lr: f
                "training_images": cached_training_images(cache),
                **slicing_of_cache(cache),
                "threads": torch.get_num_threads()}
-    (run / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run / "train.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(summary), file=log, flush=True)
     return summary
 

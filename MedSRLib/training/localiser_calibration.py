@@ -304,7 +304,7 @@ def base_card(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     if not (run / "train.json").is_file():
         network, card = loc.load_localiser(checkpoint)
         return network, {k: v for k, v in card.items() if k not in ("weights_file", "storage_dtype")}
-    train_summary = json.loads((run / "train.json").read_text())
+    train_summary = json.loads((run / "train.json").read_text(encoding="utf-8"))
     config = {"in_channels": train_summary["in_channels"], "features": train_summary["features"]}
     network = zoo.build_network(loc.LOCALISER_NAME, **config)
     network.load_state_dict(load_file(str(checkpoint)))
@@ -604,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         {"chosen": [chosen, setting], "candidates": candidates,
          "table": {setting_key(k): row for k, row in table.items()},
          "results": [asdict(r) for r in scored[chosen]["results"]]}, indent=2,
-        default=lambda v: v.item() if hasattr(v, "item") else str(v)) + "\n")
+        default=lambda v: v.item() if hasattr(v, "item") else str(v)) + "\n", encoding="utf-8")
     print(f"chosen {chosen}: setting {setting_key(setting)}: {table[setting]}")
     if args.export:
         export(candidates_paths[chosen], args.export, setting, table, args.margin_mm,

@@ -438,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: result[k] for k in ("chosen", "chosen_any_padding", "cpu_seconds")}))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "cross_validation.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "cross_validation.md").write_text(markdown(result))
+        (args.out / "cross_validation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        (args.out / "cross_validation.md").write_text(markdown(result), encoding="utf-8")
     if args.card:
         write_calibration(args.card, result)
         print(f"wrote {args.card}")
@@ -599,7 +599,7 @@ def write_calibration(card_path: Path, result: dict[str, Any]) -> dict[str, Any]
     """Replace the `calibration` block of the card at `card_path` (JSON) with the chosen
     setting, its objective, per-fold figures and CPU seconds (the old grid and key go); the
     weights are not touched."""
-    card = json.loads(card_path.read_text())
+    card = json.loads(card_path.read_text(encoding="utf-8"))
     threshold, min_mm3, pad_xy, _ = result["chosen"]
     card["calibration"] = {
         "threshold": threshold, "min_component_mm3": min_mm3, "padding_mm": pad_xy,
@@ -632,7 +632,7 @@ def write_calibration(card_path: Path, result: dict[str, Any]) -> dict[str, Any]
     card.pop("calibration_grid", None)
     card.pop("calibration_key", None)
     card["calibration"].pop("stale", None)
-    card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return card
 
 

@@ -660,18 +660,18 @@ class _Logger:
             return
         kept = []
         if step > 0:
-            for line in self.path.read_text().splitlines():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
                     if int(json.loads(line)["step"]) <= step:
                         kept.append(line + "\n")
                 except (ValueError, KeyError, TypeError):
                     continue  # a torn last line of an interrupted run
-        self.path.write_text("".join(kept))
+        self.path.write_text("".join(kept), encoding="utf-8")
 
     def write(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as stream:
+        with self.path.open("a", encoding="utf-8") as stream:
             stream.write(json.dumps(record, default=float) + "\n")
         if self.tensorboard is not None:
             for key, value in _flatten(record).items():

@@ -261,9 +261,9 @@ def per_modality_weights_dir(tmp_path, stem="srcnn_x2", modalities=("MR", "XR"))
     for modality in modalities:
         target = tmp_path / f"{stem}_{modality.lower()}.safetensors"
         shutil.copyfile(MedSRLib.models.registry.WEIGHTS_DIR / f"{stem}.safetensors", target)
-        card = json.loads((MedSRLib.models.registry.WEIGHTS_DIR / f"{stem}.json").read_text())
+        card = json.loads((MedSRLib.models.registry.WEIGHTS_DIR / f"{stem}.json").read_text(encoding="utf-8"))
         card.update(modality=[modality], weights_file=target.name)
-        target.with_suffix(".json").write_text(json.dumps(card))
+        target.with_suffix(".json").write_text(json.dumps(card), encoding="utf-8")
     return tmp_path
 
 

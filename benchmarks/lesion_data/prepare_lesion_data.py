@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += [lidc_slab_row(p, args.concept_to_clinic, c2c_commit, args.ct_slicing, commit,
                                        args.out, workdir) for p in LIDC_SLAB_PATIENTS]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "MANIFEST.md").write_text(HEADER + "\n".join(rows) + "\n" + NOT_USED)
+    (args.out / "MANIFEST.md").write_text(HEADER + "\n".join(rows) + "\n" + NOT_USED, encoding="utf-8")
     print(f"wrote {len(rows)} cases to {args.out}")
     return 0
 

@@ -31,7 +31,7 @@ def card_paths(root: Path | None = None) -> list[Path]:
 
 def load_cards(root: Path | None = None) -> dict[str, dict[str, Any]]:
     """{card file stem: card} for every shipped card."""
-    return {path.stem: json.loads(path.read_text()) for path in card_paths(root)}
+    return {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in card_paths(root)}
 
 
 def _listing(value: Any) -> str:

@@ -42,7 +42,7 @@ def _load(results: Path, name: str) -> dict:
     path = results / name
     if not path.is_file():
         raise FileNotFoundError(f"benchmark output missing: {path} (run the command on the page)")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _png(fig) -> bytes:
