@@ -220,6 +220,18 @@ def test_the_benchmark_report_gives_each_modality_and_the_step_over_a_baseline()
     assert "| step of MedSR through-plane over the baseline | +0.25 | +0.25 |" in unseen
 
 
+def test_the_benchmark_report_gives_the_precision_cost_of_the_automatic_path():
+    from MedSRLib.evaluation import through_plane as bench
+    rows = []
+    for case, automatic, fp32 in (("ct.nii", 32.00, 32.01), ("t1.nii", 28.00, 28.04), ("gap.nii", 27.0, None)):
+        for method, psnr in (("cubic-z", 25.0), ("MedSR through-plane", automatic), (bench.FP32_REFERENCE, fp32)):
+            rows.append({"case": case, "role": "test", "modality": "CT", "factor": 3.0, "thickness_ratio": 1.0,
+                         "method": method, "psnr": psnr, "ssim": 0.9})
+    assert bench.precision_cost(rows[:2]) == []                         # no reference run: no line
+    line = bench.report(rows, "medsr benchmark --through-plane --fp32-reference")
+    assert "over 2 rows: mean -0.025 dB, worst -0.040 dB, best -0.010 dB." in line
+
+
 def test_unseen_ct_rows_are_thin_long_ct_crops_of_test_patients_only(tmp_path):
     from MedSRLib.evaluation import through_plane as bench
     assert bench.unseen_ct_cases(tmp_path / "absent") == []
@@ -269,7 +281,7 @@ def test_the_committed_through_plane_benchmark_meets_the_bar():
     and it beats cubic-z on every row, the gap case included."""
     import json
     rows = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "through_plane"
-                       / "results.json").read_text())["rows"]
+                       / "results.json").read_text(encoding="utf-8"))["rows"]
     by_case = {}
     for row in rows:
         by_case.setdefault((row["case"], row["factor"], row["thickness_ratio"]), {})[row["method"]] = row

@@ -7,7 +7,8 @@ through-plane network and the adapted network; sagittal-reformat figures.
 is the same as `medsr benchmark --through-plane --held-out ../shared/data --out ...` (protocol:
 MedSRLib/evaluation/through_plane.py). Adaptation timing on a 512x512x60 CT:
 `python benchmarks/bench_through_plane.py --adapt-timing ../shared/data/ct/crlm-ct-1004-dicom`.
-Speed against another through-plane network (e.g. the previous release's) in one process:
+Speed of the automatic path and of torch against another through-plane network (e.g. the
+previous release's, in torch) in one process:
 `python benchmarks/bench_through_plane.py --speed ../shared/data/ct/crlm-ct-1004-dicom OLD.safetensors`.
 """
 
@@ -35,10 +36,11 @@ def adapt_timing(path: str) -> int:
 
 
 def speed(path: str, baseline_weights: str, rounds: int = 1) -> int:
-    """CPU seconds of the shipped through-plane network and of `baseline_weights` on a thick
-    volume to 1 mm (one thread, no adaptation), interleaved in one process after a warm-up of
-    each on a 64 x 64 crop; prints the CPU flags and the ratio shipped / baseline (medians of
-    `rounds`)."""
+    """CPU and wall seconds on a thick volume to 1 mm (one thread, no adaptation), interleaved in
+    one process after a warm-up of each on a 64 x 64 crop (medians of `rounds`):
+    the shipped network on the automatic path (OpenVINO where installed), the shipped network in
+    torch (the automatic path before the OpenVINO backend) and `baseline_weights` in torch (the
+    previous release's automatic path). Prints the CPU flags and the ratios to the baseline."""
     import statistics
 
     import MedSRLib
@@ -46,18 +48,25 @@ def speed(path: str, baseline_weights: str, rounds: int = 1) -> int:
 
     image = MedSRLib.read_volume(path)
     target = (image.GetSpacing()[0], image.GetSpacing()[1], 1.0)
-    seconds: dict[str, list[float]] = {"shipped": [], "baseline": []}
-    for weights in (None, baseline_weights):   # warm-up: loading, first calls
-        MedSRLib.upscale(image[:64, :64, :], target_spacing=target, weights=weights, threads=1)
+    runs = {"shipped, automatic": (None, "auto"), "shipped, torch": (None, "torch"),
+            "baseline, torch": (baseline_weights, "torch")}
+    cpu_seconds: dict[str, list[float]] = {label: [] for label in runs}
+    wall_seconds: dict[str, list[float]] = {label: [] for label in runs}
+    for weights, backend in runs.values():   # warm-up: loading, conversion, first calls
+        MedSRLib.upscale(image[:64, :64, :], target_spacing=target, weights=weights, threads=1,
+                         backend=backend)
     for _ in range(rounds):
-        for label, weights in (("shipped", None), ("baseline", baseline_weights)):
-            cpu = time.process_time()
-            out = MedSRLib.upscale(image, target_spacing=target, weights=weights, threads=1)
-            seconds[label].append(time.process_time() - cpu)
-    shipped, baseline = (statistics.median(seconds[k]) for k in ("shipped", "baseline"))
+        for label, (weights, backend) in runs.items():
+            cpu, wall = time.process_time(), time.perf_counter()
+            out = MedSRLib.upscale(image, target_spacing=target, weights=weights, threads=1, backend=backend)
+            cpu_seconds[label].append(time.process_time() - cpu)
+            wall_seconds[label].append(time.perf_counter() - wall)
     print(f"CPU flags: {cpu_flags()}")
-    print(f"{path} {image.GetSize()} -> {out.GetSize()}, 1 thread: shipped {shipped:.0f} CPU s, "
-          f"baseline {baseline:.0f} CPU s, ratio {shipped / baseline:.2f}", flush=True)
+    print(f"{path} {image.GetSize()} -> {out.GetSize()}, 1 thread, medians of {rounds}:")
+    base = statistics.median(cpu_seconds["baseline, torch"])
+    for label in runs:
+        cpu, wall = statistics.median(cpu_seconds[label]), statistics.median(wall_seconds[label])
+        print(f"  {label}: {cpu:.0f} CPU s ({wall:.0f} s wall), {cpu / base:.2f}x the baseline", flush=True)
     return 0
 
 

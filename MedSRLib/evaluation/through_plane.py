@@ -93,12 +93,15 @@ def case_name(path: str) -> str:
 
 #: Method label of `--baseline-weights` (another through-plane network, e.g. a previous release).
 BASELINE = "baseline through-plane"
+FP32_REFERENCE = "MedSR through-plane, fp32 torch"
 
 
 def run_methods(thick: np.ndarray, spacing_xyz: Sequence[float], factor: float, ratio: float,
-                adapt_seconds: float, weights: str | None, baseline_weights: str | None = None
-                ) -> dict[str, tuple[np.ndarray | None, float]]:
-    """{method: (output volume or None when not applicable, seconds)}."""
+                adapt_seconds: float, weights: str | None, baseline_weights: str | None = None,
+                fp32_reference: bool = False) -> dict[str, tuple[np.ndarray | None, float]]:
+    """{method: (output volume or None when not applicable, seconds)}. Every network runs on
+    the automatic path (backend and precision as a user gets them); `fp32_reference` adds the
+    same network in fp32 torch, the reference of the automatic path's precision cost."""
     from .. import api
     thick_spacing = (spacing_xyz[0], spacing_xyz[1], spacing_xyz[2] * factor)
     image = as_image(thick, thick_spacing)
@@ -117,6 +120,8 @@ def run_methods(thick: np.ndarray, spacing_xyz: Sequence[float], factor: float, 
             ("MedSR adapted", weights, {"adapt": True, "adapt_seconds": adapt_seconds})]
     if baseline_weights:
         runs.insert(0, (BASELINE, baseline_weights, {}))
+    if fp32_reference:
+        runs.insert(-1, (FP32_REFERENCE, weights, {"precision": "fp32", "backend": "torch"}))
     for label, weights_path, extra in runs:
         if label == "MedSR adapted" and adapt_seconds <= 0:
             continue
@@ -154,6 +159,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--baseline-weights", default=None,
                         help=f"another through-plane weights file, scored as '{BASELINE}' in the "
                              "same run (e.g. a previous release's, from git history)")
+    parser.add_argument("--fp32-reference", action="store_true",
+                        help=f"also score the network in fp32 torch ('{FP32_REFERENCE}'): the "
+                             "precision cost of the automatic path")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     parser.add_argument("--only", nargs="*", default=None, help="substrings of the cases to run")
     parser.add_argument("--unseen-ct", action="store_true",
@@ -180,7 +188,7 @@ def main(argv: Sequence[str]) -> int:
         for factor, ratio in settings:
             thick, truth = make_thick(units, factor, ratio)
             outputs = run_methods(thick, spacing, factor, ratio, args.adapt_seconds, args.weights,
-                                  args.baseline_weights)
+                                  args.baseline_weights, args.fp32_reference)
             margin = int(np.ceil(factor))
             for method, (volume, seconds) in outputs.items():
                 if volume is None:
@@ -197,9 +205,9 @@ def main(argv: Sequence[str]) -> int:
                 figure(out / f"sagittal_{modality}_{name}_x{factor:g}.png", thick, factor,
                        {m: v for m, (v, _) in outputs.items() if v is not None}, truth)
             (out / "results.json").write_text(json.dumps({"command": "medsr benchmark " + shlex.join(list(argv)),
-                                                          "rows": rows}, indent=1))
-    (out / "results.md").write_text(report(rows, "medsr benchmark " + shlex.join(list(argv))))
-    print((out / "results.md").read_text())
+                                                          "rows": rows}, indent=1), encoding="utf-8")
+    (out / "results.md").write_text(report(rows, "medsr benchmark " + shlex.join(list(argv))), encoding="utf-8")
+    print((out / "results.md").read_text(encoding="utf-8"))
     return 0
 
 
@@ -249,6 +257,7 @@ def report(rows: list[dict], command: str) -> str:
             steps = [None if c is None or b is None else c - b for c, b in zip(cells, cells_of[BASELINE])]
             lines.append(f"| step of {m} over the baseline | "
                          + " | ".join("n/a" if c is None else f"{c:+.2f}" for c in steps) + " |")
+    lines += precision_cost(rows)
     unseen = mean_gains(rows, UNSEEN)
     if unseen:
         lines += ["", f"Unseen CT (the {UNSEEN} rows: LIDC-IDRI test crops that no model, not even "
@@ -263,6 +272,20 @@ def report(rows: list[dict], command: str) -> str:
             lines.append(f"| step of {m} over the baseline | "
                          + " | ".join("n/a" if c is None else f"{c:+.2f}" for c in steps) + " |")
     return "\n".join(lines) + "\n"
+
+
+def precision_cost(rows: list[dict]) -> list[str]:
+    """Report lines: PSNR of the automatic path minus fp32 torch per case and setting, over
+    every row that has both (none without `--fp32-reference`)."""
+    psnr = {(r["case"], r["factor"], r["thickness_ratio"], r["method"]): r["psnr"] for r in rows}
+    steps = [psnr[key[:3] + ("MedSR through-plane",)] - value for key, value in psnr.items()
+             if key[3] == FP32_REFERENCE and value is not None
+             and psnr.get(key[:3] + ("MedSR through-plane",)) is not None]
+    if not steps:
+        return []
+    return ["", f"Precision cost of the automatic path (MedSR through-plane minus {FP32_REFERENCE}) "
+            f"over {len(steps)} rows: mean {np.mean(steps):+.3f} dB, worst {min(steps):+.3f} dB, "
+            f"best {max(steps):+.3f} dB."]
 
 
 def mean_gains(rows: list[dict], role: str = "test") -> dict[tuple[str, float, str], float]:

@@ -155,12 +155,14 @@ def _convert(model: nn.Module, factors: tuple[int, int], traced: nn.Module):
     return converted
 
 
-def convert_cached(network: nn.Module, channels: int, path: Path, what: str):
+def convert_cached(network: nn.Module, channels: int, path: Path, what: str,
+                   example: tuple[torch.Tensor, ...] | None = None, inputs: list | None = None):
     """The OpenVINO model (dynamic (N, `channels`, h, w) input) of `network`: read from the
     cache entry `path` (.xml and .bin) when its SHA-256 record matches; else converted (traced
     on a fixed random example) and saved there when the folder is writable, the record last. A
     damaged or unverified entry is deleted with a notice first. OpenVinoUnavailable naming
-    `what` when OpenVINO cannot convert it."""
+    `what` when OpenVINO cannot convert it. A network of several inputs gives its own
+    `example` tensors and dynamic input shapes (`inputs`, -1 = dynamic)."""
     import openvino as ov
 
     files = (path, path.with_suffix(".bin"))
@@ -177,12 +179,14 @@ def convert_cached(network: nn.Module, channels: int, path: Path, what: str):
             model_integrity.remove_entry(path, files)
     if converted is not None:
         return converted
-    example = torch.rand(1, channels, TRACE_EDGE, TRACE_EDGE, generator=torch.Generator().manual_seed(0))
+    if example is None:
+        example = torch.rand(1, channels, TRACE_EDGE, TRACE_EDGE, generator=torch.Generator().manual_seed(0))
+        inputs = [-1, channels, -1, -1]
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings: checked by the tests instead
             converted = ov.convert_model(network.float().eval(), example_input=example,
-                                         input=[-1, channels, -1, -1])
+                                         input=inputs)
     except Exception as err:  # noqa: BLE001 - reported, then torch runs the model
         raise OpenVinoUnavailable(f"OpenVINO could not convert {what} ({type(err).__name__}: "
                                   f"{str(err).splitlines()[0] if str(err) else ''})") from None

@@ -8,12 +8,15 @@ sagittal planes), and the two results are averaged.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from ..runtime.engine import CancelToken, ProgressCallback
 from ..transforms import slice_profile as profile
 from ..models.networks.through_plane import run_planes
+from ..runtime.openvino_through_plane import PlaneRunner
 
 #: Conditioning range the network was trained on (thickness / spacing).
 RATIO_RANGE = (0.4, 1.0)
@@ -42,12 +45,12 @@ def clamp_ratio(thickness_ratio: float) -> float:
 def restore(units: np.ndarray, axis: int, n_out: int, thickness_ratio: float,
             net: torch.nn.Module | None, batch_planes: int = 8,
             progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-            cubic_only: bool = False, autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+            cubic_only: bool = False, runner: PlaneRunner | None = None) -> np.ndarray:
     """`units` (K, J, I) float32 with thick slices along array `axis` -> float32 volume with
     `n_out` slices along it over the same extent: the network's restoration of every plane
     containing `axis`, in both orientations, averaged. `cubic_only` (or `net` None) returns the
-    cubic resampling the network starts from (the baseline). `autocast_dtype` (e.g. bf16)
-    runs the network body in that precision (the thick-grid architecture only)."""
+    cubic resampling the network starts from (the baseline). `runner` restores the batches of
+    planes (e.g. `openvino_through_plane.plane_runner`'s); default: `net` in torch fp32."""
     cancel = cancel or CancelToken()
     report = progress or (lambda fraction, message: None)
     n_in = units.shape[axis]
@@ -58,20 +61,14 @@ def restore(units: np.ndarray, axis: int, n_out: int, thickness_ratio: float,
     ratio = clamp_ratio(thickness_ratio)
     moved = np.moveaxis(units, axis, 0)  # (n, A, B) view: slice axis first
     net = net.eval()
-    previous = getattr(net, "autocast_dtype", None)
-    if hasattr(net, "autocast_dtype"):
-        net.autocast_dtype = autocast_dtype
-    try:
-        total = _restore_planes(moved, net, positions, factor, ratio, n_out, batch_planes,
-                                report, cancel)
-    finally:
-        if hasattr(net, "autocast_dtype"):
-            net.autocast_dtype = previous
+    if runner is None:
+        runner = functools.partial(run_planes, net)
+    total = _restore_planes(moved, runner, positions, factor, ratio, n_out, batch_planes, report, cancel)
     cancel.raise_if_cancelled()
     return np.ascontiguousarray(np.moveaxis(total, 0, axis))
 
 
-def _restore_planes(moved: np.ndarray, net: torch.nn.Module, positions: torch.Tensor, factor: float,
+def _restore_planes(moved: np.ndarray, runner: PlaneRunner, positions: torch.Tensor, factor: float,
                     ratio: float, n_out: int, batch_planes: int, report: ProgressCallback,
                     cancel: CancelToken) -> np.ndarray:
     """Both orientations of planes of `moved` (n, A, B) restored and averaged: (n_out, A, B)."""
@@ -87,7 +84,7 @@ def _restore_planes(moved: np.ndarray, net: torch.nn.Module, positions: torch.Te
                 block = np.take(moved, np.arange(start, stop), axis=plane_axis)  # (n, b, X) or (n, X, b)
                 planes = torch.from_numpy(np.ascontiguousarray(np.moveaxis(block, plane_axis, 0),
                                                                dtype=np.float32))[:, None]
-                restored = run_planes(net, planes, positions, factor, ratio)[:, 0].numpy()
+                restored = runner(planes, positions, factor, ratio)[:, 0].numpy()
                 index = [slice(None)] * 3
                 index[plane_axis] = slice(start, stop)
                 total[tuple(index)] += np.moveaxis(restored, 0, plane_axis)

@@ -16,6 +16,7 @@ from ..io import volumes as io
 from ..models import registry as zoo
 from ..runtime.engine import (CancelToken, EngineOptions, ProgressCallback, check_finite_output,
                               super_resolve_volume)
+from ..runtime.openvino_through_plane import plane_runner
 from ..errors import InputError
 
 if TYPE_CHECKING:  # annotations only: torch is imported where a network runs
@@ -121,9 +122,10 @@ def super_resolve(voxels: np.ndarray, thin: planning.ThroughPlanePlan, modality:
     else:
         units = mapping.to_unit(voxels)
     offset = (shares[0] + shares[1]) / total
+    runner, _ = plane_runner(net, _cpu_options(options))
     restored = apply.restore(units, thin.axis_kji, thin.out_slices, thin.profile.thickness_ratio,
                              net, progress=lambda f, m: report(offset + (1 - offset) * f, m),
-                             cancel=cancel, autocast_dtype=_autocast_dtype(options))
+                             cancel=cancel, runner=runner)
     del units
     check_finite_output(restored, net)
     output, result = io.new_volume(restored.shape[::-1], out_dtype)  # no second full copy
@@ -144,13 +146,9 @@ def annotate(output: sitk.Image, thin: planning.ThroughPlanePlan) -> None:
                        f"{thin.effective_factor:.6g})")
 
 
-def _autocast_dtype(options: EngineOptions) -> "torch.dtype | None":
-    """The network body's precision: the engine's rule (bf16 on CPUs with fast bf16 under
-    "auto"); CPU only (the network runs on the CPU)."""
-    import torch
-
-    from ..runtime.engine import resolve_precision
+def _cpu_options(options: EngineOptions) -> EngineOptions:
+    """`options` for the through-plane network, which runs on the CPU: InputError for fp16."""
     if options.precision == "fp16":
         raise InputError("precision fp16 is for CUDA; the through-plane network runs on the CPU "
                          "(use bf16 or fp32)")
-    return resolve_precision(options.precision, torch.device("cpu"), learned=True)
+    return options

@@ -1,0 +1,203 @@
+"""Running the through-plane network (`ThroughPlaneEDSR`) through OpenVINO on the CPU.
+
+What runs in OpenVINO is the network without its cubic-resampled image: the trunk on the thick
+planes, the resampling of its features (the resampling matrix is an input), the tail and its
+refinement blocks, giving the residual. The cubic image is added in fp32 torch, as the torch
+path does (bf16 rounding of that sum would cost more than the body in bf16).
+
+Each plane-batch shape (planes, thick rows, width, output rows) gets its own compiled model;
+the last batch of a volume is padded to the batch size so that one volume needs at most one
+shape per orientation. In bf16 this is about twice as fast as torch's bf16 autocast on one
+thread of an AVX512-BF16 CPU (measured by `benchmarks/bench_through_plane.py --speed`).
+
+The shipped network's conversion and compiled blobs are cached on disk like the in-plane
+models' (`openvino_runtime`); a network adapted to one volume is converted and compiled in
+memory only, so that adapted copies never fill the cache.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.networks.through_plane import ThroughPlaneEDSR, run_planes
+from ..transforms.slice_profile import cubic_matrix, phase_map
+from . import openvino_runtime
+from .engine import EngineOptions, notice, resolve_backend, resolve_precision
+from .openvino_runtime import OpenVinoUnavailable
+
+#: A function restoring thick planes (N, 1, n, W) at output-row positions (m,) to (N, 1, m, W),
+#: given the through-plane factor and thickness ratio (`run_planes`' signature without the net).
+PlaneRunner = Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]
+
+#: Compiled models kept per network (shape, precision, threads), least recently used out.
+MAX_COMPILED = 6
+_CONVERTED: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+class ThroughPlaneResidual(nn.Module):
+    """`net`'s learned residual: (thick (N, 1, n, W), matrix (m, n) of the cubic resampling,
+    conditioning (1, 3, m, 1): phase, factor and thickness-ratio channels) -> (N, 1, m, W)."""
+
+    def __init__(self, net: ThroughPlaneEDSR):
+        super().__init__()
+        self.net = net
+
+    def forward(self, thick: torch.Tensor, matrix: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        features = net.trunk(net.head(thick))
+        resampled = torch.einsum("mr,ncrw->ncmw", matrix, features)
+        extra = conditioning.expand(thick.shape[0], 3, matrix.shape[0], thick.shape[3])
+        hidden = net.tail[0](torch.cat([resampled, extra], dim=1))
+        return net.tail[1](net.refine(hidden))
+
+
+def plane_inputs(rows: int, positions: torch.Tensor, factor: float,
+                 thickness_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """(cubic matrix (m, rows), conditioning (1, 3, m, 1)) float32 for output rows at input-row
+    `positions` (m,), as `ThroughPlaneEDSR.forward` builds them."""
+    pos = positions.detach().cpu().numpy()
+    matrix = cubic_matrix(rows, pos).astype(np.float32)
+    m = matrix.shape[0]
+    conditioning = np.stack([phase_map(pos).astype(np.float32),
+                             np.full(m, (float(factor) - 1.0) / 7.0, dtype=np.float32),
+                             np.full(m, float(thickness_ratio), dtype=np.float32)])[None, :, :, None]
+    return matrix, np.ascontiguousarray(conditioning)
+
+
+def _converted(net: ThroughPlaneEDSR, cache: bool):
+    """The OpenVINO model of `net`'s residual (dynamic shapes): this process's copy, the disk
+    cache's (`cache`), or a fresh conversion."""
+    with _LOCK:
+        if net in _CONVERTED:
+            return _CONVERTED[net]
+    body = ThroughPlaneResidual(net).float().eval()
+    example = (torch.rand(1, 1, 12, 16, generator=torch.Generator().manual_seed(0)),
+               torch.rand(30, 12, generator=torch.Generator().manual_seed(1)),
+               torch.rand(1, 3, 30, 1, generator=torch.Generator().manual_seed(2)))
+    inputs = [[-1, 1, -1, -1], [-1, -1], [1, 3, -1, 1]]
+    if cache:
+        path = openvino_runtime.cache_folder() / f"{openvino_runtime.model_fingerprint(net, (0, 0))}tp.xml"
+        converted = openvino_runtime.convert_cached(body, 1, path, "the through-plane network",
+                                                    example=example, inputs=inputs)
+    else:
+        import openvino as ov
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                converted = ov.convert_model(body, example_input=example, input=inputs)
+        except Exception as err:  # noqa: BLE001 - reported, then torch runs the network
+            raise OpenVinoUnavailable(f"OpenVINO could not convert the through-plane network "
+                                      f"({type(err).__name__})") from None
+    with _LOCK:
+        _CONVERTED[net] = converted
+    return converted
+
+
+class OpenVinoPlaneRunner:
+    """A `PlaneRunner` for `net` on the OpenVINO CPU plugin (bf16 or fp32 body), `batch`
+    planes per call (smaller batches are padded)."""
+
+    def __init__(self, net: ThroughPlaneEDSR, bf16: bool, threads: int | None = None, batch: int = 8):
+        if not openvino_runtime.available():
+            raise OpenVinoUnavailable("OpenVINO is not installed (pip install openvino)")
+        import openvino as ov
+
+        openvino_runtime.check_finite_weights(net)
+        self.bf16 = bf16
+        self.batch = int(batch)
+        self._cache = not getattr(net, "adapted_steps", 0)
+        self._model = _converted(net, self._cache)
+        self._core = ov.Core()
+        self._threads = int(threads or torch.get_num_threads())
+        with _LOCK:
+            self._compiled = _COMPILED.setdefault(net, OrderedDict())
+        self._requests: dict[tuple, object] = {}
+
+    def _request(self, rows: int, width: int, out_rows: int):
+        key = (self.bf16, self._threads, self.batch, rows, width, out_rows)
+        if key in self._requests:
+            return self._requests[key]
+        with _LOCK:
+            compiled = self._compiled.get(key)
+            if compiled is not None:
+                self._compiled.move_to_end(key)
+        if compiled is None:
+            shaped = self._model.clone()
+            shaped.reshape({0: [self.batch, 1, rows, width], 1: [out_rows, rows], 2: [1, 3, out_rows, 1]})
+            config = {"INFERENCE_PRECISION_HINT": "bf16" if self.bf16 else "f32",
+                      "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self._threads}
+            what = f"the through-plane network for {rows}x{width} planes"
+            if self._cache:
+                compiled = openvino_runtime.compile_cached(self._core, shaped, config, what)
+            else:
+                try:
+                    compiled = self._core.compile_model(shaped, "CPU", config)
+                except Exception as err:  # noqa: BLE001
+                    raise OpenVinoUnavailable(f"OpenVINO could not compile {what} "
+                                              f"({type(err).__name__})") from None
+            with _LOCK:
+                self._compiled[key] = compiled
+                while len(self._compiled) > MAX_COMPILED:
+                    self._compiled.popitem(last=False)
+        self._requests[key] = compiled.create_infer_request()
+        return self._requests[key]
+
+    def __call__(self, thick: torch.Tensor, positions: torch.Tensor, factor: float,
+                 thickness_ratio: float) -> torch.Tensor:
+        n, _, rows, width = thick.shape
+        matrix, conditioning = plane_inputs(rows, positions, factor, thickness_ratio)
+        out_rows = matrix.shape[0]
+        source = np.ascontiguousarray(thick.detach().cpu().numpy(), dtype=np.float32)
+        residual = np.empty((n, 1, out_rows, width), dtype=np.float32)
+        request = self._request(rows, width, out_rows)
+        for start in range(0, n, self.batch):
+            chunk = source[start:start + self.batch]
+            count = chunk.shape[0]
+            if count < self.batch:  # padded: one compiled shape per volume orientation
+                chunk = np.concatenate([chunk, np.zeros((self.batch - count,) + chunk.shape[1:],
+                                                        dtype=np.float32)])
+            result = request.infer({0: chunk, 1: matrix, 2: conditioning})
+            residual[start:start + count] = next(iter(result.values()))[:count]
+        upsampled = torch.einsum("mr,nrw->nmw", torch.from_numpy(matrix), thick[:, 0].float())[:, None]
+        return upsampled + torch.from_numpy(residual)
+
+
+def plane_runner(net: nn.Module, options: EngineOptions, batch: int = 8) -> tuple[PlaneRunner, str]:
+    """(the function that restores batches of planes with `net` under `options`, what runs,
+    e.g. "openvino bf16"). Backend "auto": OpenVINO on the CPU when it imports (torch on
+    failure, with a notice); "torch": torch's autocast in the precision `resolve_precision`
+    picks. fp16 is refused by the caller (the network runs on the CPU)."""
+    autocast = resolve_precision(options.precision, torch.device("cpu"), learned=True)
+    precision = "bf16" if autocast == torch.bfloat16 else "fp32"
+    if isinstance(net, ThroughPlaneEDSR):
+        backend = resolve_backend(options.backend, torch.device("cpu"), True, (1, 1),
+                                  "auto" if options.precision == "int8" else options.precision)
+        if backend == "openvino":
+            try:
+                return OpenVinoPlaneRunner(net, precision == "bf16", options.threads, batch), \
+                    f"openvino {precision}"
+            except OpenVinoUnavailable as err:
+                notice(f"{err}; running the through-plane network in torch")
+
+    def torch_runner(thick: torch.Tensor, positions: torch.Tensor, factor: float,
+                     thickness_ratio: float) -> torch.Tensor:
+        previous = getattr(net, "autocast_dtype", None)
+        if hasattr(net, "autocast_dtype"):
+            net.autocast_dtype = autocast
+        try:
+            return run_planes(net, thick, positions, factor, thickness_ratio)
+        finally:
+            if hasattr(net, "autocast_dtype"):
+                net.autocast_dtype = previous
+
+    return torch_runner, f"torch {precision if hasattr(net, 'autocast_dtype') else 'fp32'}"
