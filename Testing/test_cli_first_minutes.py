@@ -197,6 +197,17 @@ def test_the_bundled_ct_reports_its_dicom_modality(tmp_path, capsys):
                                     "backend torch"]
 
 
+def test_thick_slices_made_thin_report_the_network_and_its_backend(tmp_path, capsys):
+    thick = make_volume(shape_kji=(5, 32, 30), spacing=(0.8, 0.8, 4.0))
+    sitk.WriteImage(thick, str(tmp_path / "thick.nrrd"))
+    code, _, err = run_cli(["upscale", tmp_path / "thick.nrrd", "-o", tmp_path / "thin.nrrd",
+                            "--target-spacing", "1", "--modality", "CT", "--progress", "none"], capsys)
+    assert code == 0, err
+    assert _defaults_lines(err) == ["medsr: defaults: model through_plane_net, axis z (thick slices), "
+                                    "backend openvino"]
+    assert sitk.ReadImage(str(tmp_path / "thin.nrrd")).GetSize() == (30, 32, 20)
+
+
 # ---- medsr models ------------------------------------------------------------------------------
 
 def test_models_table_marks_each_default_and_reads_the_cards(capsys):
