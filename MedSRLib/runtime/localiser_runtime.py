@@ -24,7 +24,7 @@ from torch import nn
 
 from . import no_telemetry  # noqa: F401 - before any openvino import
 from .openvino_runtime import (OpenVinoUnavailable, available, cache_folder, check_finite_weights,
-                               compile_cached, convert_cached, model_fingerprint)
+                               compile_shaped, convert_cached, model_fingerprint)
 
 PRECISIONS = ("f32", "bf16")
 #: Fingerprint "factors" of a segmenter IR (keeps its cache key apart from any SR model's).
@@ -101,27 +101,13 @@ class SegmenterRunner:
         return self
 
     def _request(self, shape: tuple[int, int, int, int]):
-        if shape in self._requests:
-            return self._requests[shape]
-        import openvino as ov
-
-        key = (self.precision, self._threads, shape)
-        with _LOCK:
-            compiled = self._compiled.get(key)
-            if compiled is not None:
-                self._compiled.move_to_end(key)
-        if compiled is None:
-            shaped = self._model.clone()
-            shaped.reshape(list(shape))
+        if shape not in self._requests:
             config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
                       "INFERENCE_NUM_THREADS": self._threads}
-            compiled = compile_cached(ov.Core(), shaped, config,
-                                      f"the lesion segmenter for {shape} inputs")
-            with _LOCK:
-                self._compiled[key] = compiled
-                while len(self._compiled) > MAX_COMPILED_PER_NETWORK:
-                    self._compiled.popitem(last=False)
-        self._requests[shape] = compiled.create_infer_request()
+            compiled = compile_shaped(self._compiled, (self.precision, self._threads, shape), self._model,
+                                      list(shape), config, f"the lesion segmenter for {shape} inputs",
+                                      MAX_COMPILED_PER_NETWORK)
+            self._requests[shape] = compiled.create_infer_request()
         return self._requests[shape]
 
     def __call__(self, planes: torch.Tensor) -> torch.Tensor:

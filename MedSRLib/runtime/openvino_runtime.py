@@ -317,6 +317,35 @@ def compile_cached(core, model, config: dict, what: str):
     return compiled
 
 
+def compile_shaped(compiled_models: OrderedDict, key: tuple, model, shape, config: dict, what: str,
+                   limit: int, on_disk: bool = True):
+    """The compiled model for `key` in `compiled_models` (a per-network least-recently-used
+    store shared by the runners of that network): kept there, or `model` cloned, reshaped to
+    `shape` (a list, or {input index: list}) and compiled with `config` (`compile_cached`, or in
+    memory only when not `on_disk`), then kept, the oldest dropped beyond `limit`."""
+    with _LOCK:
+        compiled = compiled_models.get(key)
+        if compiled is not None:
+            compiled_models.move_to_end(key)
+            return compiled
+    import openvino as ov
+
+    shaped = model.clone()
+    shaped.reshape(shape)
+    if on_disk:
+        compiled = compile_cached(ov.Core(), shaped, config, what)
+    else:
+        try:
+            compiled = ov.Core().compile_model(shaped, "CPU", config)
+        except Exception as err:  # noqa: BLE001
+            raise OpenVinoUnavailable(f"OpenVINO could not compile {what} ({type(err).__name__})") from None
+    with _LOCK:
+        compiled_models[key] = compiled
+        while len(compiled_models) > limit:
+            compiled_models.popitem(last=False)
+    return compiled
+
+
 def input_channels(model: nn.Module) -> int:
     """Input channels of a `zoo.SRModel`: 1, or k + 1 for a 2.5-D model (`context_slices` k)."""
     return 1 + int(getattr(model, "context_slices", 0) or 0)
@@ -358,23 +387,13 @@ class OpenVinoRunner:
         self._requests: dict[tuple, object] = {}
 
     def _compile(self, h: int, w: int, hint: str):
-        key = (*self._variant, h, w, hint)
-        with _LOCK:
-            if key in self._compiled:
-                self._compiled.move_to_end(key)
-                return self._compiled[key]
-        shaped = self._model.clone()
-        shaped.reshape([1, self._channels, h, w])
         config = {"INFERENCE_PRECISION_HINT": "bf16" if self.bf16 else "f32",
                   "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": self._threads}
         if hint == "THROUGHPUT":
             config["NUM_STREAMS"] = max(1, min(self._threads, 4))
-        compiled = compile_cached(self._core, shaped, config, f"the model for {h}x{w} slices")
-        with _LOCK:
-            self._compiled[key] = compiled
-            while len(self._compiled) > MAX_COMPILED_PER_MODEL:
-                self._compiled.popitem(last=False)
-        return compiled
+        return compile_shaped(self._compiled, (*self._variant, h, w, hint), self._model,
+                              [1, self._channels, h, w], config, f"the model for {h}x{w} slices",
+                              MAX_COMPILED_PER_MODEL)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 1, h, w) float32 -> (N, 1, h*sy, w*sx) float32 (CPU tensors)."""

@@ -110,14 +110,11 @@ class OpenVinoPlaneRunner:
     def __init__(self, net: ThroughPlaneEDSR, bf16: bool, threads: int | None = None, batch: int = 8):
         if not openvino_runtime.available():
             raise OpenVinoUnavailable("OpenVINO is not installed (pip install openvino)")
-        import openvino as ov
-
         openvino_runtime.check_finite_weights(net)
         self.bf16 = bf16
         self.batch = int(batch)
         self._cache = not getattr(net, "adapted_steps", 0)
         self._model = _converted(net, self._cache)
-        self._core = ov.Core()
         self._threads = int(threads or torch.get_num_threads())
         with _LOCK:
             self._compiled = _COMPILED.setdefault(net, OrderedDict())
@@ -125,31 +122,14 @@ class OpenVinoPlaneRunner:
 
     def _request(self, rows: int, width: int, out_rows: int):
         key = (self.bf16, self._threads, self.batch, rows, width, out_rows)
-        if key in self._requests:
-            return self._requests[key]
-        with _LOCK:
-            compiled = self._compiled.get(key)
-            if compiled is not None:
-                self._compiled.move_to_end(key)
-        if compiled is None:
-            shaped = self._model.clone()
-            shaped.reshape({0: [self.batch, 1, rows, width], 1: [out_rows, rows], 2: [1, 3, out_rows, 1]})
+        if key not in self._requests:
             config = {"INFERENCE_PRECISION_HINT": "bf16" if self.bf16 else "f32",
                       "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self._threads}
-            what = f"the through-plane network for {rows}x{width} planes"
-            if self._cache:
-                compiled = openvino_runtime.compile_cached(self._core, shaped, config, what)
-            else:
-                try:
-                    compiled = self._core.compile_model(shaped, "CPU", config)
-                except Exception as err:  # noqa: BLE001
-                    raise OpenVinoUnavailable(f"OpenVINO could not compile {what} "
-                                              f"({type(err).__name__})") from None
-            with _LOCK:
-                self._compiled[key] = compiled
-                while len(self._compiled) > MAX_COMPILED:
-                    self._compiled.popitem(last=False)
-        self._requests[key] = compiled.create_infer_request()
+            shape = {0: [self.batch, 1, rows, width], 1: [out_rows, rows], 2: [1, 3, out_rows, 1]}
+            compiled = openvino_runtime.compile_shaped(
+                self._compiled, key, self._model, shape, config,
+                f"the through-plane network for {rows}x{width} planes", MAX_COMPILED, on_disk=self._cache)
+            self._requests[key] = compiled.create_infer_request()
         return self._requests[key]
 
     def __call__(self, thick: torch.Tensor, positions: torch.Tensor, factor: float,
