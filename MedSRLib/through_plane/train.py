@@ -28,14 +28,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 10.0 * np.log10(1.0 / max(mse, 1e-12))
 
 
-def validation_planes(root: Path) -> list[tuple[str, np.ndarray]]:
-    """Coronal and sagittal planes (rows = z) near the centre of each validation volume."""
+def validation_planes(root: Path, per_axis: int = 4) -> list[tuple[str, np.ndarray]]:
+    """`per_axis` coronal and sagittal planes (rows = z) each, evenly spread over the middle
+    40 % of each validation volume."""
     planes = []
     for modality, rel in data.VALIDATION_SOURCES:
         volume, _ = data.load_units(root / rel)
         for axis in (1, 2):
             n = volume.shape[axis]
-            for index in np.linspace(n * 0.3, n * 0.7, 4).astype(int):
+            for index in np.unique(np.linspace(n * 0.3, n * 0.7, per_axis).astype(int)):
                 planes.append((modality, np.ascontiguousarray(np.take(volume, index, axis=axis))))
     return planes
 
@@ -66,6 +67,18 @@ def validate(net: ThroughPlaneNet, planes: list[tuple[str, np.ndarray]]) -> dict
     return result
 
 
+def compare(weights: list[str], root: Path, per_axis: int) -> None:
+    """Print each weights file's validation scores on `per_axis` planes per orientation (more
+    than the training run's 4: a steadier choice between finished runs)."""
+    planes = validation_planes(root, per_axis)
+    print(f"{len(planes)} validation planes", flush=True)
+    for path in weights:
+        scores = validate(model_io.load(path), planes)
+        per_key = ", ".join(f"{k[:-4]} {scores[k] - scores[k[:-4] + '_cubic']:+.3f}"
+                            for k in sorted(scores) if k.endswith("_net"))
+        print(f"{path}: mean gain over cubic {scores['mean_gain_db']:+.3f} dB ({per_key})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-root", default=os.environ.get("MEDSR_DATA_ROOT", "../shared/data"))
@@ -89,8 +102,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refine-blocks", type=int, default=0,
                         help="residual blocks on the output grid (thick)")
     parser.add_argument("--export", default=None, help="weights path of the export (default OUT/through_plane_net.safetensors)")
+    parser.add_argument("--compare", nargs="+", default=None, metavar="WEIGHTS",
+                        help="no training: score these through-plane weights on the validation volumes")
+    parser.add_argument("--planes-per-axis", type=int, default=16,
+                        help="with --compare: validation planes per orientation and volume")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.compare:
+        compare(args.compare, Path(args.data_root), args.planes_per_axis)
+        return
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     root, out = Path(args.data_root), Path(args.out)
