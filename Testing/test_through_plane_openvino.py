@@ -52,7 +52,7 @@ def test_restore_on_openvino_equals_torch_on_a_non_square_volume():
     units = np.random.default_rng(4).random((6, 13, 11)).astype(np.float32)
     torch_out = apply.restore(units, 0, 17, 1.0, net)
     runner, what = plane_runner(net, EngineOptions(precision="fp32", threads=1))
-    assert what == "openvino fp32"
+    assert what == "openvino fp32 on the CPU"
     ov_out = apply.restore(units, 0, 17, 1.0, net, runner=runner)
     assert ov_out.shape == (17, 13, 11)
     np.testing.assert_allclose(ov_out, torch_out, atol=1e-4)
@@ -88,9 +88,9 @@ def test_without_openvino_the_network_runs_in_torch_with_a_notice(monkeypatch, c
     monkeypatch.setattr(openvino_runtime, "available", lambda: False)
     net = random_network(10)
     _, what = plane_runner(net, EngineOptions(precision="fp32"))
-    assert what == "torch fp32"
+    assert what == "torch fp32 on the CPU"
     _, what = plane_runner(net, EngineOptions(precision="fp32", backend="openvino"))
-    assert what == "torch fp32"
+    assert what == "torch fp32 on the CPU"
     assert "OpenVINO is not installed" in capsys.readouterr().err
 
 
@@ -105,3 +105,14 @@ def test_upscale_through_plane_agrees_between_backends():
         outputs[backend] = sitk.GetArrayFromImage(out)
     assert outputs["torch"].shape == (24, 40, 36)
     np.testing.assert_allclose(outputs["openvino"], outputs["torch"], atol=1e-3)
+
+
+def test_fp16_on_the_cpu_is_refused_before_any_voxel_work(monkeypatch):
+    from MedSRLib.errors import InputError
+    from MedSRLib.through_plane import run
+
+    monkeypatch.setattr(run, "load_network", lambda *a: pytest.fail("the network was loaded"))
+    volume = sitk.GetImageFromArray(np.zeros((4, 16, 16), np.float32))
+    volume.SetSpacing((1.0, 1.0, 4.0))
+    with pytest.raises(InputError, match="fp16 is for CUDA"):
+        MedSRLib.upscale(volume, target_spacing=(1.0, 1.0, 1.0), device="cpu", precision="fp16")

@@ -30,7 +30,8 @@ from torch import nn
 from ..models.networks.through_plane import ThroughPlaneEDSR, run_planes
 from ..transforms.slice_profile import cubic_matrix, phase_map
 from . import openvino_runtime
-from .engine import EngineOptions, notice, resolve_backend, resolve_precision
+from ..errors import InputError
+from .engine import EngineOptions, notice, resolve_backend, resolve_device, resolve_precision
 from .openvino_runtime import OpenVinoUnavailable
 
 #: A function restoring thick planes (N, 1, n, W) at output-row positions (m,) to (N, 1, m, W),
@@ -152,22 +153,34 @@ class OpenVinoPlaneRunner:
         return upsampled + torch.from_numpy(residual)
 
 
+def device_and_precision(options: EngineOptions) -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype or None for fp32) of the through-plane network under `options`:
+    CUDA when `resolve_device` picks it; InputError for fp16 on the CPU."""
+    device = resolve_device(options.device)
+    if device.type == "cpu" and options.precision == "fp16":
+        raise InputError("precision fp16 is for CUDA; on the CPU the through-plane network runs "
+                         "in bf16 or fp32")
+    return device, resolve_precision(options.precision, device, learned=True)
+
+
 def plane_runner(net: nn.Module, options: EngineOptions, batch: int = 8) -> tuple[PlaneRunner, str]:
     """(the function that restores batches of planes with `net` under `options`, what runs,
-    e.g. "openvino bf16"). Backend "auto": OpenVINO on the CPU when it imports (torch on
-    failure, with a notice); "torch": torch's autocast in the precision `resolve_precision`
-    picks. fp16 is refused by the caller (the network runs on the CPU)."""
-    autocast = resolve_precision(options.precision, torch.device("cpu"), learned=True)
-    precision = "bf16" if autocast == torch.bfloat16 else "fp32"
-    if isinstance(net, ThroughPlaneEDSR):
-        backend = resolve_backend(options.backend, torch.device("cpu"), True, (1, 1),
+    e.g. "openvino bf16 on the CPU"). The device as `resolve_device` picks it (CUDA when there is
+    one); on the CPU, backend "auto" runs OpenVINO when it imports (torch on failure, with a
+    notice) and "torch" runs torch's autocast in the precision `resolve_precision` picks (fp16
+    is refused there: InputError). On CUDA, torch (fp16 autocast under "auto")."""
+    device, autocast = device_and_precision(options)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(autocast, "fp32")
+    if isinstance(net, ThroughPlaneEDSR) and device.type == "cpu":
+        backend = resolve_backend(options.backend, device, True, (1, 1),
                                   "auto" if options.precision == "int8" else options.precision)
         if backend == "openvino":
             try:
                 return OpenVinoPlaneRunner(net, precision == "bf16", options.threads, batch), \
-                    f"openvino {precision}"
+                    f"openvino {precision} on the CPU"
             except OpenVinoUnavailable as err:
                 notice(f"{err}; running the through-plane network in torch")
+    net = net.to(device)
 
     def torch_runner(thick: torch.Tensor, positions: torch.Tensor, factor: float,
                      thickness_ratio: float) -> torch.Tensor:
@@ -175,9 +188,10 @@ def plane_runner(net: nn.Module, options: EngineOptions, batch: int = 8) -> tupl
         if hasattr(net, "autocast_dtype"):
             net.autocast_dtype = autocast
         try:
-            return run_planes(net, thick, positions, factor, thickness_ratio)
+            return run_planes(net, thick.to(device), positions, factor, thickness_ratio).float().cpu()
         finally:
             if hasattr(net, "autocast_dtype"):
                 net.autocast_dtype = previous
 
-    return torch_runner, f"torch {precision if hasattr(net, 'autocast_dtype') else 'fp32'}"
+    used = precision if hasattr(net, "autocast_dtype") else "fp32"
+    return torch_runner, f"torch {used} on the {'GPU' if device.type == 'cuda' else 'CPU'}"

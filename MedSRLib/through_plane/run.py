@@ -16,7 +16,7 @@ from ..io import volumes as io
 from ..models import registry as zoo
 from ..runtime.engine import (CancelToken, EngineOptions, ProgressCallback, check_finite_output,
                               super_resolve_volume)
-from ..runtime.openvino_through_plane import plane_runner
+from ..runtime.openvino_through_plane import device_and_precision, plane_runner
 from ..errors import InputError
 
 if TYPE_CHECKING:  # annotations only: torch is imported where a network runs
@@ -87,6 +87,7 @@ def super_resolve(voxels: np.ndarray, thin: planning.ThroughPlanePlan, modality:
 
     cancel = cancel or CancelToken()
     report = progress or (lambda fraction, message: None)
+    device_and_precision(options)  # InputError before any voxel work
     net = load_network(weights, allow_untrained)
     names = [model_io.MODEL_NAME]
     mapping = intensity.fit_mapping(voxels)
@@ -122,7 +123,7 @@ def super_resolve(voxels: np.ndarray, thin: planning.ThroughPlanePlan, modality:
     else:
         units = mapping.to_unit(voxels)
     offset = (shares[0] + shares[1]) / total
-    runner, _ = plane_runner(net, _cpu_options(options))
+    runner, _ = plane_runner(net, options)
     restored = apply.restore(units, thin.axis_kji, thin.out_slices, thin.profile.thickness_ratio,
                              net, progress=lambda f, m: report(offset + (1 - offset) * f, m),
                              cancel=cancel, runner=runner)
@@ -144,11 +145,3 @@ def annotate(output: sitk.Image, thin: planning.ThroughPlanePlan) -> None:
                        f"axis {'xyz'[thin.axis_xyz]}, requested factor {thin.factor:.6g}, "
                        f"{thin.in_slices} -> {thin.out_slices} slices (effective factor "
                        f"{thin.effective_factor:.6g})")
-
-
-def _cpu_options(options: EngineOptions) -> EngineOptions:
-    """`options` for the through-plane network, which runs on the CPU: InputError for fp16."""
-    if options.precision == "fp16":
-        raise InputError("precision fp16 is for CUDA; the through-plane network runs on the CPU "
-                         "(use bf16 or fp32)")
-    return options

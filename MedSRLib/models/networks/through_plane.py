@@ -43,9 +43,10 @@ def conditioning(image: torch.Tensor, phase_rows: torch.Tensor, factor: float,
     """The network input for images (N, 1, H, W) whose rows sample the slice axis with
     `phase_rows` (H,) (see `profile.phase_map`)."""
     n, _, h, w = image.shape
-    phase = phase_rows.to(image.dtype).view(1, 1, h, 1).expand(n, 1, h, w)
-    factor_map = torch.full((n, 1, h, w), (float(factor) - 1.0) / 7.0, dtype=image.dtype)
-    ratio_map = torch.full((n, 1, h, w), float(thickness_ratio), dtype=image.dtype)
+    like = dict(dtype=image.dtype, device=image.device)
+    phase = phase_rows.to(**like).view(1, 1, h, 1).expand(n, 1, h, w)
+    factor_map = torch.full((n, 1, h, w), (float(factor) - 1.0) / 7.0, **like)
+    ratio_map = torch.full((n, 1, h, w), float(thickness_ratio), **like)
     return torch.cat([image, phase, factor_map, ratio_map], dim=1)
 
 
@@ -91,12 +92,13 @@ class ThroughPlaneEDSR(nn.Module):
         from ...transforms.slice_profile import cubic_matrix, phase_map
         n, _, rows, width = thick.shape
         pos = positions.detach().cpu().numpy()
-        matrix = torch.from_numpy(cubic_matrix(rows, pos).astype("float32")).to(thick.dtype)
+        like = dict(dtype=thick.dtype, device=thick.device)
+        matrix = torch.from_numpy(cubic_matrix(rows, pos).astype("float32")).to(**like)
         upsampled = torch.einsum("mr,nrw->nmw", matrix, thick[:, 0])[:, None]  # fp32 always
         m = matrix.shape[0]
-        phase = torch.from_numpy(phase_map(pos)).to(thick.dtype).view(1, 1, m, 1).expand(n, 1, m, width)
-        factor_map = torch.full((n, 1, m, width), (float(factor) - 1.0) / 7.0, dtype=thick.dtype)
-        ratio_map = torch.full((n, 1, m, width), float(thickness_ratio), dtype=thick.dtype)
+        phase = torch.from_numpy(phase_map(pos)).to(**like).view(1, 1, m, 1).expand(n, 1, m, width)
+        factor_map = torch.full((n, 1, m, width), (float(factor) - 1.0) / 7.0, **like)
+        ratio_map = torch.full((n, 1, m, width), float(thickness_ratio), **like)
         dtype = self.autocast_dtype
         with torch.autocast(thick.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             features = self.trunk(self.head(thick))
@@ -140,6 +142,6 @@ def run_planes(net: nn.Module, thick: torch.Tensor, positions: torch.Tensor, fac
         return net(thick, positions, factor, thickness_ratio)
     from ...transforms.slice_profile import cubic_matrix, phase_map
     pos = positions.detach().cpu().numpy()
-    matrix = torch.from_numpy(cubic_matrix(thick.shape[2], pos).astype("float32"))
+    matrix = torch.from_numpy(cubic_matrix(thick.shape[2], pos).astype("float32")).to(thick.device)
     upsampled = torch.einsum("mr,nrw->nmw", matrix, thick[:, 0])[:, None]
     return net(conditioning(upsampled, torch.from_numpy(phase_map(pos)), factor, thickness_ratio))
