@@ -491,7 +491,7 @@ def test_signal_inside_an_import_leaves_at_once_without_abort(tmp_path):
         "import sys, pathlib\n"
         f"sys.path.insert(0, {str(tmp_path)!r})\n"
         "from MedSRLib import cli\nfrom MedSRLib.io import safe_write\n"
-        f"temp = pathlib.Path({str(temp)!r}); temp.write_text('partial', encoding="utf-8")\n"
+        f"temp = pathlib.Path({str(temp)!r}); temp.write_text('partial', encoding='utf-8')\n"
         "safe_write.PENDING.add(temp)\n"
         "cli._install_signal_handlers()\n"
         "import slow_module\n")
