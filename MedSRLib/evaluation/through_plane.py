@@ -252,7 +252,7 @@ def report(rows: list[dict], command: str) -> str:
         lines.append(f"| {m} | " + " | ".join("n/a" if c is None else f"{c:+.2f}" for c in cells) + " |")
     if BASELINE in cells_of:
         for m, cells in cells_of.items():
-            if not m.startswith("MedSR"):
+            if not m.startswith("MedSR") or m == FP32_REFERENCE:
                 continue
             steps = [None if c is None or b is None else c - b for c, b in zip(cells, cells_of[BASELINE])]
             lines.append(f"| step of {m} over the baseline | "
@@ -266,7 +266,7 @@ def report(rows: list[dict], command: str) -> str:
         for m in cells_of:
             lines.append(f"| {m} | " + " | ".join(
                 f"{unseen[(m, f, 'CT')]:+.2f}" if (m, f, "CT") in unseen else "n/a" for f in (3.0, 5.0)) + " |")
-        for m in (m for m in cells_of if m.startswith("MedSR") and BASELINE in cells_of):
+        for m in (m for m in cells_of if m.startswith("MedSR") and m != FP32_REFERENCE and BASELINE in cells_of):
             steps = [unseen[(m, f, "CT")] - unseen[(BASELINE, f, "CT")]
                      if (m, f, "CT") in unseen and (BASELINE, f, "CT") in unseen else None for f in (3.0, 5.0)]
             lines.append(f"| step of {m} over the baseline | "
