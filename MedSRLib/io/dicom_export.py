@@ -716,12 +716,14 @@ def _write_folder(folder: Path, overwrite: bool, slices: int, fill) -> Path:
     """Fill a hidden temporary folder beside `folder`, verify it, rename it onto `folder`."""
     parent = folder.parent
     _remove_stale_folders(parent)
+    temp: Path | None = None
     try:
-        temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}{TEMP_MARK}{os.getpid()}-",
-                                     suffix=".partdicom", dir=parent))
-    except OSError as err:
-        raise WriteError(describe_write_failure(folder, err)) from None
-    try:
+        with signals_deferred():  # a cancel between creating and naming it would leak it
+            try:
+                temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}{TEMP_MARK}{os.getpid()}-",
+                                             suffix=".partdicom", dir=parent))
+            except OSError as err:
+                raise WriteError(describe_write_failure(folder, err)) from None
         try:
             files = fill(temp)
             series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
@@ -739,8 +741,9 @@ def _write_folder(folder: Path, overwrite: bool, slices: int, fill) -> Path:
             os.chmod(path, 0o666 & ~current_umask())
         _commit(temp, folder, overwrite)
     except BaseException:
-        with signals_deferred():
-            shutil.rmtree(temp, ignore_errors=True)
+        if temp is not None:
+            with signals_deferred():
+                shutil.rmtree(temp, ignore_errors=True)
         raise
     return folder
 

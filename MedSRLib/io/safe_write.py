@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -51,15 +52,28 @@ def current_umask() -> int:
 
 @contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM/SIGHUP until the block ends (a rename and its clean-up are not cut)."""
-    if not hasattr(signal, "pthread_sigmask"):
+    """Hold SIGINT/SIGTERM/SIGHUP until the block ends (a rename and its clean-up are not cut);
+    a signal that came meanwhile is raised again, once, as the block ends.
+
+    Held at the Python level (the handlers swapped for one that records the signal), not with
+    `pthread_sigmask`: a mask holds a signal for the calling thread only, and the kernel hands
+    a process-directed signal to any other thread (OpenVINO's, torch's), whose C handler makes
+    the main thread raise at once. Python handlers run in the main thread only, so from another
+    thread the block defers nothing and needs not to (no signal is raised there)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    held: list[int] = []
+    previous = {number: signal.getsignal(number) for number in _SIGNALS}
+    for number in _SIGNALS:
+        signal.signal(number, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        if held:
+            signal.raise_signal(held[0])  # to this thread: the restored handler runs here
 
 
 def pid_alive(pid: int) -> bool:
@@ -167,17 +181,18 @@ class Staged:
         if self.path.is_dir():
             raise InputError(f"{self.path}: is a folder, not a file name")
         remove_stale_temporaries(self.path.parent)
-        with signals_deferred():  # a cancel between creating and recording it would leak it
-            try:
-                descriptor, temp_name = tempfile.mkstemp(
-                    prefix=f".{self.path.name}{TEMP_MARK}{os.getpid()}-",
-                    suffix=f".part{self._suffix}", dir=self.path.parent)
-            except OSError as err:
-                raise WriteError(describe_write_failure(self.path, err)) from None
-            os.close(descriptor)
-            self.temp = Path(temp_name)
-            PENDING.add(self.temp)
         try:
+            with signals_deferred():  # a cancel between creating and recording it would leak it
+                try:
+                    descriptor, temp_name = tempfile.mkstemp(
+                        prefix=f".{self.path.name}{TEMP_MARK}{os.getpid()}-",
+                        suffix=f".part{self._suffix}", dir=self.path.parent)
+                except OSError as err:
+                    raise WriteError(describe_write_failure(self.path, err)) from None
+                os.close(descriptor)
+                self.temp = Path(temp_name)
+                PENDING.add(self.temp)
+            # a signal held during that block is raised here, inside the clean-up's reach
             try:
                 self._write(temp_name)
                 _fsync(self.temp)
