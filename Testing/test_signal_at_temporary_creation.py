@@ -21,13 +21,16 @@ pytestmark = pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="
 
 @pytest.fixture
 def worker_thread():
-    """A second thread of this process that is alive for the test."""
+    """A second thread of this process that is alive for the test; SIGINT raises
+    KeyboardInterrupt meanwhile (an earlier test of the session may have left it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     stop = threading.Event()
     thread = threading.Thread(target=stop.wait, daemon=True)
     thread.start()
     yield thread
     stop.set()
     thread.join()
+    signal.signal(signal.SIGINT, previous)
 
 
 def signal_after(function, thread: threading.Thread):
