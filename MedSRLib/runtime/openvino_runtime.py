@@ -155,19 +155,20 @@ def _convert(model: nn.Module, factors: tuple[int, int], traced: nn.Module):
     return converted
 
 
-def convert_cached(network: nn.Module, channels: int, path: Path, what: str,
+def convert_cached(network: nn.Module, channels: int, path: Path | None, what: str,
                    example: tuple[torch.Tensor, ...] | None = None, inputs: list | None = None):
     """The OpenVINO model (dynamic (N, `channels`, h, w) input) of `network`: read from the
     cache entry `path` (.xml and .bin) when its SHA-256 record matches; else converted (traced
     on a fixed random example) and saved there when the folder is writable, the record last. A
     damaged or unverified entry is deleted with a notice first. OpenVinoUnavailable naming
     `what` when OpenVINO cannot convert it. A network of several inputs gives its own
-    `example` tensors and dynamic input shapes (`inputs`, -1 = dynamic)."""
+    `example` tensors and dynamic input shapes (`inputs`, -1 = dynamic). `path` None: converted
+    in memory only, nothing read or saved."""
     import openvino as ov
 
-    files = (path, path.with_suffix(".bin"))
     converted = None
-    if path.is_file() or path.with_suffix(".bin").is_file():
+    files = () if path is None else (path, path.with_suffix(".bin"))
+    if files and (path.is_file() or path.with_suffix(".bin").is_file()):
         if model_integrity.matches_record(path, files):
             try:
                 converted = ov.Core().read_model(str(path))
@@ -190,6 +191,8 @@ def convert_cached(network: nn.Module, channels: int, path: Path, what: str,
     except Exception as err:  # noqa: BLE001 - reported, then torch runs the model
         raise OpenVinoUnavailable(f"OpenVINO could not convert {what} ({type(err).__name__}: "
                                   f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if path is None:
+        return converted
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f".{path.stem}.{os.getpid()}.xml")

@@ -18,7 +18,6 @@ memory only, so that adapted copies never fill the cache.
 from __future__ import annotations
 
 import threading
-import warnings
 import weakref
 from collections import OrderedDict
 from typing import Callable
@@ -54,12 +53,7 @@ class ThroughPlaneResidual(nn.Module):
         self.net = net
 
     def forward(self, thick: torch.Tensor, matrix: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        features = net.trunk(net.head(thick))
-        resampled = torch.einsum("mr,ncrw->ncmw", matrix, features)
-        extra = conditioning.expand(thick.shape[0], 3, matrix.shape[0], thick.shape[3])
-        hidden = net.tail[0](torch.cat([resampled, extra], dim=1))
-        return net.tail[1](net.refine(hidden))
+        return self.net.residual(thick, matrix, conditioning)
 
 
 def plane_inputs(rows: int, positions: torch.Tensor, factor: float,
@@ -86,19 +80,10 @@ def _converted(net: ThroughPlaneEDSR, cache: bool):
                torch.rand(30, 12, generator=torch.Generator().manual_seed(1)),
                torch.rand(1, 3, 30, 1, generator=torch.Generator().manual_seed(2)))
     inputs = [[-1, 1, -1, -1], [-1, -1], [1, 3, -1, 1]]
-    if cache:
-        path = openvino_runtime.cache_folder() / f"{openvino_runtime.model_fingerprint(net, (0, 0))}tp.xml"
-        converted = openvino_runtime.convert_cached(body, 1, path, "the through-plane network",
-                                                    example=example, inputs=inputs)
-    else:
-        import openvino as ov
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                converted = ov.convert_model(body, example_input=example, input=inputs)
-        except Exception as err:  # noqa: BLE001 - reported, then torch runs the network
-            raise OpenVinoUnavailable(f"OpenVINO could not convert the through-plane network "
-                                      f"({type(err).__name__})") from None
+    path = (openvino_runtime.cache_folder()
+            / f"{openvino_runtime.model_fingerprint(net, (0, 0))}tp.xml") if cache else None
+    converted = openvino_runtime.convert_cached(body, 1, path, "the through-plane network",
+                                                example=example, inputs=inputs)
     with _LOCK:
         _CONVERTED[net] = converted
     return converted

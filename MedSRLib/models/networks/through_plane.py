@@ -87,25 +87,31 @@ class ThroughPlaneEDSR(nn.Module):
         #: the cubic resampling of the image itself stays fp32.
         self.autocast_dtype: torch.dtype | None = None
 
+    def residual(self, thick: torch.Tensor, matrix: torch.Tensor,
+                 conditioning: torch.Tensor) -> torch.Tensor:
+        """The learned residual (N, 1, m, W) of thick planes (N, 1, n, W), given the cubic
+        resampling `matrix` (m, n) and the `conditioning` rows (1, 3, m, 1): phase, factor and
+        thickness-ratio channels. Runs in the dtype of `thick` (or the enclosing autocast)."""
+        features = self.trunk(self.head(thick))
+        resampled = torch.einsum("mr,ncrw->ncmw", matrix.to(features.dtype), features)
+        extra = conditioning.to(resampled.dtype).expand(thick.shape[0], 3, matrix.shape[0], thick.shape[3])
+        hidden = self.tail[0](torch.cat([resampled, extra], dim=1))
+        return self.tail[1](self.refine(hidden))
+
     def forward(self, thick: torch.Tensor, positions: torch.Tensor, factor: float,
                 thickness_ratio: float) -> torch.Tensor:
         from ...transforms.slice_profile import cubic_matrix, phase_map
-        n, _, rows, width = thick.shape
         pos = positions.detach().cpu().numpy()
         like = dict(dtype=thick.dtype, device=thick.device)
-        matrix = torch.from_numpy(cubic_matrix(rows, pos).astype("float32")).to(**like)
+        matrix = torch.from_numpy(cubic_matrix(thick.shape[2], pos).astype("float32")).to(**like)
         upsampled = torch.einsum("mr,nrw->nmw", matrix, thick[:, 0])[:, None]  # fp32 always
         m = matrix.shape[0]
-        phase = torch.from_numpy(phase_map(pos)).to(**like).view(1, 1, m, 1).expand(n, 1, m, width)
-        factor_map = torch.full((n, 1, m, width), (float(factor) - 1.0) / 7.0, **like)
-        ratio_map = torch.full((n, 1, m, width), float(thickness_ratio), **like)
+        conditioning = torch.stack([torch.from_numpy(phase_map(pos)).to(**like),
+                                    torch.full((m,), (float(factor) - 1.0) / 7.0, **like),
+                                    torch.full((m,), float(thickness_ratio), **like)]).view(1, 3, m, 1)
         dtype = self.autocast_dtype
         with torch.autocast(thick.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            features = self.trunk(self.head(thick))
-            feat_up = torch.einsum("mr,ncrw->ncmw", matrix.to(features.dtype), features)
-            hidden = self.tail[0](torch.cat([feat_up, phase.to(feat_up.dtype), factor_map.to(feat_up.dtype),
-                                             ratio_map.to(feat_up.dtype)], dim=1))
-            residual = self.tail[1](self.refine(hidden))
+            residual = self.residual(thick, matrix, conditioning)
         return upsampled + residual.float()
 
     def load_edsr_trunk(self, weights_path: str) -> None:
