@@ -292,8 +292,10 @@ def describe_choices(image: sitk.Image, *, model: str | None, scale: object, axi
             parts.append("model through_plane_net")
         if str(axis).lower() == "auto":
             parts.append(f"axis {'xyz'[thin.axis_xyz]} (thick slices)")
-        if backend == "auto":  # the through-plane network runs on the CPU
-            parts.append(f"backend {resolve_backend('auto', resolve_device('cpu'), True, (1, 1), precision)}")
+        if backend == "auto":
+            from .runtime.openvino_through_plane import planned_backend
+            options = EngineOptions(device=device, backend=backend, precision=precision)
+            parts.append(f"backend {planned_backend(options)}")
         return _join(parts)
     plan = run_plan.plan_scale(inplane_scale, axis, image.GetSpacing(), image.GetSize())
     slices = image.GetSize()[plan.slice_axis_xyz]  # as `api.upscale` counts them

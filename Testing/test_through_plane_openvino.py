@@ -116,3 +116,30 @@ def test_fp16_on_the_cpu_is_refused_before_any_voxel_work(monkeypatch):
     volume.SetSpacing((1.0, 1.0, 4.0))
     with pytest.raises(InputError, match="fp16 is for CUDA"):
         MedSRLib.upscale(volume, target_spacing=(1.0, 1.0, 1.0), device="cpu", precision="fp16")
+
+
+def test_defaults_line_names_the_backend_the_runner_picks(monkeypatch):
+    """The thick-slice defaults line and the runner agree: OpenVINO on the CPU, torch when
+    OpenVINO is missing or on CUDA; fp16 on the CPU is refused by both."""
+    from MedSRLib.api import describe_choices
+    from MedSRLib.errors import InputError
+    from MedSRLib.runtime import openvino_through_plane
+
+    volume = sitk.GetImageFromArray(np.zeros((4, 16, 16), np.float32))
+    volume.SetSpacing((1.0, 1.0, 4.0))
+
+    def line(**options) -> str:
+        request = dict(model=None, scale=None, axis="auto", device="cpu", backend="auto",
+                       precision="auto", modality="CT", target_spacing=1.0)
+        return describe_choices(volume, **{**request, **options})
+
+    assert line().endswith("backend openvino")
+    with pytest.raises(InputError, match="fp16 is for CUDA"):
+        line(precision="fp16")
+    monkeypatch.setattr(openvino_runtime, "available", lambda: False)
+    assert line().endswith("backend torch")
+    _, what = plane_runner(random_network(12), EngineOptions(device="cpu"))
+    assert what.startswith("torch ")
+    monkeypatch.setattr(openvino_through_plane, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(openvino_runtime, "available", lambda: True)
+    assert openvino_through_plane.planned_backend(EngineOptions(device="cuda")) == "torch"

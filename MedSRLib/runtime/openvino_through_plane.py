@@ -148,6 +148,16 @@ def device_and_precision(options: EngineOptions) -> tuple[torch.device, torch.dt
     return device, resolve_precision(options.precision, device, learned=True)
 
 
+def planned_backend(options: EngineOptions) -> str:
+    """"openvino" or "torch": what `plane_runner` runs the shipped network's architecture in
+    under `options` (OpenVINO only on the CPU; InputError as `device_and_precision`)."""
+    device, _ = device_and_precision(options)
+    if device.type != "cpu":
+        return "torch"
+    return resolve_backend(options.backend, device, True, (1, 1),
+                           "auto" if options.precision == "int8" else options.precision)
+
+
 def plane_runner(net: nn.Module, options: EngineOptions, batch: int = 8) -> tuple[PlaneRunner, str]:
     """(the function that restores batches of planes with `net` under `options`, what runs,
     e.g. "openvino bf16 on the CPU"). The device as `resolve_device` picks it (CUDA when there is
@@ -156,10 +166,8 @@ def plane_runner(net: nn.Module, options: EngineOptions, batch: int = 8) -> tupl
     is refused there: InputError). On CUDA, torch (fp16 autocast under "auto")."""
     device, autocast = device_and_precision(options)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(autocast, "fp32")
-    if isinstance(net, ThroughPlaneEDSR) and device.type == "cpu":
-        backend = resolve_backend(options.backend, device, True, (1, 1),
-                                  "auto" if options.precision == "int8" else options.precision)
-        if backend == "openvino":
+    if isinstance(net, ThroughPlaneEDSR):
+        if planned_backend(options) == "openvino":
             try:
                 return OpenVinoPlaneRunner(net, precision == "bf16", options.threads, batch), \
                     f"openvino {precision} on the CPU"
