@@ -8,7 +8,8 @@ import torch
 
 from MedSRLib.models import registry as zoo
 from MedSRLib.runtime.engine import (CancelToken, EngineOptions, SliceUpscaler, plan_passes,
-                                     receptive_radius, resolve_device, super_resolve_volume)
+                                     effective_radius, receptive_radius, resolve_device,
+                                     super_resolve_volume)
 from MedSRLib.errors import CancelledError, InputError
 
 # One per architecture style (pre-upsampled, pooling, deep residual, re-parameterised,
@@ -51,6 +52,43 @@ def test_receptive_radius_is_measured_not_guessed():
     srcnn = zoo.load_model("srcnn", 2, allow_untrained=True)
     radius = receptive_radius(srcnn, (2, 2))
     assert 4 <= radius <= 10  # 9-5-5 kernels: 8 HR px = 4 LR px, plus bicubic support
+
+
+def _box_filter_stack(layers: int) -> torch.nn.Module:
+    """`layers` 3x3 mean filters in a row: an output pixel depends on a (2 layers + 1)^2 window,
+    mostly on its centre (a binomial-like spread), with weights summing to one."""
+    convs = [torch.nn.Conv2d(1, 1, 3, padding=1, bias=False) for _ in range(layers)]
+    for conv in convs:
+        torch.nn.init.constant_(conv.weight, 1.0 / 9.0)
+    return torch.nn.Sequential(*convs).eval()
+
+
+def test_a_crop_with_the_effective_radius_misses_at_most_the_tolerated_dependence():
+    model = _box_filter_stack(20)
+    exact = receptive_radius(model, (1, 1))
+    effective = effective_radius(model, (1, 1), tolerance=1e-4)
+    assert 20 <= exact <= 22 and effective < exact - 5  # the far rings hold almost nothing
+    assert effective_radius(model, (1, 1), tolerance=0.0) >= 21  # every ring with any weight
+    image = torch.rand(1, 1, 120, 120, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = model(image)[0, 0, 50:70, 50:70]
+
+        def crop_error(context: int) -> float:
+            crop = image[..., 50 - context:70 + context, 50 - context:70 + context]
+            return float((model(crop)[0, 0, context:context + 20, context:context + 20] - whole).abs().max())
+
+        # inputs in [0, 1], weights summing to one: the error is at most the mass left out
+        assert crop_error(effective) <= 1e-4
+        assert crop_error(exact) < 1e-6
+        assert crop_error(effective - 3) > 1e-4
+
+
+def test_shipped_default_needs_about_half_its_receptive_field_as_crop_context():
+    weights = zoo.shipped_weights(zoo.get_spec("edsr_lite"), 2)
+    if weights is None:
+        pytest.skip("no edsr_lite weights ship")
+    model = zoo.load_model("edsr_lite", 2).eval()
+    assert effective_radius(model, (2, 2)) <= receptive_radius(model, (2, 2)) * 0.6
 
 
 def test_slicing_along_x_equals_transposed_slicing_along_z():

@@ -41,7 +41,7 @@ from ..io import volumes as io
 from ..models import registry as zoo
 from ..runtime.engine import (CancelToken, EngineOptions, ProgressCallback, context_slices_of,
                               plan_passes, super_resolve_volume)
-from ..runtime.engine import _cached_radius as receptive_radius  # memoised per model object
+from ..runtime.engine import effective_radius  # memoised per model object
 from ..planning.run_plan import ScalePlan, plan_scale, validate_image
 from ..errors import InputError, WeightsError
 from .boxes import RoiBox, margin_voxels
@@ -475,13 +475,14 @@ def choose_roi_model(roi_model: str | None, scale: int, allow_untrained: bool,
 
 def _context_voxels_kji(model_for, factors_kji: Sequence[int], slice_axis_kji: int,
                         size_kji: Sequence[int]) -> tuple[int, int, int]:
-    """Input voxels around a crop that every output voxel inside it depends on, per array axis
-    (receptive field of each pass; the whole extent for a global operation; a 2.5-D model's
-    neighbouring slices along its slice axis)."""
+    """Input voxels around a crop that the output voxels inside it depend on, per array axis:
+    each pass's `effective_radius` (all but `CROP_CONTEXT_TOLERANCE` of the dependence; the
+    whole extent for a global operation) and a 2.5-D model's neighbouring slices along its
+    slice axis. The crop's output is blended into the whole-volume run across the margin."""
     context = [0, 0, 0]
     for number, slice_pass in enumerate(plan_passes(factors_kji, slice_axis_kji)):
         model, _ = model_for(slice_pass.plane_factors)
-        radius = receptive_radius(model, slice_pass.plane_factors)
+        radius = effective_radius(model, slice_pass.plane_factors)
         context[slice_pass.slice_axis] += context_slices_of(model) // 2
         plane = [a for a in range(3) if a != slice_pass.slice_axis]
         for a in plane:

@@ -211,7 +211,7 @@ def receptive_radius(model: nn.Module, factors: tuple[int, int], probe: int = 48
 #: Measured radii per loaded model and factors. Keyed by the model object itself: the radius
 #: depends on its config (a card may record a smaller depth) and on its weights (a zeroed last
 #: conv hides the rest of the network), so models of one registry name may differ.
-_RADIUS_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int], int | None]]" = weakref.WeakKeyDictionary()
+_RADIUS_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, int | None]]" = weakref.WeakKeyDictionary()
 
 
 def _cached_radius(model: nn.Module, factors: tuple[int, int]) -> int | None:
@@ -220,6 +220,43 @@ def _cached_radius(model: nn.Module, factors: tuple[int, int]) -> int | None:
     if tuple(factors) not in per_model:
         per_model[tuple(factors)] = receptive_radius(model, factors)
     return per_model[tuple(factors)]
+
+
+#: Share of an output pixel's dependence on its input (back-propagated magnitude) that a crop's
+#: context may leave out: an ROI crop then needs about half the exact receptive radius, and its
+#: pixels differ from the whole-slice run by about this fraction of the intensity range.
+CROP_CONTEXT_TOLERANCE = 1e-4
+
+
+def effective_radius(model: nn.Module, factors: tuple[int, int],
+                     tolerance: float = CROP_CONTEXT_TOLERANCE) -> int | None:
+    """Input pixels each side that hold all but `tolerance` of one output pixel's dependence on
+    the input (|gradient| summed over rings of Chebyshev distance, on a smooth random probe),
+    plus one; at most the exact `receptive_radius`; None where that is None. What a crop that
+    is blended into a whole-slice run needs around it."""
+    exact = _cached_radius(model, factors)
+    if exact is None:
+        return None
+    key = ("effective", tuple(factors), float(tolerance))
+    per_model = _RADIUS_CACHE.setdefault(model, {})
+    if key not in per_model:
+        sy, sx = factors
+        probe = max(48, 2 * exact + 8)
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        channels = 1 + context_slices_of(model)
+        noise = torch.rand(1, channels, probe + 8, probe + 8, generator=torch.Generator().manual_seed(0))
+        x = torch.nn.functional.avg_pool2d(noise, 9, 1).to(device).requires_grad_(True)  # image-like: smooth
+        with torch.enable_grad():
+            y = model(x)
+            y[0, 0, (probe // 2) * sy, (probe // 2) * sx].backward()
+        grad = x.grad[0].abs().sum(0).cpu().numpy()
+        rows, cols = np.indices(grad.shape)
+        distance = np.maximum(abs(rows - probe // 2), abs(cols - probe // 2))
+        outside = [grad[distance > r].sum() for r in range(exact + 1)]
+        total = max(float(grad.sum()), 1e-30)
+        radius = next((r for r, mass in enumerate(outside) if mass <= tolerance * total), exact)
+        per_model[key] = min(exact, radius + 1)
+    return per_model[key]
 
 
 def resolve_backend(backend: str, device: torch.device, learned: bool,
