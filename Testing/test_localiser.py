@@ -435,6 +435,33 @@ def test_an_ensemble_card_averages_its_members_maps_each_with_its_own_slicing(tm
             loc.ensemble_member_paths(tmp_path / "seg.safetensors", {"ensemble": {"members": [bad]}})
 
 
+def test_the_ensemble_is_loaded_once_per_process_until_one_of_its_files_changes(tmp_path):
+    """A second finder run reuses the loaded networks (and so their compiled models); a
+    retrained member or a re-calibrated card is read again."""
+    import json
+    import os
+
+    path = tmp_path / "seg.safetensors"
+    tiny_segmenter(tmp_path, path.name, {"ensemble": {"members": ["seg_member_1.safetensors"]},
+                                         "calibration": {"threshold": 0.5}}, seed=1)
+    tiny_segmenter(tmp_path, "seg_member_1.safetensors", {"input_spacing_mm": 2.0}, seed=2)
+    first = loc.load_ensemble(path)
+    assert loc.load_ensemble(path) is first
+    member = tmp_path / "seg_member_1.safetensors"
+    tiny_segmenter(tmp_path, member.name, {"input_spacing_mm": 2.0}, seed=3)
+    os.utime(member, ns=(member.stat().st_mtime_ns + 10**9,) * 2)
+    retrained = loc.load_ensemble(path)
+    assert retrained is not first
+    stack = torch.ones(1, 3, 32, 32)
+    assert not torch.allclose(retrained.members[1][0](stack), first.members[1][0](stack))
+    card_path = path.with_suffix(".json")
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card["calibration"]["threshold"] = 0.25
+    card_path.write_text(json.dumps(card), encoding="utf-8")
+    os.utime(card_path, ns=(card_path.stat().st_mtime_ns + 10**9,) * 2)
+    assert loc.load_ensemble(path).card["calibration"]["threshold"] == 0.25
+
+
 def test_export_writes_the_members_beside_the_weights_with_the_calibration(tmp_path):
     tiny_segmenter(tmp_path, "a.safetensors", {"title": "A", "input_size": 64}, seed=4)
     tiny_segmenter(tmp_path, "b.safetensors", {"title": "B", "input_spacing_mm": 1.5,

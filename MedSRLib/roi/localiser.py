@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
 from ..transforms import intensity
-from ..runtime import localiser_runtime
+from ..runtime import localiser_runtime, model_cache
 from ..runtime.notices import notice
 from . import boxes as roi_boxes
 from ..models import registry as zoo
@@ -334,10 +334,19 @@ def ensemble_member_paths(weights_path: Path, card: Mapping[str, Any]) -> list[P
 
 def load_ensemble(weights_path: str | os.PathLike | None = None) -> Localiser:
     """The shipped (or given) localiser with every ensemble member its card lists; errors as
-    `load_localiser` (a member file that is missing or mismatched: WeightsError)."""
-    network, card = load_localiser(weights_path)
+    `load_localiser` (a member file that is missing or mismatched: WeightsError). Reused within
+    a process while the files are unchanged (`model_cache.load_files`)."""
     path = Path(weights_path) if weights_path is not None else \
         zoo.shipped_weights(zoo.get_spec(LOCALISER_NAME), 1)
+    if path is None or not path.is_file():
+        return _load_ensemble(weights_path, path)
+    members = ensemble_member_paths(path, zoo.read_card(path))
+    return model_cache.load_files(LOCALISER_NAME, [path, path.with_suffix(".json"), *members],
+                                  lambda: _load_ensemble(weights_path, path))
+
+
+def _load_ensemble(weights_path: str | os.PathLike | None, path: Path | None) -> Localiser:
+    network, card = load_localiser(weights_path)
     members = [(network, Slicing.of_card(card))]
     for member_path in ensemble_member_paths(path, card):
         member, member_card = zoo.load_finder(LOCALISER_NAME, member_path, NO_LOCALISER_MESSAGE)

@@ -12,14 +12,15 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Hashable
+from typing import Callable, Hashable, Sequence, TypeVar
 
 from ..models import registry as zoo
 
 #: Models kept at most (a shipped model is a few MB).
 MAX_MODELS = 8
 
-_MODELS: "OrderedDict[Hashable, zoo.SRModel]" = OrderedDict()
+_MODELS: "OrderedDict[Hashable, object]" = OrderedDict()
+Loaded = TypeVar("Loaded")
 _LOCK = threading.Lock()
 
 
@@ -59,6 +60,28 @@ def load_model(name: str, factors: tuple[int, int], *, allow_untrained: bool = F
         while len(_MODELS) > MAX_MODELS:
             _MODELS.popitem(last=False)
     return model
+
+
+def load_files(kind: str, paths: Sequence[Path], load: Callable[[], Loaded]) -> Loaded:
+    """`load()`, reusing what this process already loaded for the same `kind` from the same
+    files (path, size, modification time of every one of `paths`): e.g. the lesion finder's
+    ensemble, whose networks then also keep their compiled OpenVINO models. A missing file is
+    left to `load` to report."""
+    try:
+        key = (kind, tuple(_file_identity(Path(path)) for path in paths))
+    except OSError:
+        return load()
+    with _LOCK:
+        loaded = _MODELS.get(key)
+        if loaded is not None:
+            _MODELS.move_to_end(key)
+            return loaded  # type: ignore[return-value]
+    loaded = load()
+    with _LOCK:
+        _MODELS[key] = loaded
+        while len(_MODELS) > MAX_MODELS:
+            _MODELS.popitem(last=False)
+    return loaded
 
 
 def clear() -> None:
