@@ -331,3 +331,26 @@ def test_adaptation_is_cancellable(oblique_5mm_ct):
     with pytest.raises(CancelledError):
         MedSRLib.upscale(io.read_volume(oblique_5mm_ct), target_spacing=1, adapt=True,
                          adapt_seconds=60, progress=progress, cancel=token)
+
+
+def test_extra_training_volumes_come_with_modality_and_licence_from_their_manifest(tmp_path):
+    import json
+
+    volume = sitk.GetImageFromArray(np.random.default_rng(4).random((5, 64, 64)).astype(np.float32))
+    volume.SetSpacing((0.7, 0.7, 3.0))
+    sitk.WriteImage(volume, str(tmp_path / "breast.nrrd"))
+    entry = {"path": "breast.nrrd", "modality": "MR", "licence": "CC BY 3.0", "what": "breast MR"}
+    (tmp_path / "MANIFEST.json").write_text(json.dumps([entry]), encoding="utf-8")
+    [(modality, path, card_entry)] = data.extra_sources([tmp_path])
+    assert modality == "MR" and path == tmp_path / "breast.nrrd"
+    assert card_entry == {"file": f"{tmp_path.name}/breast.nrrd", "licence": "CC BY 3.0",
+                          "what": "breast MR"}
+    units, spacing = data.load_units(path)
+    planes = data.square_pixel_planes(units, spacing)
+    assert planes and all(plane.shape == (64, 64) for plane in planes)  # in-plane slices only
+    for bad in ({**entry, "licence": ""}, {**entry, "modality": "PET"}, {**entry, "path": "gone.nrrd"}):
+        (tmp_path / "MANIFEST.json").write_text(json.dumps([bad]), encoding="utf-8")
+        with pytest.raises(ValueError, match="MANIFEST.json"):
+            data.extra_sources([tmp_path])
+    with pytest.raises(ValueError, match="no MANIFEST.json"):
+        data.extra_sources([tmp_path / "elsewhere"])

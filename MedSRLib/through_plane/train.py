@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refine-blocks", type=int, default=0,
                         help="residual blocks on the output grid (thick)")
     parser.add_argument("--export", default=None, help="weights path of the export (default OUT/through_plane_net.safetensors)")
+    parser.add_argument("--extra-train", type=Path, action="append", default=[], metavar="FOLDER",
+                        help="more training volumes: a folder with a MANIFEST.json listing each "
+                             "volume's path, modality and licence (e.g. made by "
+                             "benchmarks/mr_data/prepare_mr_data.py); repeatable")
     parser.add_argument("--compare", nargs="+", default=None, metavar="WEIGHTS",
                         help="no training: score these through-plane weights on the validation volumes")
     parser.add_argument("--planes-per-axis", type=int, default=16,
@@ -120,11 +124,12 @@ def main(argv: list[str] | None = None) -> None:
 
     planes, weights, used = [], [], []
     per_modality: dict[str, list[np.ndarray]] = {"CT": [], "MR": []}
-    for modality, rel in data.TRAIN_SOURCES:
-        volume, spacing = data.load_units(root / rel)
+    extra = data.extra_sources(args.extra_train)
+    for modality, path, entry in [(m, root / rel, {"file": rel}) for m, rel in data.TRAIN_SOURCES] + extra:
+        volume, spacing = data.load_units(path)
         found = data.square_pixel_planes(volume, spacing)
         per_modality[modality] += found
-        used.append({"file": rel, "modality": modality, "planes": len(found)})
+        used.append({**entry, "modality": modality, "planes": len(found)})
     for modality, found in per_modality.items():  # each modality half of the draws
         planes += found
         weights += [0.5 / len(found)] * len(found)
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         "modality": ["CT", "MR"], "training_data": used,
         "validation_data": [rel for _, rel in data.VALIDATION_SOURCES],
         "test_data_never_used": [rel for _, rel in data.TEST_SOURCES],
-        "licence": sorted(set(data.LICENCES.values())),
+        "licence": sorted(set(data.LICENCES.values()) | {e["licence"] for _, _, e in extra}),
         "steps": step, "best_step": best_step, "batch": args.batch, "patch": args.patch,
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
         # the whole lineage: this run plus the run(s) behind --init-weights
