@@ -35,42 +35,25 @@ def load_model(name: str, factors: tuple[int, int], *, allow_untrained: bool = F
                weights_path: str | Path | None = None, modality: str | None = None) -> zoo.SRModel:
     """`zoo.load_model`, reusing a model this process already loaded from the same weights."""
     spec = zoo.get_spec(name)
-    scale = max(factors)
     path = weights_path
-    if path is None and spec.needs_weights and scale in spec.scales:
-        path = zoo.shipped_weights(spec, scale, None, modality)
-    if spec.needs_weights and path is None:  # untrained or an error: nothing to reuse
+    if path is None and spec.needs_weights and max(factors) in spec.scales:
+        path = zoo.shipped_weights(spec, max(factors), None, modality)
+
+    def load() -> zoo.SRModel:
         return zoo.load_model(name, factors, allow_untrained=allow_untrained,
                               weights_path=weights_path, modality=modality)
+
     try:
         identity = _file_identity(Path(path)) if path is not None else None
     except OSError:  # a missing file: let zoo report it
         identity = None
-    key = (name, tuple(factors), modality, identity)
-    with _LOCK:
-        if identity is not None or not spec.needs_weights:
-            model = _MODELS.get(key)
-            if model is not None:
-                _MODELS.move_to_end(key)
-                return model
-    model = zoo.load_model(name, factors, allow_untrained=allow_untrained,
-                           weights_path=weights_path, modality=modality)
-    with _LOCK:
-        _MODELS[key] = model
-        while len(_MODELS) > MAX_MODELS:
-            _MODELS.popitem(last=False)
-    return model
-
-
-def load_files(kind: str, paths: Sequence[Path], load: Callable[[], Loaded]) -> Loaded:
-    """`load()`, reusing what this process already loaded for the same `kind` from the same
-    files (path, size, modification time of every one of `paths`): e.g. the lesion finder's
-    ensemble, whose networks then also keep their compiled OpenVINO models. A missing file is
-    left to `load` to report."""
-    try:
-        key = (kind, tuple(_file_identity(Path(path)) for path in paths))
-    except OSError:
+    if spec.needs_weights and identity is None:  # untrained or an error: nothing to reuse
         return load()
+    return _reused((name, tuple(factors), modality, identity), load)
+
+
+def _reused(key: Hashable, load: Callable[[], Loaded]) -> Loaded:
+    """What `load()` gives, kept under `key` (least recently used out beyond MAX_MODELS)."""
     with _LOCK:
         loaded = _MODELS.get(key)
         if loaded is not None:
@@ -82,6 +65,18 @@ def load_files(kind: str, paths: Sequence[Path], load: Callable[[], Loaded]) -> 
         while len(_MODELS) > MAX_MODELS:
             _MODELS.popitem(last=False)
     return loaded
+
+
+def load_files(kind: str, paths: Sequence[Path], load: Callable[[], Loaded]) -> Loaded:
+    """`load()`, reusing what this process already loaded for the same `kind` from the same
+    files (path, size, modification time of every one of `paths`): e.g. the lesion finder's
+    ensemble, whose networks then also keep their compiled OpenVINO models. A missing file is
+    left to `load` to report."""
+    try:
+        key = (kind, tuple(_file_identity(Path(path)) for path in paths))
+    except OSError:
+        return load()
+    return _reused(key, load)
 
 
 def clear() -> None:
