@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -44,7 +45,7 @@ SERIES = (
 
 
 def list_files(git_dir: Path, commit: str, folder: str) -> list[str]:
-    import subprocess
+    """Paths of the files under `folder` at `commit` of the bare repository `git_dir`."""
     listing = subprocess.run(["git", "--git-dir", str(git_dir), "ls-tree", "-r", "--name-only",
                               commit, folder + "/"], check=True, capture_output=True, text=True)
     return [line for line in listing.stdout.splitlines() if line]
