@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from safetensors.torch import load_file
 
 import MedSRLib
 from MedSRLib import cli
@@ -354,3 +355,39 @@ def test_extra_training_volumes_come_with_modality_and_licence_from_their_manife
             data.extra_sources([tmp_path])
     with pytest.raises(ValueError, match="no MANIFEST.json"):
         data.extra_sources([tmp_path / "elsewhere"])
+
+
+def test_averaging_runs_exports_the_mean_weights_with_every_members_data_and_cpu_time(tmp_path, shared_data):
+    from MedSRLib.through_plane import train
+
+    def saved(seed: int, name: str, card: dict) -> Path:
+        torch.manual_seed(seed)
+        net = ThroughPlaneEDSR(16, 2)
+        path = tmp_path / name
+        zoo.save_weights(net, path, {"model": model_io.MODEL_NAME, "architecture": "ThroughPlaneEDSR",
+                                     "config": {"num_features": 16, "num_blocks": 2}, **card})
+        return path
+
+    start = saved(1, "start.safetensors", {"cpu_seconds": 50.0, "cpu_seconds_total": 100.0, "steps": 9,
+                                           "training_data": [{"file": "ct/a.nii.gz"}], "licence": ["MIT"]})
+    run = saved(2, "run.safetensors", {"cpu_seconds": 30.0, "cpu_seconds_total": 130.0, "steps": 5,
+                                       "training_data": [{"file": "ct/a.nii.gz"}, {"file": "extra/b.nrrd"}],
+                                       "licence": ["CC BY 3.0"]})
+    out = tmp_path / "mean.safetensors"
+    train.main(["--data-root", str(shared_data), "--average", str(start), str(run), "--export", str(out)])
+    mean, card = load_file(out), zoo.read_card(out)
+    a, b = load_file(start), load_file(run)
+    for key in a:
+        torch.testing.assert_close(mean[key], (a[key] + b[key]) / 2)
+    assert [entry["file"] for entry in card["training_data"]] == ["ct/a.nii.gz", "extra/b.nrrd"]
+    assert card["licence"] == ["CC BY 3.0", "MIT"] and len(card["averaged_from"]) == 2
+    assert card["cpu_seconds"] == 30.0 and card["cpu_seconds_total"] == 130.0
+    assert "mean_gain_db" in card["metrics"]["validation"]
+    assert model_io.load(start).card["steps"] == 9          # the loaded start is left as it was
+    torch.testing.assert_close(dict(model_io.load(start).state_dict()), a)
+    other = tmp_path / "other.safetensors"
+    torch.manual_seed(3)
+    zoo.save_weights(ThroughPlaneEDSR(16, 3), other,
+                     {"model": model_io.MODEL_NAME, "config": {"num_features": 16, "num_blocks": 3}})
+    with pytest.raises(ValueError, match="different architectures"):
+        train.main(["--average", str(start), str(other), "--export", str(tmp_path / "x.safetensors")])

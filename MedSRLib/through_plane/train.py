@@ -79,6 +79,42 @@ def compare(weights: list[str], root: Path, per_axis: int) -> None:
         print(f"{path}: mean gain over cubic {scores['mean_gain_db']:+.3f} dB ({per_key})", flush=True)
 
 
+def average(weights: list[str], root: Path, export: Path, recipe: str) -> None:
+    """Export the uniform average of the weights files (one architecture; a common start and
+    runs that continued it) with a card: the first file's without its one-run fields, every
+    member's training data, the members with their CPU time, and the validation scores of the
+    average (the training run's planes)."""
+    from safetensors.torch import load_file
+
+    cards = [zoo.read_card(Path(path)) for path in weights]
+    states = [load_file(path) for path in weights]
+    if any(state.keys() != states[0].keys() or any(state[k].shape != states[0][k].shape for k in state)
+           for state in states[1:]):
+        raise ValueError(f"{weights}: the files hold different architectures; nothing to average")
+    net = model_io.trainable_copy(model_io.load(weights[0]))  # the loaded one is shared
+    net.load_state_dict({k: sum(state[k].float() for state in states) / len(states) for k in states[0]})
+    totals = [float(c.get("cpu_seconds_total") or c.get("cpu_seconds") or 0.0) for c in cards]
+    start = int(np.argmin(totals))  # the common start: the others continued it
+    training_data = {entry["file"]: entry for c in cards for entry in c.get("training_data", [])}
+    one_run = ("steps", "best_step", "selection", "recipe_note", "cpu_note", "wall_seconds",
+               "init_weights")
+    card = {**{k: v for k, v in cards[0].items() if k not in one_run},
+            "training_data": list(training_data.values()),
+            "steps": f"average of {len(weights)} networks (averaged_from)",
+            "averaged_from": [{"file": str(path), "steps": c.get("steps"), "best_step": c.get("best_step"),
+                               "cpu_seconds": c.get("cpu_seconds"), "recipe": c.get("recipe")}
+                              for path, c in zip(weights, cards)],
+            "cpu_seconds": round(sum(float(c.get("cpu_seconds") or 0.0) for n, c in enumerate(cards)
+                                     if n != start), 1),
+            "cpu_seconds_total": round(totals[start] + sum(float(c.get("cpu_seconds") or 0.0)
+                                                           for n, c in enumerate(cards) if n != start), 1),
+            "licence": sorted({lic for c in cards for lic in c.get("licence", [])}),
+            "metrics": {"validation": validate(net, validation_planes(root))},
+            "recipe": recipe}
+    zoo.save_weights(net, export, card)
+    print(f"exported {export}: the average of {len(weights)} files", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-root", default=os.environ.get("MEDSR_DATA_ROOT", "../shared/data"))
@@ -108,12 +144,20 @@ def main(argv: list[str] | None = None) -> None:
                              "benchmarks/mr_data/prepare_mr_data.py); repeatable")
     parser.add_argument("--compare", nargs="+", default=None, metavar="WEIGHTS",
                         help="no training: score these through-plane weights on the validation volumes")
+    parser.add_argument("--average", nargs="+", default=None, metavar="WEIGHTS",
+                        help="no training: export the uniform average of these through-plane "
+                             "weights (a start and runs that continued it) to --export")
     parser.add_argument("--planes-per-axis", type=int, default=16,
                         help="with --compare: validation planes per orientation and volume")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.compare:
         compare(args.compare, Path(args.data_root), args.planes_per_axis)
+        return
+    if args.average:
+        export = Path(args.export or Path(args.out) / f"{model_io.MODEL_NAME}.safetensors")
+        average(args.average, Path(args.data_root), export,
+                "python -m MedSRLib.through_plane.train " + " ".join(sys.argv[1:] if argv is None else argv))
         return
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
