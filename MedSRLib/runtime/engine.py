@@ -178,6 +178,18 @@ def context_slices_of(model: nn.Module) -> int:
     return int(getattr(model, "context_slices", 0) or 0)
 
 
+def _centre_dependence(model: nn.Module, factors: tuple[int, int], probe: torch.Tensor) -> torch.Tensor:
+    """|d output / d input| (h, w), summed over input channels, of the output pixel over the
+    centre of the square `probe` (1, C, h, h) input, by back-propagation on the model's device."""
+    sy, sx = factors
+    centre = probe.shape[-1] // 2
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    x = probe.to(device).requires_grad_(True)
+    with torch.enable_grad():
+        model(x)[0, 0, centre * sy, centre * sx].backward()
+    return x.grad[0].abs().sum(0).cpu()
+
+
 def receptive_radius(model: nn.Module, factors: tuple[int, int], probe: int = 48,
                      max_probe: int = 96) -> int | None:
     """Input pixels each side that one output pixel depends on, measured by back-propagation.
@@ -186,16 +198,10 @@ def receptive_radius(model: nn.Module, factors: tuple[int, int], probe: int = 48
     (a global operation, or a field so wide that tiles would be mostly halo): such a model runs
     on whole slices.
     """
-    sy, sx = factors
     generator = torch.Generator().manual_seed(0)
-    device = next(iter(model.parameters()), torch.empty(0)).device
     channels = 1 + context_slices_of(model)
     while probe <= max_probe:
-        x = torch.rand(1, channels, probe, probe, generator=generator).to(device).requires_grad_(True)
-        with torch.enable_grad():
-            y = model(x)
-            y[0, 0, (probe // 2) * sy, (probe // 2) * sx].backward()
-        grad = x.grad[0].abs().sum(0)
+        grad = _centre_dependence(model, factors, torch.rand(1, channels, probe, probe, generator=generator))
         rows = torch.nonzero(grad.sum(1)).flatten()
         cols = torch.nonzero(grad.sum(0)).flatten()
         if len(rows) == 0:
@@ -240,16 +246,11 @@ def effective_radius(model: nn.Module, factors: tuple[int, int],
     key = ("effective", tuple(factors), float(tolerance))
     per_model = _RADIUS_CACHE.setdefault(model, {})
     if key not in per_model:
-        sy, sx = factors
         probe = max(48, 2 * exact + 8)
-        device = next(iter(model.parameters()), torch.empty(0)).device
         channels = 1 + context_slices_of(model)
         noise = torch.rand(1, channels, probe + 8, probe + 8, generator=torch.Generator().manual_seed(0))
-        x = torch.nn.functional.avg_pool2d(noise, 9, 1).to(device).requires_grad_(True)  # image-like: smooth
-        with torch.enable_grad():
-            y = model(x)
-            y[0, 0, (probe // 2) * sy, (probe // 2) * sx].backward()
-        grad = x.grad[0].abs().sum(0).cpu().numpy()
+        smooth = torch.nn.functional.avg_pool2d(noise, 9, 1)  # image-like
+        grad = _centre_dependence(model, factors, smooth).numpy()
         rows, cols = np.indices(grad.shape)
         distance = np.maximum(abs(rows - probe // 2), abs(cols - probe // 2))
         outside = [grad[distance > r].sum() for r in range(exact + 1)]

@@ -95,6 +95,7 @@ def average(weights: list[str], root: Path, export: Path, recipe: str) -> None:
     net.load_state_dict({k: sum(state[k].float() for state in states) / len(states) for k in states[0]})
     totals = [float(c.get("cpu_seconds_total") or c.get("cpu_seconds") or 0.0) for c in cards]
     start = int(np.argmin(totals))  # the common start: the others continued it
+    continued = sum(float(c.get("cpu_seconds") or 0.0) for n, c in enumerate(cards) if n != start)
     training_data = {entry["file"]: entry for c in cards for entry in c.get("training_data", [])}
     one_run = ("steps", "best_step", "selection", "recipe_note", "cpu_note", "wall_seconds",
                "init_weights")
@@ -104,10 +105,8 @@ def average(weights: list[str], root: Path, export: Path, recipe: str) -> None:
             "averaged_from": [{"file": str(path), "steps": c.get("steps"), "best_step": c.get("best_step"),
                                "cpu_seconds": c.get("cpu_seconds"), "recipe": c.get("recipe")}
                               for path, c in zip(weights, cards)],
-            "cpu_seconds": round(sum(float(c.get("cpu_seconds") or 0.0) for n, c in enumerate(cards)
-                                     if n != start), 1),
-            "cpu_seconds_total": round(totals[start] + sum(float(c.get("cpu_seconds") or 0.0)
-                                                           for n, c in enumerate(cards) if n != start), 1),
+            "cpu_seconds": round(continued, 1),
+            "cpu_seconds_total": round(totals[start] + continued, 1),
             "licence": sorted({lic for c in cards for lic in c.get("licence", [])}),
             "metrics": {"validation": validate(net, validation_planes(root))},
             "recipe": recipe}
@@ -150,14 +149,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--planes-per-axis", type=int, default=16,
                         help="with --compare: validation planes per orientation and volume")
     args = parser.parse_args(argv)
+    recipe = "python -m MedSRLib.through_plane.train " + " ".join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     if args.compare:
         compare(args.compare, Path(args.data_root), args.planes_per_axis)
         return
     if args.average:
         export = Path(args.export or Path(args.out) / f"{model_io.MODEL_NAME}.safetensors")
-        average(args.average, Path(args.data_root), export,
-                "python -m MedSRLib.through_plane.train " + " ".join(sys.argv[1:] if argv is None else argv))
+        average(args.average, Path(args.data_root), export, recipe)
         return
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -252,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         "cpu_seconds_total": round(time.process_time() - cpu_started + init_cpu_seconds, 1),
         "wall_seconds": round(time.time() - started, 1), "threads": args.threads,
         "metrics": {"validation": final},
-        "recipe": "python -m MedSRLib.through_plane.train " + " ".join(sys.argv[1:] if argv is None else argv),
+        "recipe": recipe,
         "init_trunk_training_data": ("edsr_lite x4's own card: its training set includes the axial "
                                      "slices of ct/head-cta-avm (in-plane x4 bicubic), the CT test "
                                      "volume of the through-plane benchmark"
