@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import locale
 import os
 import shutil
 import tempfile
@@ -26,6 +27,17 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 if "MEDSR_CACHE_DIR" not in os.environ:  # removed when the session ends
     os.environ["MEDSR_CACHE_DIR"] = tempfile.mkdtemp(prefix="medsr-test-cache-")
     atexit.register(shutil.rmtree, os.environ["MEDSR_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def keep_character_locale():
+    """Each test starts with the process's character locale: SimpleITK's DICOM writer (GDCM),
+    which tests use to make DICOM inputs, switches it to "C" (ASCII) process-wide, which would
+    change how later tests decode text (e.g. a subprocess's UTF-8 output)."""
+    before = locale.setlocale(locale.LC_CTYPE)
+    yield
+    if locale.setlocale(locale.LC_CTYPE) != before:
+        locale.setlocale(locale.LC_CTYPE, before)
 
 
 @pytest.fixture(scope="module")

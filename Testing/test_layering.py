@@ -19,7 +19,7 @@ TOP_LEVEL_MODULES = {"__init__.py", "api.py", "cli.py", "errors.py", "metrics.py
 def test_import_linter_contracts_hold():
     lint = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
     result = subprocess.run([lint, "--config", str(REPO / "pyproject.toml")], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout
 
