@@ -179,6 +179,46 @@ def test_weights_dir_models_are_scored_named_and_checked_for_leaks(tmp_path):
     assert f"WARNING: srcnn was trained on {SAMPLE}: not a held-out result" in result["notes"]
 
 
+def _srcnn_weights(folder: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    network = zoo.build_network("srcnn", scale=2)
+    zoo.save_weights(network, folder / "srcnn_x2.safetensors",
+                     {"model": "srcnn", "scales": [2], "config": zoo.get_spec("srcnn").default_config,
+                      "recipe": f"seed {seed}", "modality": ["CT"]})
+    return folder
+
+
+def test_baseline_weights_run_beside_the_model_and_their_step_is_reported_per_volume(tmp_path):
+    candidate, same, other = (_srcnn_weights(tmp_path / name, seed)
+                              for name, seed in (("candidate", 1), ("same", 1), ("other", 2)))
+    payloads = {}
+    for name, baseline in (("same", same), ("other", other)):
+        out = tmp_path / f"out_{name}"
+        assert benchmark.main([str(SAMPLE), "--modality", "CT", "--scales", "2", "--models", "srcnn",
+                               "--weights-dir", str(candidate), "--baseline-weights-dir", str(baseline),
+                               "--slices-per-volume", "2", "--max-size", "32", "--device", "cpu",
+                               "--out", str(out)]) == 0
+        payloads[name] = json.loads((out / "results.json").read_text(encoding="utf-8"))["scales"]["x2"]
+        assert payloads[name]["methods"] == ["bicubic", "srcnn", "srcnn (baseline)"]
+        assert "## Step over the baseline weights" in (out / "results.md").read_text(encoding="utf-8")
+    # identical weights: the step is exactly zero on every volume
+    same_step = payloads["same"]["psnr_step_over_baseline"]["whole"]["srcnn"]
+    assert same_step["mean"] == 0.0 and set(same_step["per_volume"].values()) == {0.0}
+    # other weights: the step is the candidate's PSNR minus the baseline's, averaged per volume
+    result = payloads["other"]
+    steps = [by["srcnn"]["psnr_whole"] - by["srcnn (baseline)"]["psnr_whole"]
+             for by in result["per_image"].values()]
+    other_step = result["psnr_step_over_baseline"]["whole"]["srcnn"]
+    assert other_step["mean"] == pytest.approx(np.mean(steps)) and abs(other_step["mean"]) > 1e-3
+    assert list(other_step["per_volume"]) == ["ct_abdomen_sample"]  # both images are of one volume
+
+
+def test_a_missing_baseline_folder_is_an_input_error(tmp_path):
+    with pytest.raises(benchmark.InputError, match="--baseline-weights-dir"):
+        benchmark.main([str(SAMPLE), "--modality", "CT", "--scales", "2", "--models", "srcnn",
+                        "--baseline-weights-dir", str(tmp_path / "absent"), "--out", str(tmp_path / "o")])
+
+
 def test_scanned_folders_give_files_matching_the_pattern_and_dicom_series_once(shared_data):
     ct = benchmark.collect_inputs([str(shared_data / "ct")])
     assert shared_data / "ct" / "crlm-ct-1004-dicom" in ct

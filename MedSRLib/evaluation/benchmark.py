@@ -43,7 +43,7 @@ from ..runtime.engine import (EngineOptions, SliceUpscaler, resolve_device, reso
 from ..errors import InputError, WeightsError
 from ..training import data as tdata
 from ..transforms import degrade
-from .scores import (FOREGROUND_THRESHOLD, BenchmarkSlice, ScaleResult,  # noqa: F401
+from .scores import (BASELINE_SUFFIX, FOREGROUND_THRESHOLD, BenchmarkSlice, ScaleResult,  # noqa: F401
                      mean_scores)
 
 #: A slice is a candidate when at least this fraction of it is foreground (as in training).
@@ -225,29 +225,56 @@ def score_slice(output: torch.Tensor, target: torch.Tensor, border: int, xray: b
 
 
 def load_methods(names: Sequence[str], factors: tuple[int, int], allow_untrained: bool,
-                 weights_dir: Path | None, modality: str | None = None
-                 ) -> tuple[dict[str, zoo.SRModel], list[str]]:
-    """{column name: model} with bicubic first, plus notes on the models left out."""
+                 weights_dir: Path | None, modality: str | None = None,
+                 baseline_dir: Path | None = None) -> tuple[dict[str, zoo.SRModel], list[str]]:
+    """{column name: model} with bicubic first, plus notes on the models left out.
+
+    With `baseline_dir`, every learned model that has weights there for these factors also runs
+    with them, as the column "<name> (baseline)" right after its own."""
     methods: dict[str, zoo.SRModel] = {}
     notes = []
     for name in ["bicubic"] + [n for n in names if n != "bicubic"]:
-        try:
-            model = zoo.load_model(name, factors, weights_dir=weights_dir, modality=modality)
-            label = name
-            if model.card is not None:
-                card = model.card
-                notes.append(f"{name}: weights {card.get('weights_file')} (recipe {card.get('recipe')}, "
-                             f"modality {card.get('modality')}, degradation {card.get('degradation')})")
-        except WeightsError:
-            raise  # a broken weights file must stop the benchmark, not drop the model quietly
-        except InputError as err:
-            if not allow_untrained or "no trained weights" not in str(err):
-                notes.append(f"{name}: skipped ({err})")
-                continue
-            model = zoo.load_model(name, factors, allow_untrained=True, weights_dir=weights_dir)
-            label = f"{name} (untrained)"
-        methods[label] = model
+        _add_method(methods, notes, name, factors, allow_untrained, weights_dir, modality)
+        if baseline_dir is not None and name in methods and methods[name].spec.needs_weights:
+            _add_baseline(methods, notes, name, factors, baseline_dir, modality)
     return methods, notes
+
+
+def _add_baseline(methods: dict[str, zoo.SRModel], notes: list[str], name: str,
+                  factors: tuple[int, int], baseline_dir: Path, modality: str | None) -> None:
+    """Adds `name` with the weights of `baseline_dir` as "<name> (baseline)", if it has them."""
+    try:
+        model = zoo.load_model(name, factors, weights_dir=baseline_dir, modality=modality)
+    except InputError as err:
+        notes.append(f"{name} (baseline): skipped ({err})")
+        return
+    card = model.card or {}
+    notes.append(f"{name} (baseline): weights {baseline_dir / str(card.get('weights_file'))} "
+                 f"(recipe {card.get('recipe')})")
+    methods[f"{name}{BASELINE_SUFFIX}"] = model
+
+
+def _add_method(methods: dict[str, zoo.SRModel], notes: list[str], name: str,
+                factors: tuple[int, int], allow_untrained: bool, weights_dir: Path | None,
+                modality: str | None) -> None:
+    """Adds model `name` (its weights from `weights_dir` or the shipped ones) to `methods`, or a
+    note on why it is left out."""
+    try:
+        model = zoo.load_model(name, factors, weights_dir=weights_dir, modality=modality)
+        label = name
+        if model.card is not None:
+            card = model.card
+            notes.append(f"{name}: weights {card.get('weights_file')} (recipe {card.get('recipe')}, "
+                         f"modality {card.get('modality')}, degradation {card.get('degradation')})")
+    except WeightsError:
+        raise  # a broken weights file must stop the benchmark, not drop the model quietly
+    except InputError as err:
+        if not allow_untrained or "no trained weights" not in str(err):
+            notes.append(f"{name}: skipped ({err})")
+            return
+        model = zoo.load_model(name, factors, allow_untrained=True, weights_dir=weights_dir)
+        label = f"{name} (untrained)"
+    methods[label] = model
 
 
 def _training_patients(card: dict[str, Any]) -> list[tuple[str, str, set[str]]]:
@@ -304,10 +331,11 @@ def leak_notes(methods: dict[str, zoo.SRModel], inputs: Sequence[str]) -> list[s
 def run_scale(slices: Sequence[BenchmarkSlice], scale: int, model_names: Sequence[str],
               degradation: Sequence[dict[str, Any]], options: EngineOptions, modality: str,
               allow_untrained: bool = False, weights_dir: Path | None = None,
-              figure_index: int = 0, seed: int = 0) -> ScaleResult:
+              figure_index: int = 0, seed: int = 0, baseline_dir: Path | None = None) -> ScaleResult:
     steps = degrade.with_scale(degradation, scale)
     factors = degrade.pipeline_factors(steps)
-    methods, notes = load_methods(model_names, factors, allow_untrained, weights_dir, modality)
+    methods, notes = load_methods(model_names, factors, allow_untrained, weights_dir, modality,
+                                  baseline_dir)
     notes += leak_notes(methods, sorted({s.volume for s in slices}))
     upscalers = {m: SliceUpscaler(model, factors, options, learned=model.spec.needs_weights)
                  for m, model in methods.items()}
@@ -385,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run learned models without weights (random; labelled untrained)")
     parser.add_argument("--weights-dir", default=None,
                         help="folder of safetensors + model cards to use instead of the shipped ones")
+    parser.add_argument("--baseline-weights-dir", default=None, metavar="DIR",
+                        help="also run each learned model with the weights in DIR (e.g. an earlier "
+                             "release) and report the step over them per volume")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: a CUDA GPU when torch sees one, else the CPU")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -454,11 +485,15 @@ def main(argv: Sequence[str]) -> int:
     options = EngineOptions(device=args.device, precision=args.precision, tile=args.tile)
     figure_index = figure_slice_index(slices)
     weights_dir = Path(args.weights_dir) if args.weights_dir else None
+    baseline_dir = Path(args.baseline_weights_dir) if args.baseline_weights_dir else None
+    if baseline_dir is not None and not baseline_dir.is_dir():
+        raise InputError(f"--baseline-weights-dir {baseline_dir}: no such folder")
     model_names = expand_model_names(args.models, args.scales, weights_dir, args.modality)
     results = []
     for scale in args.scales:
         results.append(run_scale(slices, scale, model_names, degradation, options, args.modality,
-                                 args.allow_untrained, weights_dir, figure_index, args.seed))
+                                 args.allow_untrained, weights_dir, figure_index, args.seed,
+                                 baseline_dir))
         means = mean_scores(results[-1])
         print(f"x{scale}: " + ", ".join(f"{m} {v['psnr_whole']:.2f} dB" for m, v in means.items()),
               file=sys.stderr)

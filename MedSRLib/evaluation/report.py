@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .scores import FOREGROUND_THRESHOLD, ScaleResult, mean_scores
+from .scores import FOREGROUND_THRESHOLD, ScaleResult, mean_scores, steps_over_baseline
 
 #: Figure crop edge in HR pixels (smaller images use their whole size) and displayed panel size.
 FIGURE_CROP = 96
@@ -79,6 +79,32 @@ def gains_table(results: Sequence[ScaleResult]) -> list[str]:
     return lines
 
 
+def baseline_step_table(results: Sequence[ScaleResult]) -> list[str]:
+    """Markdown: per volume and scale, the whole-slice PSNR step of each model over the same
+    model with the baseline weights (empty without baseline columns)."""
+    steps = {r.scale: steps_over_baseline(r) for r in results}
+    methods = list(dict.fromkeys(m for by_method in steps.values() for m in by_method))
+    if not methods:
+        return []
+    lines = ["", "## Step over the baseline weights", "",
+             "Whole-slice PSNR of each model minus the same model with the baseline weights, "
+             "mean over the volume's images (dB).", "",
+             "| Model | Volume | " + " | ".join(f"x{r.scale}" for r in results) + " |",
+             "|---|---|" + "---|" * len(results)]
+    for method in methods:
+        volumes = list(dict.fromkeys(v for by_method in steps.values()
+                                     for v in by_method.get(method, {}).get("per_volume", {})))
+        for volume in volumes + ["**mean**"]:
+            cells = []
+            for result in results:
+                step = steps[result.scale].get(method)
+                value = None if step is None else (
+                    step["mean"] if volume == "**mean**" else step["per_volume"].get(volume))
+                cells.append("-" if value is None else f"{value:+.2f}")
+            lines.append(f"| {method} | {volume} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def protocol_text(results: Sequence[ScaleResult], run_info: dict[str, Any]) -> list[str]:
     return [
         f"Command: `{run_info['command']}`", "",
@@ -109,6 +135,7 @@ def markdown_text(results: Sequence[ScaleResult], run_info: dict[str, Any]) -> s
         lines += ["", "## Mean PSNR gain over bicubic", "",
                   "Mean PSNR of the method minus bicubic's over the same images (images where the "
                   "method beats bicubic / images).", ""] + gains_table(results)
+    lines += baseline_step_table(results)
     for result in results:
         lines += ["", f"## x{result.scale}", ""]
         lines += [f"- {note}" for note in result.notes] + ([""] if result.notes else [])
@@ -162,6 +189,7 @@ def json_payload(results: Sequence[ScaleResult], run_info: dict[str, Any]) -> di
                           for image, by in result.scores.items()},
             "mean": {m: {k: _jsonable(v) for k, v in s.items()} for m, s in means.items()},
             "psnr_gain_over_bicubic": {region: gains_over_bicubic(result, region) for region in REGIONS},
+            "psnr_step_over_baseline": {region: steps_over_baseline(result, region) for region in REGIONS},
             "seconds_per_slice": result.seconds_per_slice,
             "figure": result.figure_info,
         }

@@ -11,6 +11,9 @@ import numpy as np
 #: Unit-intensity threshold of foreground pixels (the training default `foreground_threshold`).
 FOREGROUND_THRESHOLD = 0.1
 
+#: Column-name suffix of a model run with the baseline weights (`--baseline-weights-dir`).
+BASELINE_SUFFIX = " (baseline)"
+
 
 @dataclass
 class BenchmarkSlice:
@@ -43,3 +46,30 @@ def mean_scores(result: ScaleResult) -> dict[str, dict[str, float]]:
         means[method] = {k: float(np.mean([image[method][k] for image in result.scores.values()
                                            if k in image[method]])) for k in keys}
     return means
+
+
+def volume_of(image: str) -> str:
+    """The volume label of an image row ("<volume label> z=<index>" -> "<volume label>")."""
+    return image.rsplit(" z=", 1)[0]
+
+
+def steps_over_baseline(result: ScaleResult, region: str = "whole") -> dict[str, dict[str, Any]]:
+    """method -> {"mean": mean PSNR step (dB) over the same model with the baseline weights,
+    "per_volume": {volume label: mean step over its images}}, for every method that has a
+    "<method> (baseline)" column; a volume's step is the mean of its images' steps."""
+    key = f"psnr_{region}"
+    steps: dict[str, dict[str, Any]] = {}
+    for method in result.methods:
+        baseline = method + BASELINE_SUFFIX
+        if baseline not in result.methods:
+            continue
+        by_volume: dict[str, list[float]] = {}
+        for image, by_method in result.scores.items():
+            if key in by_method[method] and key in by_method[baseline]:
+                by_volume.setdefault(volume_of(image), []).append(
+                    by_method[method][key] - by_method[baseline][key])
+        if by_volume:
+            every = [d for ds in by_volume.values() for d in ds]
+            steps[method] = {"mean": float(np.mean(every)),
+                             "per_volume": {v: float(np.mean(ds)) for v, ds in by_volume.items()}}
+    return steps
