@@ -20,7 +20,7 @@ from MedSRLib.training import data as tdata
 from MedSRLib.training.__main__ import main as train_main
 from MedSRLib.training.config import CONFIG_DIR, load_config
 from MedSRLib.training.losses import AdversarialLoss, VGGPerceptualLoss, build_loss, vgg19_features
-from MedSRLib.training.trainer import train
+from MedSRLib.training.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("MEDSR_DATA_ROOT", REPO.parent / "shared" / "data")).resolve()
@@ -232,7 +232,13 @@ def test_cli_help_explains_training_on_your_own_folder(capsys):
 def test_full_recipe_resolves_its_data_and_model(path):
     config = load_config(path, [f"data.root={DATA_ROOT}"])
     spec = zoo.get_spec(config["model"])
-    split = tdata.split_sources(config["data"]["sources"], DATA_ROOT)
+    sources = config["data"]["sources"]
+    extra = [s for s in sources if s.get("prepared_by") and not list(DATA_ROOT.glob(s["glob"]))]
+    for source in extra:  # made by a script from outside the shared data: the error says which
+        assert (REPO / source["prepared_by"]).is_file()
+        with pytest.raises(ValueError, match=source["prepared_by"]):
+            tdata.split_sources([source], DATA_ROOT)
+    split = tdata.split_sources([s for s in sources if s not in extra], DATA_ROOT)
     assert split.train and split.validation
     assert not {i.patient for i in split.train} & {i.patient for i in split.validation}
     if spec.kind == "detector":
@@ -243,6 +249,26 @@ def test_full_recipe_resolves_its_data_and_model(path):
         # default SR weights train on the permissive part only (BraTS is non-commercial)
         assert config["model"] not in zoo.DEFAULT_PREFERENCE
     assert config["optimizer"]["lr"] > 0
+
+
+def test_a_grown_network_starts_as_the_one_it_grew_from(tmp_path):
+    """init_zero: blocks the init file lacks get a zero last convolution, so the deeper network's
+    output equals the shipped one's; a pattern matching nothing is refused."""
+    config = load_config(CONFIG_DIR / "ci" / "edsr_lite.yaml",
+                         ["model_config={num_blocks: 9}", f"data.root={DATA_ROOT}",
+                          f"init_from={zoo.WEIGHTS_DIR / 'edsr_lite_x2.safetensors'}",
+                          "init_zero=[trunk.blocks.*.body.1.*]", "scale=2"])
+    trainer = Trainer(config, tmp_path / "grown", progress=False)
+    shipped = zoo.load_model("edsr_lite", (2, 2)).network
+    grown = trainer.network
+    assert len(grown.trunk.blocks) == len(shipped.trunk.blocks) + 1
+    x = torch.rand(1, 1, 20, 20)
+    with torch.no_grad():
+        assert torch.equal(grown(x), shipped(x))
+        assert grown.trunk.blocks[-1].body[1].conv.weight.abs().sum() == 0
+    config["init_zero"] = ["no.such.tensor"]
+    with pytest.raises(ValueError, match="init_zero"):
+        Trainer(config, tmp_path / "nothing", progress=False)
 
 
 def test_box_targets_follow_the_detector_convention_cx_cy_w_h():

@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 #: Top-level keys the trainer reads; anything else is a typo (e.g. "trian:") and rejected.
-KNOWN_KEYS = frozenset({*DEFAULTS, "name", "extends", "model", "scales", "task", "gan", "init_from",
+KNOWN_KEYS = frozenset({*DEFAULTS, "name", "extends", "model", "scales", "task", "gan", "init_from", "init_zero",
                         "presence_weight", "score_threshold"})
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adam", "sgd")

@@ -101,7 +101,9 @@ def split_sources(sources: Sequence[Mapping[str, Any]], root: Path,
 
     A source: {glob (or files: [explicit paths]), modality, licence, patient:
     stem|parent|REGEX, validation: [ids], validation_last: N (the last N patients by id),
-    mask_replace: [old, new] (mask path = image path with old -> new), exclude: [globs]}.
+    mask_replace: [old, new] (mask path = image path with old -> new), exclude: [globs],
+    prepared_by: the script that makes files from outside the shared data (named in the error
+    when they are missing)}.
     `modalities` (config `data.modalities`), when given, keeps only the sources of those
     modalities, so a recipe can specialise its parent's data without repeating it.
     """
@@ -129,7 +131,9 @@ def split_sources(sources: Sequence[Mapping[str, Any]], root: Path,
             excluded.update(glob.glob(str(root / exclusion)))
         matches = [m for m in matches if m not in excluded]
         if not matches:
-            raise ValueError(f"data source glob {pattern!r} matches nothing under {root}")
+            made_by = (f" (these files are made by {source['prepared_by']})"
+                       if source.get("prepared_by") else "")
+            raise ValueError(f"data source glob {pattern!r} matches nothing under {root}{made_by}")
         rule = source.get("patient", "stem")
         items = []
         for match in matches:

@@ -17,6 +17,7 @@ LR inputs are made on the fly from HR patches by the config's `degradation:` lis
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import importlib
 import json
@@ -69,6 +70,15 @@ def load_matching_weights(module: nn.Module, path: str | Path,
     network's first layer, `context_slices`) gets the file's kernel on its middle channels and
     zeros on the neighbours' (`centre_embedded`), so it starts as the 2-D network.
     Returns (copied, total)."""
+    matching = matching_tensors(module, path, rename)
+    module.load_state_dict(matching, strict=False)
+    return len(matching), len(module.state_dict())
+
+
+def matching_tensors(module: nn.Module, path: str | Path,
+                     rename: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """{module tensor name: tensor} that `load_matching_weights` copies from `path`; ValueError
+    when none matches."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -83,8 +93,21 @@ def load_matching_weights(module: nn.Module, path: str | Path,
                      if k in own and _is_context_expansion(v.shape, own[k].shape)})
     if not matching:
         raise ValueError(f"{path}: no tensor matches the network's names and shapes")
-    module.load_state_dict(matching, strict=False)
-    return len(matching), len(own)
+    return matching
+
+
+def zero_unloaded(module: nn.Module, loaded: set[str], patterns: Sequence[str]) -> list[str]:
+    """Sets to zero every tensor of `module` whose name matches one of the fnmatch `patterns`
+    and is not in `loaded`; returns their names. A residual block whose last convolution is
+    zero is the identity, so a network grown by new blocks (`init_zero:
+    ["trunk.blocks.*.body.1.*"]`) starts as the network it grew from."""
+    zeroed = []
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if name not in loaded and any(fnmatch.fnmatch(name, p) for p in patterns):
+                tensor.zero_()
+                zeroed.append(name)
+    return zeroed
 
 
 def _is_context_expansion(file_shape: torch.Size, own_shape: torch.Size) -> bool:
@@ -148,11 +171,20 @@ class Trainer:
         network = zoo.build_network(self.spec.name, scale=max(self.scales), **overrides)
         init_from = self.config.get("init_from")
         # one file, or a list of {path, rename: {file prefix: network prefix}} applied in order
+        loaded: set[str] = set()
         for source in ([] if not init_from else init_from if isinstance(init_from, list) else [init_from]):
             path, rename = ((source["path"], source.get("rename")) if isinstance(source, Mapping)
                             else (source, None))
-            copied, total = load_matching_weights(network, path, rename)
-            self._log_main(f"initialised {copied}/{total} tensors from {path}")
+            matching = matching_tensors(network, path, rename)
+            network.load_state_dict(matching, strict=False)
+            loaded.update(matching)
+            self._log_main(f"initialised {len(matching)}/{len(network.state_dict())} tensors from {path}")
+        if self.config.get("init_zero"):
+            zeroed = zero_unloaded(network, loaded, list(self.config["init_zero"]))
+            if not zeroed:
+                raise ValueError(f"init_zero {self.config['init_zero']} matches no tensor that "
+                                 "init_from left unset")
+            self._log_main(f"zeroed {len(zeroed)} tensors that init_from left unset")
         self.network = network.to(self.context.device)
         self.discriminator = None
         if self.task == "gan":
