@@ -107,14 +107,17 @@ def shipped_model_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=int, required=True)
     parser.add_argument("--modality", default=None)
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
+    parser.add_argument("--weights-dir", type=Path, default=None,
+                        help="folder of the weights file and its card (default: the shipped ones)")
     return parser
 
 
 def shipped_weights_of(args: argparse.Namespace) -> Path:
-    """The shipped weights file the arguments name (SystemExit when there is none)."""
-    weights = zoo.shipped_weights(zoo.get_spec(args.model), args.scale, None, args.modality)
+    """The weights file the arguments name, shipped or in --weights-dir (SystemExit when there is none)."""
+    weights = zoo.shipped_weights(zoo.get_spec(args.model), args.scale, args.weights_dir, args.modality)
     if weights is None:
-        raise SystemExit(f"no shipped weights for {args.model} x{args.scale} {args.modality or ''}")
+        raise SystemExit(f"no weights for {args.model} x{args.scale} {args.modality or ''} in "
+                         f"{args.weights_dir or 'the shipped weights'}")
     return weights
 
 
