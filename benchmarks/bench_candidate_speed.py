@@ -12,9 +12,7 @@ Run: python benchmarks/bench_candidate_speed.py --model edsr_lite --scale 4 --ca
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from MedSRLib.runtime.engine import EngineOptions, SliceUpscaler
 from MedSRLib.transforms import intensity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_runtime import SPEED_VOLUME, cpu_description  # noqa: E402
+from bench_runtime import SPEED_VOLUME, cpu_description, interleaved_median_ms  # noqa: E402
 
 
 def main() -> None:
@@ -58,15 +56,7 @@ def main() -> None:
             return shipped(torch.from_numpy(x)[:, None])[:, 0].numpy()
 
     runners["plain torch fp32, shipped (reference)"] = (plain, "torch fp32")
-    times: dict[str, list[float]] = {label: [] for label in runners}
-    for run, _ in runners.values():
-        run(unit)  # warm-up: conversion, compilation
-    for _ in range(args.rounds):
-        for label, (run, _) in runners.items():
-            start = time.perf_counter()
-            run(unit)
-            times[label].append(time.perf_counter() - start)
-    ms = {label: 1000 * statistics.median(values) for label, values in times.items()}
+    ms = interleaved_median_ms({label: run for label, (run, _) in runners.items()}, unit, args.rounds)
     reference = ms["plain torch fp32, shipped (reference)"]
     print(f"{args.model} x{args.scale}, one 512 x 512 CT slice, median of {args.rounds} rounds, "
           f"{torch.get_num_threads()} torch thread(s):")

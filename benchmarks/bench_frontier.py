@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import statistics
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from MedSRLib.models import registry as zoo
 from MedSRLib.runtime.engine import EngineOptions, SliceUpscaler, slice_stacks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_runtime import SPEED_VOLUME, cpu_description  # noqa: E402
+from bench_runtime import SPEED_VOLUME, cpu_description, interleaved_median_ms  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_OUT = RESULTS / "frontier"
@@ -124,15 +122,8 @@ def main() -> None:
         block = slice_stacks(unit_volume, 0, middle, middle + 1, model.context_slices)
         runners[(name, scale, modality)] = (lambda _, run=upscaler.upscale, block=block: run(block),
                                             upscaler.description)
-    times: dict = {key: [] for key in runners}
-    for run, _ in runners.values():
-        run(unit)  # warm-up: conversion, compilation
-    for _ in range(args.rounds):
-        for key, (run, _) in runners.items():
-            start = time.perf_counter()
-            run(unit)
-            times[key].append(time.perf_counter() - start)
-    plain_ms = 1000 * statistics.median(times["plain torch fp32 edsr_lite x2 (reference)"])
+    ms_of = interleaved_median_ms({key: run for key, (run, _) in runners.items()}, unit, args.rounds)
+    plain_ms = ms_of["plain torch fp32 edsr_lite x2 (reference)"]
 
     gains = {m: held_out_gains(m) for m in ("CT", "MR", "XR") if (RESULTS / m.lower()).is_dir()}
     rows = []
@@ -140,7 +131,7 @@ def main() -> None:
         if isinstance(key, str):
             continue
         name, scale, modality = key
-        ms = 1000 * statistics.median(times[key])
+        ms = ms_of[key]
         for m in modalities_of(name, modality):
             if (name, scale) not in gains.get(m, {}):
                 continue

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ from MedSRLib.runtime import model_cache
 from MedSRLib.runtime.engine import EngineOptions, SliceUpscaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_runtime import SPEED_VOLUME, cpu_description  # noqa: E402
+from bench_runtime import SPEED_VOLUME, cpu_description, interleaved_median_ms  # noqa: E402
 
 MODELS = ("edsr_lite", "mdrn")
 SCALES = (2, 3, 4)
@@ -60,15 +58,7 @@ def main() -> None:
             model = model_cache.load_model(name, (scale, scale), modality="CT")
             upscaler = SliceUpscaler(model, (scale, scale), EngineOptions(threads=args.threads))
             runners[f"{name} x{scale}"] = (upscaler.upscale, upscaler.description)
-    for run, _ in runners.values():
-        run(unit)  # warm-up
-    times: dict[str, list[float]] = {key: [] for key in runners}
-    for _ in range(args.rounds):
-        for key, (run, _) in runners.items():
-            start = time.perf_counter()
-            run(unit)
-            times[key].append(time.perf_counter() - start)
-    ms = {key: 1000 * statistics.median(values) for key, values in times.items()}
+    ms = interleaved_median_ms({key: run for key, (run, _) in runners.items()}, unit, args.rounds)
     plain_ms = ms["plain torch fp32 edsr_lite x2"]
     lines = ["# MDRN vs edsr_lite: time per 512 x 512 slice", "", f"CPU: {cpu}", "",
              f"Command: `python benchmarks/bench_mdrn_speed.py --rounds {args.rounds}"

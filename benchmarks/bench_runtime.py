@@ -73,6 +73,20 @@ def cpu_description() -> str:
             f"OpenVINO {openvino.__version__}")
 
 
+def interleaved_median_ms(runs: dict, unit: np.ndarray, rounds: int) -> dict:
+    """{key: median ms} of each `runs[key](unit)` over `rounds` rounds that run every key in
+    turn, after one untimed warm-up call each (conversion, compilation, allocator)."""
+    for run in runs.values():
+        run(unit)
+    times: dict = {key: [] for key in runs}
+    for _ in range(rounds):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run(unit)
+            times[key].append(time.perf_counter() - start)
+    return {key: 1000 * statistics.median(values) for key, values in times.items()}
+
+
 def paths() -> dict[str, EngineOptions | None]:
     """Label -> engine options (None: plain torch, the model called directly)."""
     return {
