@@ -94,6 +94,37 @@ def test_an_int8_model_made_from_other_weights_is_never_used(tmp_path, capsys):
     assert "no int8 model made from these weights" in capsys.readouterr().err
 
 
+def test_quantising_a_candidate_folder_quantises_that_candidate(tmp_path, shared_data):
+    """`quantize_int8 --weights-dir DIR` makes the int8 model of DIR's weights (not the shipped
+    ones) and records it in DIR's card only."""
+    from safetensors.torch import load_file, save_file
+    from MedSRLib.evaluation import quantize_int8
+    import openvino as ov
+    shipped = zoo.shipped_weights(zoo.get_spec("srcnn"), 2)
+    copied = tmp_path / shipped.name
+    shutil.copy(shipped, copied)
+    shutil.copy(shipped.with_suffix(".json"), copied.with_suffix(".json"))
+    state = load_file(str(copied))
+    last = sorted(k for k in state if k.endswith("weight"))[-1]
+    state[last] = state[last] * 0.5  # a candidate whose output differs from the shipped one
+    save_file(state, str(copied))
+    shipped_card = shipped.with_suffix(".json").read_text()
+    assert quantize_int8.main(["--model", "srcnn", "--scale", "2", "--weights-dir", str(tmp_path),
+                               "--data-root", str(shared_data), "--per-file", "1"]) == 0
+    card = json.loads(copied.with_suffix(".json").read_text())
+    assert card["int8"]["x2"]["weights_sha256"] == int8_models.file_sha256(copied)
+    assert shipped.with_suffix(".json").read_text() == shipped_card
+    assert not int8_models.ir_path(shipped, 2).exists()
+    x = np.random.default_rng(0).random((1, 1, 32, 32), dtype=np.float32)
+    core = ov.Core()
+    int8_out = core.compile_model(str(int8_models.ir_path(copied, 2)), "CPU")(x)[0]
+    outputs = {}
+    for label, path in (("candidate", copied), ("shipped", shipped)):
+        body, _ = openvino_runtime.converted_body(zoo.load_model("srcnn", (2, 2), weights_path=path), (2, 2))
+        outputs[label] = core.compile_model(body, "CPU")(x)[0]
+    assert np.abs(int8_out - outputs["candidate"]).mean() < np.abs(int8_out - outputs["shipped"]).mean()
+
+
 def test_auto_takes_int8_only_within_the_accuracy_contract(tmp_path):
     copied = _copy_weights(tmp_path)
     model = zoo.load_model("edsr_lite", (2, 2), weights_path=copied)

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         raise SystemExit("this CPU has no bf16: the cost cannot be measured here")
     weights = shipped_weights_of(args)
-    model = zoo.load_model(args.model, (args.scale, args.scale), modality=args.modality)
+    model = zoo.load_model(args.model, (args.scale, args.scale), modality=args.modality,
+                           weights_path=weights)
     start = time.process_time()
     modalities = [args.modality] if args.modality else \
         [m for m in model.card.get("modality", ["CT"]) if m in bench.HELD_OUT]

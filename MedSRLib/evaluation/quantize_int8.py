@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     weights = shipped_weights_of(args)
-    model = zoo.load_model(args.model, (args.scale, args.scale), modality=args.modality)
+    model = zoo.load_model(args.model, (args.scale, args.scale), modality=args.modality,
+                           weights_path=weights)
     card = dict(model.card)
     start = time.process_time()
     calibration, selection, calibration_files, selection_files = training_pairs(
