@@ -54,11 +54,15 @@ benchmark: $(VENV)/.installed
 # 3.8 h of the earlier edsr_lite stages whose exports the later stages start from).
 DATA_ROOT ?= ../shared/data
 TRAIN := $(VENV)/bin/medsr train --data-root $(DATA_ROOT) --no-progress
+# The four extra MR series of the x4 default (made by benchmarks/mr_data/prepare_mr_data.py from
+# a snapshot of oncoray/mirp), and a data root holding the shared data plus them as mr_more/.
+MR_MORE ?= ../extra_data/mr_more
+WIDE_ROOT := runs/data_root_with_mr_more
 SRCNN_CPU_ARGS := --steps 1500 --set optimizer.lr=5.0e-4 \
 	--set 'scheduler={milestones: [1000, 1300], gamma: 0.5}' \
 	--set train.val_every=250 --set train.checkpoint_every=250
 MR_X4 := --set scale=4 --set init_from=runs/edsr_lite_x4_stage4/edsr_lite_x4.safetensors
-SHIPPED_RUNS := edsr_lite_x2_stage4 edsr_lite_x4_stage4 edsr_lite_x3_stage2 fmen_x2 fmen_x3 fmen_x4 srcnn_x2 srcnn_x3 srcnn_x4 \
+SHIPPED_RUNS := edsr_lite_x2_stage4 edsr_lite_x4_grown edsr_lite_x3_stage2 fmen_x2 fmen_x3 fmen_x4 srcnn_x2 srcnn_x3 srcnn_x4 \
 	improved_srcnn_x2 improved_srcnn_x3 improved_srcnn_x4 lesion_detector lfsr_x2 lfsr_x4 \
 	vdsr_cpu_x2 vdsr_cpu_x3 vdsr_cpu_x4 edsr_multiscale_lite
 # run:modality -> MedSRLib/models/weights/<stem>_<modality>.safetensors (one file per modality, zoo.weights_files)
@@ -75,6 +79,9 @@ weights: $(VENV)/.installed
 	$(TRAIN) edsr_lite_x4_stage3
 	$(TRAIN) edsr_lite_x3_stage2
 	$(TRAIN) edsr_lite_x4_stage4
+	mkdir -p $(WIDE_ROOT) && for d in ct mr sarcoma brats; do ln -sfn $(abspath $(DATA_ROOT))/$$d $(WIDE_ROOT)/$$d; done \
+	  && ln -sfn $(abspath $(MR_MORE)) $(WIDE_ROOT)/mr_more
+	$(VENV)/bin/medsr train --data-root $(WIDE_ROOT) --no-progress edsr_lite_x4_grown
 	$(TRAIN) srcnn_x2 $(SRCNN_CPU_ARGS)
 	$(TRAIN) srcnn_x2 $(SRCNN_CPU_ARGS) --set scale=3 --set name=srcnn_x3 --set output.dir=runs/srcnn_x3
 	$(TRAIN) srcnn_x2 $(SRCNN_CPU_ARGS) --set scale=4 --set name=srcnn_x4 --set output.dir=runs/srcnn_x4
@@ -98,7 +105,8 @@ weights: $(VENV)/.installed
 	# int8 OpenVINO models of the default networks and of VDSR, the heaviest per pixel
 	# (calibrated on their training patients)
 	$(VENV)/bin/pip install --quiet nncf
-	for s in 2 3 4; do $(PY) -m MedSRLib.evaluation.quantize_int8 --model edsr_lite --scale $$s; done
+	for s in 2 3; do $(PY) -m MedSRLib.evaluation.quantize_int8 --model edsr_lite --scale $$s; done
+	$(PY) -m MedSRLib.evaluation.quantize_int8 --model edsr_lite --scale 4 --data-root $(WIDE_ROOT)
 	for s in 2 3 4; do $(PY) -m MedSRLib.evaluation.quantize_int8 --model vdsr --scale $$s; done
 	# bf16's held-out cost per volume for FMEN (auto keeps fp32 where a volume loses > 0.05 dB)
 	for s in 2 3 4; do $(PY) -m MedSRLib.evaluation.bf16_cost --model fmen --scale $$s; done

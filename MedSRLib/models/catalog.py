@@ -101,12 +101,12 @@ ENTRIES.append(ModelSpec(
 _EDSR_LITE_CONFIG = {"in_channels": 1, "num_features": 48, "num_blocks": 8, "res_scale": 1.0,
                      "bicubic_residual": True}
 ENTRIES.append(ModelSpec(
-    name="edsr_lite", title="EDSR lite (8x48): MedSR's default", builder=EDSR,
+    name="edsr_lite", title="EDSR lite (8x48; 12x48 at x4): MedSR's default", builder=EDSR,
     kind="post_upsampled", paper="EDSR design (Lim et al. 2017; paper 004), CPU-sized",
     scales=(2, 3, 4), modalities=("CT", "MR"),
     default_config=dict(_EDSR_LITE_CONFIG),
-    description="EDSR without BN at 8 blocks x 48 filters plus a global bicubic residual: "
-                "trainable and fast on CPU; the default CT/MR model."))
+    description="EDSR without BN at 8 blocks x 48 filters (the x4 weights: 12 blocks) plus a "
+                "global bicubic residual: trainable and fast on CPU; the default CT/MR model."))
 
 ENTRIES.append(ModelSpec(
     name="edsr_lite_25d", title="EDSR lite 2.5-D (8x48, slice and 2 neighbours in)",
