@@ -44,7 +44,7 @@ from ..errors import InputError, WeightsError
 from ..training import data as tdata
 from ..transforms import degrade
 from .scores import (BASELINE_SUFFIX, FOREGROUND_THRESHOLD, BenchmarkSlice, ScaleResult,  # noqa: F401
-                     mean_scores)
+                     image_label, mean_scores)
 
 #: A slice is a candidate when at least this fraction of it is foreground (as in training).
 MIN_FOREGROUND_FRACTION = 0.05
@@ -177,7 +177,7 @@ def load_slices(path: Path, label: str, count: int, max_size: int | None,
     del voxels
     planes = []
     for z in choose_slices(unit, count):
-        name = label if unit.shape[0] == 1 else f"{label} z={z}"
+        name = image_label(label, None if unit.shape[0] == 1 else z)
         stack = slice_stacks(unit, 0, z, z + 1, MAX_CONTEXT_SLICES)[0]
         neighbours = np.stack([centre_crop(resize_plane(plane, resize), max_size) for plane in stack])
         planes.append(BenchmarkSlice(name, str(path), neighbours[MAX_CONTEXT_SLICES // 2], neighbours))

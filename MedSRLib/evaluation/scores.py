@@ -48,8 +48,14 @@ def mean_scores(result: ScaleResult) -> dict[str, dict[str, float]]:
     return means
 
 
+def image_label(volume: str, z: int | None) -> str:
+    """The row name of an image: "<volume label> z=<index>", or the volume label alone for a
+    2-D image (z None)."""
+    return volume if z is None else f"{volume} z={z}"
+
+
 def volume_of(image: str) -> str:
-    """The volume label of an image row ("<volume label> z=<index>" -> "<volume label>")."""
+    """The volume label of an image row (the inverse of `image_label`'s volume part)."""
     return image.rsplit(" z=", 1)[0]
 
 
