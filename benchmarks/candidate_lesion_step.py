@@ -5,7 +5,8 @@ pipeline (`roi_lesion_gain.py`).
 Per lesion slice of `evaluation.lesion_focus.VALIDATION_VOLUMES` (sarcoma STS_008, STS_010 CT
 and T1 MR; BraTS pat0005 T1c tumour core, FLAIR whole tumour): the benchmark's protocol
 (each volume's 0.5th / 99.5th percentiles -> 0 / 1, anti-aliased bicubic degradation, the
-slice super-resolved whole, bf16), squared errors pooled over the lesion voxels of the volume.
+slice super-resolved whole, bf16), PSNR and SSIM over the lesion voxels of the volume
+(`lesion_focus.inside_scores`).
 
 Run: python benchmarks/candidate_lesion_step.py --candidate DIR --scale 4 [--data-root ../shared/data]
 """
@@ -24,28 +25,26 @@ from MedSRLib.models import registry as zoo
 from MedSRLib.runtime.engine import EngineOptions, SliceUpscaler
 from MedSRLib.transforms import degrade, intensity
 
-def pooled_psnr(errors: list[np.ndarray]) -> float:
-    """PSNR (data range 1) of the pooled errors."""
-    return float(-10 * np.log10(np.mean(np.concatenate(errors) ** 2)))
-
-
 def volume_scores(volume: lf.LesionVolume, root: Path, upscalers: dict[str, SliceUpscaler],
-                  scale: int) -> dict[str, float]:
-    """{method: PSNR inside the lesion} of one volume, bicubic included."""
+                  scale: int) -> dict[str, tuple[float, float]]:
+    """{method: (PSNR dB, SSIM) inside the lesion} of one volume, bicubic included, pooled over
+    its lesion slices by the protocol's `lesion_focus.inside_scores` (data range 1)."""
     image, mask = lf.read_lesion_volume(root, volume)
     hr = sitk.GetArrayFromImage(image)
     unit = intensity.fit_mapping(hr).to_unit(hr).astype(np.float32)
     steps = degrade.with_scale([{"type": "bicubic"}], scale)
-    errors: dict[str, list[np.ndarray]] = {name: [] for name in [*upscalers, "bicubic"]}
+    outputs: dict[str, list[np.ndarray]] = {name: [] for name in [*upscalers, "bicubic"]}
+    truths, masks = [], []
     for k in np.flatnonzero(mask.any(axis=(1, 2))):
         truth = degrade.crop_to_multiple(torch.from_numpy(unit[k])[None, None], (scale, scale))
-        inside = mask[k][:truth.shape[-2], :truth.shape[-1]]
         lr = degrade.apply_pipeline(truth, steps)
-        outputs = {name: u.upscale(lr[:, 0].numpy())[0] for name, u in upscalers.items()}
-        outputs["bicubic"] = degrade.bicubic_upsample(lr, truth.shape[-2:])[0, 0].numpy()
-        for name, output in outputs.items():
-            errors[name].append((output - truth[0, 0].numpy())[inside])
-    return {name: pooled_psnr(e) for name, e in errors.items()}
+        for name, upscaler in upscalers.items():
+            outputs[name].append(upscaler.upscale(lr[:, 0].numpy())[0])
+        outputs["bicubic"].append(degrade.bicubic_upsample(lr, truth.shape[-2:])[0, 0].numpy())
+        truths.append(truth[0, 0].numpy())
+        masks.append(mask[k][:truth.shape[-2], :truth.shape[-1]])
+    truth_kji, mask_kji = np.stack(truths), np.stack(masks)
+    return {name: lf.inside_scores(np.stack(o), truth_kji, mask_kji, 1.0) for name, o in outputs.items()}
 
 
 def main() -> None:
@@ -63,10 +62,11 @@ def main() -> None:
     steps = []
     for volume in lf.VALIDATION_VOLUMES:
         row = volume_scores(volume, args.data_root, upscalers, args.scale)
-        steps.append(row["candidate"] - row["shipped"])
-        print(f"{volume.name:48s} bicubic {row['bicubic']:.2f}  shipped {row['shipped']:.2f}  "
-              f"candidate {row['candidate']:.2f}  step {steps[-1]:+.3f} dB", flush=True)
-    print(f"mean step {np.mean(steps):+.3f} dB")
+        steps.append(row["candidate"][0] - row["shipped"][0])
+        print(f"{volume.name:48s} " + "  ".join(f"{name} {psnr:.2f} / {ssim:.4f}" for name, (psnr, ssim)
+                                                in row.items())
+              + f"  step {steps[-1]:+.3f} dB", flush=True)
+    print(f"mean step {np.mean(steps):+.3f} dB (PSNR dB / SSIM inside the lesion masks)")
 
 
 if __name__ == "__main__":
